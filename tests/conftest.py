@@ -1,0 +1,41 @@
+"""Test configuration: the Triton interpreter on CPU-only machines, devices, dtypes and markers.
+
+TRITON_INTERPRET must be set before Triton kernels are defined, so it happens here, at import time,
+before any test imports twins_kernels. On a machine with a GPU the kernels run natively.
+"""
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_GPU = torch.cuda.is_available()
+GPU_REASON = "needs a CUDA GPU (none visible to PyTorch)"
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=GPU_REASON)
+
+# The device the kernels are checked on: the GPU when there is one, else the CPU via the interpreter.
+KERNEL_DEVICE = "cuda" if HAS_GPU else "cpu"
+
+# bf16 tl.dot returns garbage under the Triton interpreter (triton 3.8), so bf16 is a GPU-only dtype.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Fresh random inputs per case, reproducible from the test id."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+def cuda_backend_reason():
+    from twins_kernels.backend import backend_status
+
+    status = backend_status("cuda", "cuda" if HAS_GPU else "cpu")
+    return None if status.available else status.reason

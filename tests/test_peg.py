@@ -1,0 +1,190 @@
+"""PEG parity with timm's PosConv on every backend, gradcheck, torch.compile, bad input."""
+import pytest
+import torch
+from timm.models.twins import PosConv
+
+import twins_kernels
+from twins_kernels import FusedPEG
+from twins_kernels.ops import peg, peg_reference
+
+from conftest import HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu
+from parity import DTYPE_IDS, check_module_parity, make_tokens
+
+# (B, H, W, C): Twins' real stage widths, and odd sizes: batch 1, a single row, a prime token count,
+# channels that are not a multiple of any block
+SHAPES = [
+    pytest.param(2, 7, 7, 64, id="svt-s-stage1-C64"),
+    pytest.param(1, 5, 6, 128, id="C128"),
+    pytest.param(1, 4, 4, 256, id="C256"),
+    pytest.param(1, 3, 3, 512, id="C512"),
+    pytest.param(1, 2, 2, 1024, id="C1024"),
+    pytest.param(1, 1, 31, 24, id="H1-W31"),
+    pytest.param(2, 13, 1, 40, id="W1"),
+    pytest.param(1, 1, 1, 16, id="1x1"),
+    pytest.param(3, 1, 29, 67, id="prime-N29-C67"),
+    pytest.param(1, 9, 11, 100, id="odd-9x11-C100"),
+]
+
+
+def fused_on(backend):
+    return lambda module: FusedPEG.from_module(module, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("batch,height,width,chans", SHAPES)
+def test_triton_matches_timm(batch, height, width, chans, dtype):
+    x = make_tokens(batch, height, width, chans, dtype, KERNEL_DEVICE)
+    check_module_parity(PosConv(chans, chans), fused_on("triton"), x, (height, width), dtype)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS.get)
+def test_triton_non_contiguous_input(dtype):
+    x = make_tokens(2, 6, 9, 48, dtype, KERNEL_DEVICE, contiguous=False)
+    assert not x.is_contiguous()
+    check_module_parity(PosConv(48, 48), fused_on("triton"), x, (6, 9), dtype)
+
+
+@pytest.mark.parametrize("batch,height,width,chans", SHAPES[:4] + SHAPES[5:7])
+def test_reference_backend_matches_timm(batch, height, width, chans):
+    x = make_tokens(batch, height, width, chans, torch.float32, "cpu")
+    check_module_parity(PosConv(chans, chans), fused_on("torch"), x, (height, width), torch.float32)
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_stride_above_one_runs_the_reference(stride):
+    x = make_tokens(2, 9, 7, 32, torch.float32, KERNEL_DEVICE)
+    module = PosConv(32, 32, stride=stride)
+    check_module_parity(module, fused_on("triton"), x, (9, 7), torch.float32)
+
+
+def test_grouped_in_chans_runs_the_reference():
+    x = make_tokens(1, 5, 5, 64, torch.float32, "cpu")
+    check_module_parity(PosConv(64, 32, stride=2), fused_on("torch"), x, (5, 5), torch.float32)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("batch,height,width,chans", SHAPES + [
+    pytest.param(8, 56, 56, 64, id="svt-s-224-stage1-bs8"),
+    pytest.param(4, 128, 128, 64, id="svt-s-512-stage1-bs4"),
+    pytest.param(2, 32, 32, 512, id="svt-s-512-stage3-bs2"),
+])
+def test_cuda_backend_matches_timm(batch, height, width, chans, dtype):
+    reason = cuda_backend_reason()
+    if reason:
+        pytest.skip(reason)
+    x = make_tokens(batch, height, width, chans, dtype, "cuda")
+    check_module_parity(PosConv(chans, chans), fused_on("cuda"), x, (height, width), dtype)
+    x = make_tokens(batch, height, width, chans, dtype, "cuda", contiguous=False)
+    check_module_parity(PosConv(chans, chans), fused_on("cuda"), x, (height, width), dtype)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_triton_large_shapes_on_gpu(dtype):
+    for batch, height, width, chans in [(64, 56, 56, 64), (16, 64, 64, 128), (16, 32, 32, 256)]:
+        x = make_tokens(batch, height, width, chans, dtype, "cuda")
+        check_module_parity(PosConv(chans, chans), fused_on("triton"), x, (height, width), dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradcheck_float64(backend):
+    # fast mode (a random projection of the Jacobian) keeps the interpreter run to seconds
+    x = torch.randn(2, 12, 3, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    weight = torch.randn(3, 1, 3, 3, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: peg(*a, size=(3, 4), backend=backend), (x, weight, bias),
+                                    fast_mode=True)
+
+
+def test_weight_grad_is_bitwise_reproducible():
+    x = make_tokens(3, 11, 13, 40, torch.float32, KERNEL_DEVICE).requires_grad_()
+    module = FusedPEG(40, 40, backend="triton").to(KERNEL_DEVICE)
+    grads = []
+    for _ in range(2):
+        module.zero_grad()
+        module(x, (11, 13)).square().sum().backward()
+        grads.append((module.proj[0].weight.grad.clone(), module.proj[0].bias.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    module = FusedPEG(32, 32, backend="torch" if not HAS_GPU else None).to(KERNEL_DEVICE)
+    x = make_tokens(2, 5, 7, 32, torch.float32, KERNEL_DEVICE).requires_grad_()
+
+    def block(tokens):
+        return module(tokens, (5, 7)).relu() * 2
+
+    expected = block(x)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if not HAS_GPU else "inductor")
+    torch._dynamo.reset()
+    actual = compiled(x)
+    torch.testing.assert_close(actual, expected)
+    actual.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_torch_compile_fullgraph_triton_interpreter():
+    """The custom op keeps the Triton kernels opaque to dynamo: no graph break, same numbers."""
+    module = FusedPEG(16, 16, backend="triton").to(KERNEL_DEVICE)
+    x = make_tokens(1, 4, 6, 16, torch.float32, KERNEL_DEVICE)
+    compiled = torch.compile(lambda t: module(t, (4, 6)), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), module(x, (4, 6)))
+
+
+def test_state_dict_keys_and_sharing_match_timm():
+    timm_module = PosConv(64, 64)
+    fused = FusedPEG(64, 64)
+    assert fused.state_dict().keys() == timm_module.state_dict().keys() == {"proj.0.weight", "proj.0.bias"}
+    fused.load_state_dict(timm_module.state_dict())
+    shared = FusedPEG.from_module(timm_module)
+    assert shared.proj[0].weight is timm_module.proj[0].weight
+    assert shared.no_weight_decay() == timm_module.no_weight_decay()
+
+
+def test_reference_matches_timm_bitwise_shape():
+    x = torch.randn(2, 20, 8)
+    module = PosConv(8, 8)
+    expected = module(x, (4, 5))
+    actual = peg_reference(x, module.proj[0].weight, module.proj[0].bias, (4, 5))
+    torch.testing.assert_close(actual, expected)
+
+
+BAD_INPUTS = [
+    ("rank", lambda x, w, b: peg(x[0], w, b, (4, 5)), ValueError, "(B, N, C)"),
+    ("N != H*W", lambda x, w, b: peg(x, w, b, (4, 4)), ValueError, "N=20"),
+    ("size not a pair", lambda x, w, b: peg(x, w, b, (20,)), ValueError, "pair"),
+    ("size not ints", lambda x, w, b: peg(x, w, b, (4.0, 5)), TypeError, "4.0"),
+    ("size not positive", lambda x, w, b: peg(x[:, :0], w, b, (0, 5)), ValueError, "H must be >= 1"),
+    ("channel mismatch", lambda x, w, b: peg(x, w[:4], b[:4], (4, 5)), ValueError, "C_out (4) must equal C (8)"),
+    ("weight shape", lambda x, w, b: peg(x, w[..., :2], b, (4, 5)), ValueError, "weight has shape (8, 1, 3, 2)"),
+    ("bias shape", lambda x, w, b: peg(x, w, b[:3], (4, 5)), ValueError, "bias has shape (3,)"),
+    ("dtype", lambda x, w, b: peg(x.int(), w, b, (4, 5)), TypeError, "torch.int32"),
+    ("not a tensor", lambda x, w, b: peg(x.tolist(), w, b, (4, 5)), TypeError, "list"),
+    ("stride", lambda x, w, b: peg(x, w, b, (4, 5), stride=0), ValueError, "stride"),
+    ("unknown backend", lambda x, w, b: peg(x, w, b, (4, 5), backend="cudnn"), ValueError, "cudnn"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("case,call,error,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_naming_the_value(case, call, error, message, backend):
+    x = torch.randn(2, 20, 8, device=KERNEL_DEVICE)
+    weight = torch.randn(8, 1, 3, 3, device=KERNEL_DEVICE)
+    bias = torch.randn(8, device=KERNEL_DEVICE)
+    with twins_kernels.use_backend(backend), pytest.raises(error, match=None) as info:
+        call(x, weight, bias)
+    assert message in str(info.value)
+
+
+@requires_gpu
+def test_device_mix_raises():
+    x = torch.randn(2, 20, 8, device="cuda")
+    with pytest.raises(ValueError, match="cpu"):
+        peg(x, torch.randn(8, 1, 3, 3), torch.randn(8), (4, 5))
+
+
+def test_cuda_backend_on_cpu_tensors_raises_clearly():
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(twins_kernels.BackendUnavailableError, match="cuda"):
+        peg(x, torch.randn(8, 1, 3, 3), torch.randn(8), (2, 2), backend="cuda")

@@ -1,0 +1,166 @@
+"""Which kernel backends exist on this machine, and which one a call runs on.
+
+Backends:
+  ``triton``  the Triton kernels (the default for CUDA tensors). With ``TRITON_INTERPRET=1`` set
+              before ``twins_kernels`` is imported they also run on CPU tensors (how CI checks them).
+  ``cuda``    the CUDA C++ extension ``twins_kernels._C`` built by ``setup.py`` from ``csrc/``.
+  ``torch``   the PyTorch reference: runs anywhere, the ground truth for parity.
+
+Selection order, first that is set wins: the ``backend=`` argument of a call or module, the
+innermost ``use_backend(...)`` context, ``set_backend(...)``, the ``TWINS_KERNELS_BACKEND``
+environment variable, then ``auto``. ``auto`` picks triton, then cuda, then torch for CUDA tensors,
+and the reference for CPU tensors (the interpreter is for checking kernels, not for speed).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("triton", "cuda", "torch")
+CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "TWINS_KERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # why it is unavailable, or what it runs on when it is
+
+
+def triton_interpret_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_error() -> str | None:
+    try:
+        importlib.import_module("twins_kernels._C")
+    except Exception as exc:
+        return (
+            "the CUDA extension twins_kernels._C is not built or cannot be loaded "
+            f"({type(exc).__name__}: {exc}); reinstall with a CUDA toolkit: "
+            "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation ."
+        )
+    return None
+
+
+def cuda_extension_built() -> bool:
+    return _cuda_extension_error() is None
+
+
+def backend_status(name: str, device: torch.device | str | None = None) -> BackendStatus:
+    """Whether ``name`` can run on tensors of ``device`` (default: a CUDA device if present)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {CHOICES}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if name == "torch":
+        return BackendStatus(name, True, f"PyTorch reference on {device.type}")
+    if name == "triton":
+        err = _triton_import_error()
+        if err:
+            return BackendStatus(name, False, err)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return BackendStatus(name, False, "no CUDA GPU is visible to PyTorch")
+            return BackendStatus(name, True, "Triton kernels on the GPU")
+        if device.type == "cpu" and triton_interpret_enabled():
+            return BackendStatus(name, True, "Triton kernels in the interpreter (TRITON_INTERPRET=1)")
+        return BackendStatus(
+            name, False,
+            f"Triton kernels need CUDA tensors (got {device.type}), or TRITON_INTERPRET=1 set "
+            "before importing twins_kernels to run them on CPU tensors",
+        )
+    # cuda
+    err = _cuda_extension_error()
+    if err:
+        return BackendStatus(name, False, err)
+    if device.type != "cuda":
+        return BackendStatus(name, False, f"the CUDA extension needs CUDA tensors (got {device.type})")
+    if not torch.cuda.is_available():
+        return BackendStatus(name, False, "no CUDA GPU is visible to PyTorch")
+    return BackendStatus(name, True, "CUDA C++ kernels on the GPU")
+
+
+def available_backends(device: torch.device | str | None = None) -> dict[str, BackendStatus]:
+    return {name: backend_status(name, device) for name in BACKENDS}
+
+
+def _check_choice(name: str | None, what: str) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or name.lower() not in CHOICES:
+        raise ValueError(f"{what}: unknown backend {name!r}; expected one of {CHOICES}")
+    return name.lower()
+
+
+_global_backend: str | None = None
+_context = threading.local()
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide backend (``None`` clears it, falling back to the environment)."""
+    global _global_backend
+    _global_backend = _check_choice(name, "set_backend")
+
+
+def get_backend() -> str:
+    """The backend a call with no explicit choice would ask for (may be ``auto``)."""
+    stack = getattr(_context, "stack", None)
+    if stack:
+        return stack[-1]
+    if _global_backend is not None:
+        return _global_backend
+    return _check_choice(os.environ.get(ENV_VAR) or "auto", f"environment variable {ENV_VAR}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the calls inside the ``with`` block on ``name`` unless a call names its own backend."""
+    name = _check_choice(name, "use_backend")
+    stack = getattr(_context, "stack", None)
+    if stack is None:
+        stack = _context.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def resolve_backend(requested: str | None, device: torch.device) -> str:
+    """Turn a request (or the ambient choice) into a concrete backend that can run on ``device``."""
+    name = _check_choice(requested, "backend") or get_backend()
+    if name == "auto":
+        if device.type != "cuda":
+            return "torch"
+        for candidate in ("triton", "cuda"):
+            if backend_status(candidate, device).available:
+                return candidate
+        return "torch"
+    status = backend_status(name, device)
+    if not status.available:
+        raise BackendUnavailableError(f"backend {name!r} is not available for {device.type} tensors: {status.reason}")
+    return name

@@ -1,0 +1,88 @@
+"""Checks and helpers shared by every op: input validation with clear messages, output allocation."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+_poison_outputs = False
+
+
+@contextlib.contextmanager
+def poisoned_outputs(enabled: bool = True):
+    """Fill every kernel output with NaN before the kernel runs, so an element it never writes fails
+    parity instead of passing by luck with whatever the allocator left there. For tests."""
+    global _poison_outputs
+    previous, _poison_outputs = _poison_outputs, enabled
+    try:
+        yield
+    finally:
+        _poison_outputs = previous
+
+
+def empty_output(shape: Sequence[int], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    out = torch.empty(tuple(shape), device=like.device, dtype=dtype or like.dtype)
+    if _poison_outputs and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def check_size(size, what: str = "size") -> tuple[int, int]:
+    """``size`` must be a pair of positive ints (H, W), as timm passes it."""
+    if isinstance(size, torch.Size):
+        size = tuple(size)
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise ValueError(f"{what} must be a pair (H, W) of positive ints, got {size!r}")
+    height, width = size
+    for name, value in (("H", height), ("W", width)):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+            raise TypeError(f"{what}: {name} must be an int, got {value!r} of type {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{what}: {name} must be >= 1, got {value}")
+    return height, width
+
+
+def check_tokens(x, size, *, channels: int | None = None, name: str = "x") -> tuple[int, int, int, int, int]:
+    """Validate tokens (B, N, C) laid out as an H x W map; returns (B, N, C, H, W)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be tokens of shape (B, N, C), got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; supported: float32, float16, bfloat16 (float64 for checks)")
+    batch, tokens, chans = x.shape
+    height, width = check_size(size)
+    if tokens != height * width:
+        raise ValueError(f"{name} has N={tokens} tokens but size={height}x{width} needs N=H*W={height * width}")
+    if channels is not None and chans != channels:
+        raise ValueError(f"{name} has C={chans} channels, expected {channels}")
+    if batch < 1:
+        raise ValueError(f"{name} has batch size {batch}; expected at least 1")
+    return batch, tokens, chans, height, width
+
+
+def check_param(t, name: str, shape: Sequence[int], like: torch.Tensor) -> None:
+    """A parameter must be a tensor of ``shape`` on the same device as the input."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {like.device}; move both to one device")
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Kernels accumulate in fp32, and in fp64 for float64 inputs (what gradcheck feeds them)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def launch_device(t: torch.Tensor):
+    """A context that makes ``t``'s GPU current, so kernels launch on the right device and stream."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
