@@ -1,0 +1,180 @@
+// PEG (timm PosConv, stride 1) on (B, N, C) tokens: forward conv, and the weight/bias gradient reduction.
+#include "twins_kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+namespace twins_kernels {
+namespace {
+
+constexpr int kTaps = 9;
+constexpr int kPartialSlots = kTaps + 1;
+// Row blocks of the weight-gradient reduction; the same partition as the Triton backend, so that
+// the result depends only on the shape.
+constexpr int64_t kWeightGradPrograms = 512;
+constexpr int kConvThreads = 256;
+constexpr int kGradChannels = 32;  // threadIdx.x: adjacent channels, so loads coalesce
+constexpr int kGradLanes = 8;      // threadIdx.y: tokens of a row, strided
+
+struct TokenStrides {
+  int64_t batch, token, channel;
+};
+
+// One thread per (token, channel) of one map row; blockIdx.x is the row (b * H + h), so the row index
+// has 2^31 of room while blockIdx.y covers the W * C elements of the row.
+template <typename scalar_t, typename acc_t, bool kFlip, bool kHasBias>
+__global__ void peg_conv3x3_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ w9,
+                                   const acc_t* __restrict__ bias, scalar_t* __restrict__ out, int height,
+                                   int width, int chans, TokenStrides s) {
+  const int64_t row = blockIdx.x;
+  const int element = blockIdx.y * blockDim.x + threadIdx.x;
+  if (element >= width * chans) return;
+  const int b = static_cast<int>(row / height);
+  const int h = static_cast<int>(row % height);
+  const int w = element / chans;
+  const int c = element % chans;
+  const scalar_t* x_bc = x + b * s.batch + c * s.channel;
+
+  acc_t acc = static_cast<acc_t>(x_bc[(static_cast<int64_t>(h) * width + w) * s.token]);
+  if (kHasBias) acc += bias[c];
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+    const int hh = h + i - 1;
+    if (hh < 0 || hh >= height) continue;
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+      const int ww = w + j - 1;
+      if (ww < 0 || ww >= width) continue;
+      const int tap = kFlip ? (kTaps - 1) - (i * 3 + j) : i * 3 + j;
+      acc += w9[c * kTaps + tap] * static_cast<acc_t>(x_bc[(static_cast<int64_t>(hh) * width + ww) * s.token]);
+    }
+  }
+  out[row * width * chans + element] = static_cast<scalar_t>(acc);
+}
+
+// partial[p, slot, c]: block p's sums over its rows of g * shifted x (9 slots) and of g (slot 9).
+template <typename scalar_t, typename acc_t>
+__global__ void peg_weight_grad_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
+                                       acc_t* __restrict__ partial, int height, int width, int chans, int64_t rows,
+                                       int64_t rows_per_program, TokenStrides sg, TokenStrides sx) {
+  __shared__ acc_t lane_sums[kPartialSlots][kGradLanes][kGradChannels];
+  const int c = blockIdx.y * kGradChannels + threadIdx.x;
+  acc_t acc[kPartialSlots];
+#pragma unroll
+  for (int k = 0; k < kPartialSlots; ++k) acc[k] = acc_t(0);
+
+  if (c < chans) {
+    const int64_t row_start = blockIdx.x * rows_per_program;
+    const int64_t row_end = min(row_start + rows_per_program, rows);
+    for (int64_t row = row_start; row < row_end; ++row) {
+      const int64_t b = row / height;
+      const int h = static_cast<int>(row % height);
+      const scalar_t* g_bc = g + b * sg.batch + c * sg.channel;
+      const scalar_t* x_bc = x + b * sx.batch + c * sx.channel;
+      for (int w = threadIdx.y; w < width; w += kGradLanes) {
+        const acc_t gv = static_cast<acc_t>(g_bc[(static_cast<int64_t>(h) * width + w) * sg.token]);
+        acc[kTaps] += gv;
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+          const int hh = h + i - 1;
+          if (hh < 0 || hh >= height) continue;
+#pragma unroll
+          for (int j = 0; j < 3; ++j) {
+            const int ww = w + j - 1;
+            if (ww < 0 || ww >= width) continue;
+            acc[i * 3 + j] += gv * static_cast<acc_t>(x_bc[(static_cast<int64_t>(hh) * width + ww) * sx.token]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kPartialSlots; ++k) lane_sums[k][threadIdx.y][threadIdx.x] = acc[k];
+  __syncthreads();
+  // a fixed summation order over the lanes: bitwise reproducible
+  for (int k = threadIdx.y; k < kPartialSlots; k += kGradLanes) {
+    acc_t total = acc_t(0);
+    for (int lane = 0; lane < kGradLanes; ++lane) total += lane_sums[k][lane][threadIdx.x];
+    if (c < chans) partial[(blockIdx.x * kPartialSlots + k) * chans + c] = total;
+  }
+}
+
+void check_tokens(const at::Tensor& t, const char* name, int64_t height, int64_t width) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.dim() == 3, name, " must be (B, N, C) tokens, got shape ", t.sizes());
+  TORCH_CHECK(t.size(1) == height * width, name, " has N=", t.size(1), " tokens, expected H*W=", height * width);
+  TORCH_CHECK(height * width * t.size(2) < (int64_t(1) << 31), name, ": one image's H*W*C must fit in 31 bits");
+}
+
+TokenStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+}  // namespace
+
+at::Tensor peg_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       int64_t height, int64_t width, bool flip_weight) {
+  check_tokens(x, "x", height, width);
+  const int64_t chans = x.size(2);
+  TORCH_CHECK(weight.numel() == chans * kTaps, "weight must be (C, 1, 3, 3) with C=", chans, ", got ", weight.sizes());
+  TORCH_CHECK(!bias.has_value() || bias->numel() == chans, "bias must be (C,) with C=", chans);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty({x.size(0), x.size(1), chans}, x.options());
+  if (out.numel() == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peg_conv3x3", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const auto w9 = weight.reshape({chans, kTaps}).to(acc_options).contiguous();
+    const auto bias_acc = bias.has_value() ? bias->to(acc_options).contiguous() : w9;
+    const dim3 grid(x.size(0) * height, (width * chans + kConvThreads - 1) / kConvThreads);
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kConvThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w9.data_ptr<acc_t>(), bias_acc.data_ptr<acc_t>(),
+                                                out.data_ptr<scalar_t>(), static_cast<int>(height),
+                                                static_cast<int>(width), static_cast<int>(chans), strides_of(x));
+    };
+    if (flip_weight) {
+      bias.has_value() ? launch(peg_conv3x3_kernel<scalar_t, acc_t, true, true>)
+                       : launch(peg_conv3x3_kernel<scalar_t, acc_t, true, false>);
+    } else {
+      bias.has_value() ? launch(peg_conv3x3_kernel<scalar_t, acc_t, false, true>)
+                       : launch(peg_conv3x3_kernel<scalar_t, acc_t, false, false>);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor peg_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t height, int64_t width) {
+  check_tokens(x, "x", height, width);
+  check_tokens(grad_out, "grad_out", height, width);
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out has shape ", grad_out.sizes(), ", expected ", x.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out and x must share a dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t chans = x.size(2);
+  const int64_t rows = x.size(0) * height;
+  const int64_t rows_per_program = std::max<int64_t>(1, (rows + kWeightGradPrograms - 1) / kWeightGradPrograms);
+  const int64_t programs = (rows + rows_per_program - 1) / rows_per_program;
+  at::Tensor sums;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peg_weight_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    auto partial = at::empty({programs, kPartialSlots, chans}, acc_options);
+    const dim3 grid(programs, (chans + kGradChannels - 1) / kGradChannels);
+    const dim3 block(kGradChannels, kGradLanes);
+    peg_weight_grad_kernel<scalar_t, acc_t><<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), static_cast<int>(height),
+        static_cast<int>(width), static_cast<int>(chans), rows, rows_per_program, strides_of(grad_out),
+        strides_of(x));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sums = partial.sum(0);
+  });
+  return sums;
+}
+
+}  // namespace twins_kernels

@@ -1,0 +1,80 @@
+"""Backend selection, the CUDA extension's registration, and imports without a GPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import twins_kernels
+from twins_kernels.backend import BackendUnavailableError, backend_status, get_backend, resolve_backend
+
+from conftest import HAS_GPU
+
+
+def test_selection_order_argument_context_global_env(monkeypatch):
+    monkeypatch.setenv("TWINS_KERNELS_BACKEND", "triton")
+    twins_kernels.set_backend(None)
+    assert get_backend() == "triton"
+    twins_kernels.set_backend("torch")
+    try:
+        assert get_backend() == "torch"
+        with twins_kernels.use_backend("auto"):
+            assert get_backend() == "auto"
+            with twins_kernels.use_backend("cuda"):
+                assert get_backend() == "cuda"
+            assert get_backend() == "auto"
+        assert resolve_backend("torch", torch.device("cpu")) == "torch"
+    finally:
+        twins_kernels.set_backend(None)
+
+
+def test_auto_runs_cpu_tensors_on_the_reference():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_bad_environment_value_is_named(monkeypatch):
+    monkeypatch.setenv("TWINS_KERNELS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="TWINS_KERNELS_BACKEND.*fastest"):
+        get_backend()
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="cudnn"):
+        twins_kernels.set_backend("cudnn")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU-only behaviour")
+def test_cuda_backend_on_cpu_names_what_is_missing():
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        resolve_backend("cuda", torch.device("cpu"))
+    assert backend_status("triton", "cuda").reason == "no CUDA GPU is visible to PyTorch"
+
+
+def test_cuda_extension_registers_its_ops():
+    """`make test` builds the extension (it compiles and links here even without a GPU), and sets
+    TWINS_KERNELS_REQUIRE_EXTENSION=1 so that a broken build fails instead of skipping."""
+    if not twins_kernels.cuda_extension_built():
+        if os.environ.get("TWINS_KERNELS_REQUIRE_EXTENSION") == "1":
+            pytest.fail(backend_status("cuda", "cuda").reason)
+        pytest.skip("the CUDA extension is not built here")
+    schemas = {str(op.default._schema).split("(")[0] for op in map(
+        lambda name: getattr(torch.ops.twins_kernels_cuda, name), ["peg_conv3x3", "peg_weight_grad"])}
+    assert schemas == {"twins_kernels_cuda::peg_conv3x3", "twins_kernels_cuda::peg_weight_grad"}
+
+
+def test_import_never_needs_a_gpu_or_triton():
+    """In a fresh interpreter where `import triton` fails, the package imports and runs the reference."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, twins_kernels\n"
+        "x = torch.randn(1, 6, 4)\n"
+        "m = twins_kernels.FusedPEG(4, 4)\n"
+        "assert m(x, (2, 3)).shape == (1, 6, 4)\n"
+        "s = twins_kernels.available_backends('cuda')['triton']\n"
+        "assert not s.available and 'triton cannot be imported' in s.reason, s\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
