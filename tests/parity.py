@@ -1,39 +1,13 @@
-"""The parity harness every op's tests use.
-
-A case builds the real timm module in float64 (the reference) and the fused module under test in
-the dtype being tested, with equal parameters; feeds both the same fresh random input (rounded to the
-test dtype first, so both see identical values); runs forward and backward with the same output
-gradient; and compares output, input gradient and every parameter gradient by relative error
-``||a - b|| / ||b||``. The fused run happens inside ``poisoned_outputs()``, so an element a kernel
-never writes is NaN, and NaN never passes.
-"""
+"""The parity harness every op's tests use: ``twins_kernels.testing`` plus asserting checks."""
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Callable
 
 import torch
 
-from twins_kernels.ops import poisoned_outputs
+from twins_kernels.testing import DTYPE_IDS, TOLERANCE, make_tokens, module_parity_errors, rel_err
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
-
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64; inf if anything is NaN/Inf or shapes differ."""
-    if actual.shape != expected.shape:
-        return math.inf
-    actual, expected = actual.detach().double(), expected.detach().double()
-    if not torch.isfinite(actual).all():
-        return math.inf
-    denom = expected.norm().item()
-    diff = (actual - expected).norm().item()
-    if denom == 0.0:
-        return diff
-    return diff / denom
+__all__ = ["DTYPE_IDS", "TOLERANCE", "assert_rel_close", "check_module_parity", "make_tokens", "rel_err"]
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> float:
@@ -43,17 +17,6 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     return err
 
 
-def make_tokens(batch: int, height: int, width: int, chans: int, dtype, device, *, contiguous: bool = True,
-                scale: float = 1.0) -> torch.Tensor:
-    """Fresh random (B, H*W, C) tokens; with contiguous=False a strided view of a larger buffer."""
-    if contiguous:
-        return torch.randn(batch, height * width, chans, device=device).mul_(scale).to(dtype)
-    # channels every other element of a wider buffer, and tokens in a transposed order: a real
-    # non-contiguous view, like the ones slicing or transposing hands a module
-    wide = torch.randn(batch, chans * 2, height * width, device=device).mul_(scale).to(dtype)
-    return wide.transpose(1, 2)[:, :, ::2]
-
-
 def check_module_parity(
     reference_module: torch.nn.Module,
     make_fused: Callable[[torch.nn.Module], torch.nn.Module],
@@ -61,30 +24,10 @@ def check_module_parity(
     size: tuple[int, int],
     dtype: torch.dtype,
 ) -> dict[str, float]:
-    """Compare ``make_fused(copy of reference_module in dtype)`` with ``reference_module`` in float64.
-
-    ``x`` is the input in ``dtype`` (any strides). Returns the relative errors, for reports.
-    """
-    device = x.device
-    reference = copy.deepcopy(reference_module).to(device=device, dtype=torch.float64)
-    fused = make_fused(copy.deepcopy(reference_module).to(device=device, dtype=dtype))
-
-    x_ref = x.detach().double().contiguous().requires_grad_()
-    out_ref = reference(x_ref, size)
-    grad_out = torch.randn_like(out_ref)
-    out_ref.backward(grad_out)
-
-    x_test = x.detach().clone() if x.is_contiguous() else x.detach()
-    x_test.requires_grad_()
-    with poisoned_outputs():
-        out = fused(x_test, size)
-        out.backward(grad_out.to(dtype))
-
-    errors = {"out": assert_rel_close(out, out_ref, dtype, "output")}
-    errors["grad_x"] = assert_rel_close(x_test.grad, x_ref.grad, dtype, "input gradient")
-    ref_params = dict(reference.named_parameters())
-    for name, param in fused.named_parameters():
-        assert param.grad is not None, f"parameter {name} got no gradient"
-        errors[f"grad_{name}"] = assert_rel_close(param.grad, ref_params[name].grad, dtype, f"gradient of {name}")
-    assert set(dict(fused.named_parameters())) == set(ref_params), "fused and timm modules differ in parameters"
+    """Assert that ``make_fused(copy of reference_module in dtype)`` matches ``reference_module`` run
+    in float64: output, input gradient and every parameter gradient within TOLERANCE[dtype]."""
+    errors = module_parity_errors(reference_module, make_fused, x, size, dtype)
+    tol = TOLERANCE[dtype]
+    failed = {name: err for name, err in errors.items() if not err <= tol}
+    assert not failed, f"relative errors above {tol:.0e} ({DTYPE_IDS[dtype]}): {failed}"
     return errors

@@ -188,3 +188,21 @@ def test_cuda_backend_on_cpu_tensors_raises_clearly():
     x = torch.randn(1, 4, 8)
     with pytest.raises(twins_kernels.BackendUnavailableError, match="cuda"):
         peg(x, torch.randn(8, 1, 3, 3), torch.randn(8), (2, 2), backend="cuda")
+
+
+def test_harness_catches_an_unwritten_output():
+    """An op that leaves its output as allocated fails, because outputs are poisoned with NaN."""
+    from twins_kernels.ops.common import empty_output
+
+    class Unwritten(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.proj = inner.proj
+
+        def forward(self, x, size):
+            out = empty_output(x.shape, x)
+            return out + 0 * self.proj[0].weight.sum() + 0 * self.proj[0].bias.sum() + 0 * x
+
+    x = make_tokens(1, 3, 3, 8, torch.float32, "cpu")
+    with pytest.raises(AssertionError, match="out"):
+        check_module_parity(PosConv(8, 8), Unwritten, x, (3, 3), torch.float32)

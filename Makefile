@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo    the main job: environment + parity table (python -m twins_kernels)
+#   make test    the test suite (tests/)
+# Both create and reuse a virtual environment in .venv with torch, timm, triton and the package
+# installed editable, with the CUDA extension built when a CUDA toolkit is found.
+VENV        ?= .venv
+PYTHON      := $(VENV)/bin/python
+TORCH_SPEC  ?= torch==2.14.1
+CUDA_HOME   ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export CUDA_HOME TORCH_CUDA_ARCH_LIST
+# A machine with a toolkit must build the extension: its registration test fails instead of skipping.
+REQUIRE_EXTENSION := $(if $(CUDA_HOME),1,0)
+
+.PHONY: demo test bench extension clean
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)" ninja timm pytest pytest-benchmark hypothesis matplotlib
+	$(MAKE) extension
+	touch $@
+
+extension:
+	$(PYTHON) -m pip install --quiet --no-build-isolation -e .
+
+demo: $(VENV)/.installed
+	$(PYTHON) -m twins_kernels
+
+test: $(VENV)/.installed
+	TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PYTHON) -m pytest tests/ -q
+
+bench: $(VENV)/.installed
+	$(PYTHON) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info twins_kernels/_C*.so

@@ -1,0 +1,80 @@
+"""Shared benchmark machinery: device timing, the measured roofline, and what each case records.
+
+Every case is timed two ways: pytest-benchmark's own clock around a call that synchronizes the GPU
+(its table), and CUDA-event medians from ``triton.testing.do_bench`` (warm-up, L2 flushed between
+runs), which ``extra_info`` turns into achieved GB/s, TFLOP/s and % of the measured copy bandwidth.
+The two ceilings (device-to-device copy bandwidth, bf16 matmul TFLOP/s) are measured once per session.
+Without a GPU every case is skipped with the reason, and the suite still passes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="benchmarks time CUDA kernels; no CUDA GPU is visible")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Twins-SVT-S: (embed dim, heads) per stage; the maps are the input size / (4, 8, 16, 32).
+SVT_S_STAGES = [(64, 2), (128, 4), (256, 8), (512, 16)]
+# Twins-PCPVT-S: (embed dim, heads, sr ratio) per stage.
+PCPVT_S_STAGES = [(64, 1, 8), (128, 2, 4), (320, 5, 2), (512, 8, 1)]
+STAGE_STRIDES = (4, 8, 16, 32)
+IMAGE_SIZES = {224: 64, 512: 16, 1024: 2}  # image size -> batch
+
+
+def stage_map(image_size: int, stage: int) -> tuple[int, int]:
+    side = image_size // STAGE_STRIDES[stage]
+    return side, side
+
+
+def median_ms(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+@pytest.fixture(scope="session")
+def roofline():
+    """The device's measured ceilings: copy bandwidth (GB/s, read + write) and bf16 matmul TFLOP/s."""
+    if not HAS_GPU:
+        pytest.skip("no CUDA GPU is visible")
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() / (median_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    matmul_tflops = 2 * n**3 / (median_ms(lambda: a @ b) * 1e-3) / 1e12
+    return {"copy_gbs": copy_gbs, "bf16_matmul_tflops": matmul_tflops, "device": torch.cuda.get_device_name()}
+
+
+def record(benchmark, fn, roofline, *, bytes_moved: float, flops: float = 0.0, **info):
+    """Time ``fn`` (pytest-benchmark + CUDA-event median) and record throughput against the roofline."""
+    fn()  # compile / autotune outside the timed region
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = median_ms(fn)
+    peak_mib = torch.cuda.max_memory_allocated() / 2**20
+
+    def synchronized():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synchronized, rounds=30, iterations=1, warmup_rounds=5)
+    gbs = bytes_moved / (ms * 1e-3) / 1e9
+    benchmark.extra_info.update(
+        median_ms=ms,
+        bytes_moved=bytes_moved,
+        flops=flops,
+        achieved_gbs=gbs,
+        achieved_tflops=flops / (ms * 1e-3) / 1e12,
+        pct_copy_bandwidth=100.0 * gbs / roofline["copy_gbs"],
+        copy_gbs=roofline["copy_gbs"],
+        bf16_matmul_tflops=roofline["bf16_matmul_tflops"],
+        peak_memory_mib=peak_mib,
+        device=roofline["device"],
+        **info,
+    )
+    return ms

@@ -1,0 +1,133 @@
+"""The main job: ``python -m twins_kernels``.
+
+Prints the environment (torch, triton, CUDA extension built?, GPU), then runs every op on every
+backend available on this device against the real timm module in float64, forward and backward,
+and prints a table: op, backend, dtype, worst relative error (output, input and parameter
+gradients), pass/fail against the parity tolerances, and on a GPU the forward time next to timm's.
+
+Without a GPU it re-runs itself with TRITON_INTERPRET=1 (unless --no-interpret), so the Triton
+kernels are checked on the CPU too; the interpreter is slow, so CPU shapes are small.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+
+def _reexec_with_interpreter(argv) -> None:
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET"):
+        return
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    os.execve(sys.executable, [sys.executable, "-m", "twins_kernels", *argv], env)
+
+
+def _op_cases(on_gpu: bool):
+    """(op, shape label, timm module factory, fused class, (B, H, W, C)); shapes are Twins-SVT-S stage 1."""
+    from timm.models.twins import PosConv
+
+    from . import FusedPEG
+
+    if on_gpu:
+        return [("peg", "224 stage1 bs64", lambda: PosConv(64, 64), FusedPEG, (64, 56, 56, 64)),
+                ("peg", "512 stage1 bs16", lambda: PosConv(64, 64), FusedPEG, (16, 128, 128, 64))]
+    return [("peg", "14x14 C64 bs2", lambda: PosConv(64, 64), FusedPEG, (2, 14, 14, 64))]
+
+
+def print_environment() -> None:
+    import torch
+
+    from .backend import available_backends, cuda_extension_built
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as exc:
+        triton_version = f"not importable ({type(exc).__name__})"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    print("twins_kernels environment")
+    print(f"  python          {platform.python_version()}")
+    print(f"  torch           {torch.__version__} (CUDA {torch.version.cuda})")
+    print(f"  triton          {triton_version}")
+    print(f"  CUDA extension  {'built' if cuda_extension_built() else 'not built'}")
+    print(f"  GPU             {gpu}")
+    print(f"  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, status in available_backends(device).items():
+        print(f"  backend {name:<7} {'yes' if status.available else 'no '}  {status.reason}")
+    print()
+
+
+def run_parity_table() -> bool:
+    import torch
+
+    from .backend import available_backends
+    from .testing import DTYPE_IDS, TOLERANCE, make_tokens, module_parity_errors
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    backends = [name for name, status in available_backends(device).items() if status.available]
+    # bf16 dots are wrong under the Triton interpreter (triton 3.8): bf16 is checked on GPUs only
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if on_gpu else [])
+    header = f"{'op':<5} {'shape':<18} {'backend':<8} {'dtype':<5} {'max rel err':>11} {'tol':>6}  result"
+    if on_gpu:
+        header += f" {'fwd ms':>8} {'timm ms':>8} {'speedup':>7}"
+    print(header)
+    print("-" * len(header))
+    all_ok = True
+    for op, label, make_timm, fused_cls, (batch, height, width, chans) in _op_cases(on_gpu):
+        for backend in backends:
+            for dtype in dtypes:
+                torch.manual_seed(0)
+                x = make_tokens(batch, height, width, chans, dtype, device)
+                errors = module_parity_errors(make_timm(), lambda m: fused_cls.from_module(m, backend=backend),
+                                              x, (height, width), dtype)
+                worst = max(errors.values())
+                ok = worst <= TOLERANCE[dtype]
+                all_ok &= ok
+                line = (f"{op:<5} {label:<18} {backend:<8} {DTYPE_IDS[dtype]:<5} {worst:>11.2e} "
+                        f"{TOLERANCE[dtype]:>6.0e}  {'ok  ' if ok else 'FAIL'}")
+                if on_gpu:
+                    line += _timing_columns(make_timm, fused_cls, backend, x, (height, width))
+                print(line, flush=True)
+    return all_ok
+
+
+def _timing_columns(make_timm, fused_cls, backend, x, size) -> str:
+    import torch
+    import triton.testing
+
+    timm_module = make_timm().to(x.device, x.dtype)
+    fused = fused_cls.from_module(timm_module, backend=backend)
+    with torch.no_grad():
+        fused_ms = triton.testing.do_bench(lambda: fused(x, size), return_mode="median")
+        timm_ms = triton.testing.do_bench(lambda: timm_module(x, size), return_mode="median")
+    return f" {fused_ms:>8.3f} {timm_ms:>8.3f} {timm_ms / fused_ms:>6.2f}x"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m twins_kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-interpret", action="store_true",
+                        help="on a CPU-only machine, do not re-run under TRITON_INTERPRET=1")
+    args = parser.parse_args(argv)
+    if not args.no_interpret:
+        _reexec_with_interpreter(argv)
+    print_environment()
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        print("timm is not installed: the parity table compares against timm's modules (pip install timm)")
+        return 1
+    ok = run_parity_table()
+    print()
+    print("all parity checks passed" if ok else "SOME PARITY CHECKS FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

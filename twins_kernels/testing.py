@@ -1,0 +1,81 @@
+"""Parity checking, shared by the test suite and the main job (``python -m twins_kernels``).
+
+A check builds the reference module in float64 and the module under test in the dtype being
+tested, with equal parameters; feeds both the same fresh random input (rounded to the test dtype
+first, so both see identical values); runs forward and backward with the same output gradient; and
+compares output, input gradient and every parameter gradient by relative error
+``||a - b|| / ||b||``. The module under test runs inside ``poisoned_outputs()``, so an element a
+kernel never writes is NaN, and NaN never passes (its error is inf).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+
+from .ops.common import poisoned_outputs
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64; inf if anything is NaN/Inf or shapes differ."""
+    if actual.shape != expected.shape:
+        return math.inf
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if not torch.isfinite(actual).all():
+        return math.inf
+    denom = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    if denom == 0.0:
+        return diff
+    return diff / denom
+
+
+def make_tokens(batch: int, height: int, width: int, chans: int, dtype, device, *, contiguous: bool = True,
+                scale: float = 1.0) -> torch.Tensor:
+    """Fresh random (B, H*W, C) tokens; with contiguous=False a strided view of a larger buffer."""
+    if contiguous:
+        return torch.randn(batch, height * width, chans, device=device).mul_(scale).to(dtype)
+    # channels every other element of a wider buffer, tokens in transposed order: a real
+    # non-contiguous view, like the ones slicing or transposing hands a module
+    wide = torch.randn(batch, chans * 2, height * width, device=device).mul_(scale).to(dtype)
+    return wide.transpose(1, 2)[:, :, ::2]
+
+
+def module_parity_errors(
+    reference_module: torch.nn.Module,
+    make_fused: Callable[[torch.nn.Module], torch.nn.Module],
+    x: torch.Tensor,
+    size: tuple[int, int],
+    dtype: torch.dtype,
+) -> dict[str, float]:
+    """Relative errors of ``make_fused(copy of reference_module in dtype)`` against
+    ``reference_module`` in float64: keys ``out``, ``grad_x`` and ``grad_<parameter name>``."""
+    device = x.device
+    reference = copy.deepcopy(reference_module).to(device=device, dtype=torch.float64)
+    fused = make_fused(copy.deepcopy(reference_module).to(device=device, dtype=dtype))
+
+    x_ref = x.detach().double().contiguous().requires_grad_()
+    out_ref = reference(x_ref, size)
+    grad_out = torch.randn_like(out_ref)
+    out_ref.backward(grad_out)
+
+    x_test = x.detach().clone() if x.is_contiguous() else x.detach()
+    x_test.requires_grad_()
+    with poisoned_outputs():
+        out = fused(x_test, size)
+        out.backward(grad_out.to(dtype))
+
+    errors = {"out": rel_err(out, out_ref), "grad_x": rel_err(x_test.grad, x_ref.grad)}
+    ref_params = dict(reference.named_parameters())
+    fused_params = dict(fused.named_parameters())
+    if set(fused_params) != set(ref_params):
+        raise AssertionError(f"parameters differ: fused {sorted(fused_params)} vs reference {sorted(ref_params)}")
+    for name, param in fused_params.items():
+        errors[f"grad_{name}"] = math.inf if param.grad is None else rel_err(param.grad, ref_params[name].grad)
+    return errors
