@@ -31,11 +31,11 @@ class FusedPEG(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: str | None = None) -> "FusedPEG":
-        """A FusedPEG sharing ``module``'s ``proj`` (and so its parameters) with it."""
+        """A FusedPEG sharing ``module``'s ``proj`` = Sequential(Conv2d) (and so its parameters) with it."""
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.proj = module.proj
-        fused.stride = module.stride
+        fused.stride = module.proj[0].stride[0]  # the conv's own stride: other PEG classes name it differently
         fused.backend = backend
         return fused
 

@@ -1,0 +1,163 @@
+"""Swap the fused modules into existing models, in place, and back.
+
+    report = twins_kernels.patch_model(model)          # every timm LSA / GSA / PEG in the tree
+    print(report)                                      # what was replaced, what was left alone and why
+    twins_kernels.unpatch_model(model)                 # the original modules again
+    with twins_kernels.patched(model, backend="cuda"):  # both, around a block
+        ...
+
+A fused module shares its parameters (the very same submodules) with the module it replaces, so
+state_dict keys and values are unchanged: checkpoints load into a patched model and a patched model's
+checkpoints load into an unpatched one. Patching works before or after ``.to(device, dtype)`` and
+on any module tree: a timm Twins model, a ``features_only`` backbone, a model inside another module
+or inside DistributedDataParallel.
+
+Other Twins implementations plug in with ``register_patch(cls, kind, converter)``: ``converter(module,
+backend)`` returns the fused replacement (or raises ``PatchSkip`` with the reason to leave it alone).
+The README shows a worked example for the original Twins repository's ``PosCNN``.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+KINDS = ("lsa", "gsa", "peg")
+_ORIGINAL = "_twins_kernels_original"  # where a fused module keeps the module it replaced
+
+
+class PatchSkip(Exception):
+    """Raised by a converter to leave a module alone; the message is the reason, shown in the report."""
+
+
+@dataclass(frozen=True)
+class _Registration:
+    kind: str
+    converter: Callable[[nn.Module, str | None], nn.Module]
+
+
+_registry: dict[type, _Registration] = {}
+_builtins_registered = False
+
+
+def register_patch(cls: type, kind: str, converter: Callable[[nn.Module, str | None], nn.Module]) -> None:
+    """Patch instances of ``cls`` (exactly that class, not subclasses) as op ``kind`` ("lsa", "gsa" or
+    "peg") with ``converter(module, backend)``, which must return a module with the same forward
+    signature that shares ``module``'s parameters."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"cls must be an nn.Module subclass, got {cls!r}")
+    _registry[cls] = _Registration(kind, converter)
+
+
+def _convert_posconv(module: nn.Module, backend: str | None) -> nn.Module:
+    from .modules import FusedPEG
+
+    conv = module.proj[0]
+    if module.stride != 1:
+        raise PatchSkip(f"stride {module.stride}: only stride 1 is fused (timm's own path is as fast)")
+    if conv.in_channels != conv.out_channels:
+        raise PatchSkip(f"in_chans {conv.in_channels} != embed_dim {conv.out_channels}: only depthwise is fused")
+    return FusedPEG.from_module(module, backend=backend)
+
+
+def _register_builtins() -> None:
+    """timm's classes, registered on first use so that importing twins_kernels never needs timm."""
+    global _builtins_registered
+    if _builtins_registered:
+        return
+    _builtins_registered = True
+    try:
+        from timm.models import twins
+    except ImportError:
+        return
+    from . import modules
+
+    register_patch(twins.PosConv, "peg", _convert_posconv)
+    if hasattr(modules, "FusedLSA"):
+        register_patch(twins.LocallyGroupedAttn, "lsa", lambda m, backend: modules.FusedLSA.from_module(m, backend))
+    if hasattr(modules, "FusedGSA"):
+        register_patch(twins.GlobalSubSampleAttn, "gsa", lambda m, backend: modules.FusedGSA.from_module(m, backend))
+
+
+@dataclass
+class PatchReport:
+    """What ``patch_model`` did: counts of replaced modules per kind, and the ones it left alone."""
+
+    replaced: Counter = field(default_factory=Counter)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (qualified name, reason)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{self.replaced[k]} {k}" for k in KINDS if self.replaced[k]) or "nothing"
+        lines = [f"replaced: {counts}"]
+        lines += [f"left alone: {name}: {reason}" for name, reason in self.skipped]
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _children_to_patch(model: nn.Module):
+    """(parent, attribute name, qualified name, child) for every registered module in the tree."""
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            if type(child) in _registry:
+                yield parent, name, f"{parent_name}.{name}" if parent_name else name, child
+
+
+def patch_model(model: nn.Module, backend: str | None = None, ops: Iterable[str] = KINDS) -> PatchReport:
+    """Replace, in place, every registered module of the kinds in ``ops`` by its fused counterpart.
+
+    ``backend`` is fixed on each fused module (None: the ambient choice at call time, see
+    ``twins_kernels.backend``). Returns a report; calling it again on a patched model changes nothing.
+    """
+    _register_builtins()
+    ops = tuple(ops)
+    unknown = set(ops) - set(KINDS)
+    if unknown:
+        raise ValueError(f"ops must be drawn from {KINDS}, got {sorted(unknown)}")
+    report = PatchReport()
+    for parent, name, qualified, child in list(_children_to_patch(model)):
+        registration = _registry[type(child)]
+        if registration.kind not in ops:
+            continue
+        try:
+            fused = registration.converter(child, backend)
+        except PatchSkip as reason:
+            report.skipped.append((qualified, str(reason)))
+            continue
+        fused.train(child.training)
+        # outside nn.Module's registry: not a submodule, so no duplicate state_dict keys
+        fused.__dict__[_ORIGINAL] = child
+        setattr(parent, name, fused)
+        report.replaced[registration.kind] += 1
+        dropout = getattr(getattr(child, "attn_drop", None), "p", 0.0)
+        if dropout > 0:
+            report.notes.append(f"{qualified}: attn_drop={dropout} runs the reference path in training mode")
+    return report
+
+
+def unpatch_model(model: nn.Module) -> int:
+    """Put back every module ``patch_model`` replaced; returns how many."""
+    restored = 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            original = child.__dict__.get(_ORIGINAL)
+            if original is not None:
+                original.train(child.training)
+                setattr(parent, name, original)
+                restored += 1
+    return restored
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, backend: str | None = None, ops: Iterable[str] = KINDS):
+    """Patch ``model`` for the ``with`` block (yielding the report), and unpatch it afterwards."""
+    report = patch_model(model, backend=backend, ops=ops)
+    try:
+        yield report
+    finally:
+        unpatch_model(model)
