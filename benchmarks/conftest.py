@@ -78,3 +78,15 @@ def record(benchmark, fn, roofline, *, bytes_moved: float, flops: float = 0.0, *
         **info,
     )
     return ms
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Versions and device in the JSON's header, for the report."""
+    machine_info["torch_version"] = torch.__version__
+    try:
+        import triton
+
+        machine_info["triton_version"] = triton.__version__
+    except ImportError:
+        machine_info["triton_version"] = "not installed"
+    machine_info["gpu"] = torch.cuda.get_device_name() if HAS_GPU else "none"
