@@ -78,3 +78,21 @@ def test_import_never_needs_a_gpu_or_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
+
+
+def test_main_job_prints_the_environment_and_a_passing_table():
+    result = subprocess.run([sys.executable, "-m", "twins_kernels"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "twins_kernels environment" in result.stdout and "all parity checks passed" in result.stdout
+    assert "peg" in result.stdout and " ok" in result.stdout
+
+
+def test_bench_mode_checks_parity_and_says_what_it_cannot_measure():
+    result = subprocess.run([sys.executable, "-m", "twins_kernels", "bench", "--model", "twins_svt_small",
+                             "--size", "64", "--batch", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "parity: logits relative error" in result.stdout
+    if not HAS_GPU:
+        assert "throughput cannot be measured here" in result.stdout
+    else:
+        assert "images/s" in result.stdout

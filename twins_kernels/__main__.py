@@ -1,4 +1,4 @@
-"""The main job: ``python -m twins_kernels``.
+"""The main job: ``python -m twins_kernels`` (and ``python -m twins_kernels bench``, see bench.py).
 
 Prints the environment (torch, triton, CUDA extension built?, GPU), then runs every op on every
 backend available on this device against the real timm module in float64, forward and backward,
@@ -114,6 +114,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m twins_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-interpret", action="store_true",
                         help="on a CPU-only machine, do not re-run under TRITON_INTERPRET=1")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("parity", help="the environment and the parity table (the default)")
+    from . import bench
+
+    bench.add_arguments(commands.add_parser("bench", help="whole-model parity and images/s of a patched model"))
     args = parser.parse_args(argv)
     if not args.no_interpret:
         _reexec_with_interpreter(argv)
@@ -121,8 +126,10 @@ def main(argv=None) -> int:
     try:
         import timm  # noqa: F401
     except ImportError:
-        print("timm is not installed: the parity table compares against timm's modules (pip install timm)")
+        print("timm is not installed: the checks compare against timm's modules (pip install timm)")
         return 1
+    if args.command == "bench":
+        return bench.run(args)
     ok = run_parity_table()
     print()
     print("all parity checks passed" if ok else "SOME PARITY CHECKS FAILED")

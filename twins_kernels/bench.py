@@ -1,0 +1,101 @@
+"""``python -m twins_kernels bench``: whole-model parity and throughput of a patched timm Twins model.
+
+    python -m twins_kernels bench --model twins_svt_small --size 224 --batch 256 --dtype bf16
+
+Patches a copy of the timm model, checks its logits against the unpatched model's, then (on a GPU)
+prints images/s for timm eager, patched eager, and both under torch.compile. Without a GPU it says
+what it cannot measure and runs the parity part on the CPU (small batch; the Triton kernels in the
+interpreter when TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from .backend import triton_interpret_enabled
+from .patch import patch_model
+from .testing import TOLERANCE, rel_err
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CPU_PARITY_BATCH = 2
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="twins_svt_small", help="a timm twins_* model name")
+    parser.add_argument("--size", type=int, default=224, help="input image side")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--backend", default=None, help="auto|triton|cuda|torch (default: ambient)")
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations per variant")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+
+
+def _progress(iterable, desc: str, total: int):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, leave=False)
+    except ImportError:
+        print(f"  {desc} ...", flush=True)
+        return iterable
+
+
+def images_per_second(model, x, iters: int, desc: str) -> float:
+    with torch.no_grad():
+        for _ in range(3):  # warm-up: compilation, autotuning, cuDNN heuristics
+            model(x)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in _progress(range(iters), desc, iters):
+            start.record()
+            model(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    times.sort()
+    return x.shape[0] / (times[len(times) // 2] * 1e-3)
+
+
+def run(args) -> int:
+    import timm
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    dtype = DTYPES[args.dtype] if on_gpu else torch.float32
+    batch = args.batch if on_gpu else min(args.batch, CPU_PARITY_BATCH)
+    if not on_gpu:
+        print("no CUDA GPU: throughput cannot be measured here; running the parity check on the CPU "
+              f"in fp32 at batch {batch} (the --dtype {args.dtype} timings need a GPU)")
+    backend = args.backend
+    if backend is None and not on_gpu and triton_interpret_enabled():
+        backend = "triton"  # auto would pick the reference for CPU tensors: check the kernels instead
+    model = timm.create_model(args.model, pretrained=False).eval().to(device, dtype)
+    patched = copy.deepcopy(model)
+    report = patch_model(patched, backend=backend)
+    print(f"{args.model} {args.size}x{args.size} batch {batch} {str(dtype).replace('torch.', '')} on {device}")
+    print(report)
+
+    x = torch.randn(batch, 3, args.size, args.size, device=device, dtype=dtype)
+    started = time.perf_counter()
+    with torch.no_grad():
+        err = rel_err(patched(x), model(x))
+    tol = TOLERANCE[dtype] * (10 if dtype == torch.float32 else 1)  # a whole model's rounding in fp32
+    ok = err <= tol
+    print(f"parity: logits relative error {err:.2e} (tolerance {tol:.0e}): {'ok' if ok else 'FAIL'} "
+          f"({time.perf_counter() - started:.1f} s)")
+    if not on_gpu:
+        return 0 if ok else 1
+
+    variants = {"timm eager": model, "patched eager": patched}
+    if not args.no_compile:
+        variants["timm + compile"] = torch.compile(model)
+        variants["patched + compile"] = torch.compile(patched)
+    results = {name: images_per_second(m, x, args.iters, name) for name, m in variants.items()}
+    base = results["timm eager"]
+    print(f"{'variant':<18} {'images/s':>10} {'vs timm eager':>14}")
+    for name, ips in results.items():
+        print(f"{name:<18} {ips:>10.1f} {ips / base:>13.2f}x")
+    return 0 if ok else 1
