@@ -1,0 +1,246 @@
+// Attention kernels shared by LSA (windows) and GSA (global, sub-sampled keys): forward with an
+// online softmax, and a backward that recomputes the probabilities from the saved log-sum-exp.
+//
+// A Geometry says which queries and keys a thread block works on and where they live in memory;
+// the kernels do the math. Two block kinds:
+//   query blocks (forward, dq): one thread per query of the block, looping over the block's keys;
+//   key blocks (dk, dv):       one thread per key of the block, looping over the block's queries.
+// Keys and queries are staged through shared memory in fp32 tiles; each thread keeps its own
+// query (or key) row and accumulator in registers. Every sum has a fixed order: deterministic.
+//
+// A Geometry provides, for block index g:
+//   QueryBlock query_block(g) / KeyBlock key_block(g)       what the block covers
+//   int num_keys(QueryBlock) / int num_queries(KeyBlock)    how many keys (queries) to loop over
+//   bool query(QueryBlock, i, Row&) / bool key(QueryBlock, j, KeyRow&)  slot i's row (false: none)
+//   bool key_of(KeyBlock, j, KeyRow&) / bool query_of(KeyBlock, i, Row&) the same for key blocks
+//   void store_out(...), store_dq(...), store_dkdv(...)     where results go
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <type_traits>
+
+namespace twins_kernels {
+namespace attention {
+
+constexpr int kTile = 32;  // keys (or queries) staged in shared memory per step
+
+template <typename scalar_t>
+struct Row {
+  const scalar_t* ptr = nullptr;  // element d at ptr[d * stride]
+  int64_t stride = 1;
+  int64_t token = -1;  // the query's token (for out, lse, dO), or the key's token (-1: padding)
+};
+
+template <typename scalar_t>
+struct KeyRow {
+  const scalar_t* k = nullptr;
+  const scalar_t* v = nullptr;
+  int64_t stride = 1;
+  int64_t token = -1;  // -1: a padded key standing in with the bias
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ float load(const scalar_t* p) {
+  return static_cast<float>(p[0]);
+}
+
+// Stage a tile of kTile rows x head_dim values into shared memory: fill(row, d) for every element.
+template <typename Fill>
+__device__ __forceinline__ void stage_tile(int head_dim, Fill fill) {
+  for (int idx = threadIdx.x; idx < kTile * head_dim; idx += blockDim.x) fill(idx / head_dim, idx % head_dim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward: out = softmax(q k^T * scale) v, lse = log-sum-exp of the scaled logits (natural log)
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, int kMaxHeadDim, typename Geometry>
+__global__ void attention_forward_kernel(Geometry geo, float scale) {
+  __shared__ float k_tile[kTile][kMaxHeadDim];
+  __shared__ float v_tile[kTile][kMaxHeadDim];
+  __shared__ bool k_valid[kTile];
+  const int head_dim = geo.head_dim;
+  const auto block = geo.query_block(blockIdx.x);
+  Row<scalar_t> query;
+  const bool active = geo.query(block, threadIdx.x, query);
+
+  float q[kMaxHeadDim];
+  float acc[kMaxHeadDim];
+#pragma unroll
+  for (int d = 0; d < kMaxHeadDim; ++d) {
+    q[d] = (active && d < head_dim) ? load(query.ptr + d * query.stride) * scale : 0.f;
+    acc[d] = 0.f;
+  }
+  float running_max = -INFINITY, denom = 0.f;
+
+  const int keys = geo.num_keys(block);
+  for (int j0 = 0; j0 < keys; j0 += kTile) {
+    __syncthreads();
+    stage_tile(head_dim, [&](int j, int d) {
+      KeyRow<scalar_t> key;
+      const bool valid = j0 + j < keys && geo.key(block, j0 + j, key);
+      k_tile[j][d] = valid ? load(key.k + d * key.stride) : 0.f;
+      v_tile[j][d] = valid ? load(key.v + d * key.stride) : 0.f;
+      if (d == 0) k_valid[j] = valid;
+    });
+    __syncthreads();
+    if (!active) continue;
+    for (int j = 0; j < kTile; ++j) {
+      if (!k_valid[j]) continue;
+      float s = 0.f;
+#pragma unroll
+      for (int d = 0; d < kMaxHeadDim; ++d) s += q[d] * k_tile[j][d];
+      const float new_max = fmaxf(running_max, s);
+      const float correction = expf(running_max - new_max);
+      const float p = expf(s - new_max);
+      denom = denom * correction + p;
+#pragma unroll
+      for (int d = 0; d < kMaxHeadDim; ++d) acc[d] = acc[d] * correction + p * v_tile[j][d];
+      running_max = new_max;
+    }
+  }
+  if (!active) return;
+  const float inv = 1.f / denom;
+  scalar_t* out = geo.out_row(block, query);
+#pragma unroll
+  for (int d = 0; d < kMaxHeadDim; ++d) {
+    if (d < head_dim) out[d] = static_cast<scalar_t>(acc[d] * inv);
+  }
+  geo.lse[geo.lse_index(block, query)] = running_max + logf(denom);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dq = scale * sum_j P_ij (dP_ij - D_i) k_j, with P_ij = exp(s_ij - lse_i), dP_ij = dO_i . v_j,
+// D_i = dO_i . O_i (precomputed, fp32)
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, int kMaxHeadDim, typename Geometry>
+__global__ void attention_dq_kernel(Geometry geo, float scale) {
+  __shared__ float k_tile[kTile][kMaxHeadDim];
+  __shared__ float v_tile[kTile][kMaxHeadDim];
+  __shared__ bool k_valid[kTile];
+  const int head_dim = geo.head_dim;
+  const auto block = geo.query_block(blockIdx.x);
+  Row<scalar_t> query;
+  const bool active = geo.query(block, threadIdx.x, query);
+
+  float q[kMaxHeadDim], grad_o[kMaxHeadDim], dq[kMaxHeadDim];
+  float lse = 0.f, delta = 0.f;
+  if (active) {
+    const scalar_t* g = geo.grad_out_row(block, query);
+    lse = geo.lse[geo.lse_index(block, query)];
+    delta = geo.delta[geo.lse_index(block, query)];
+#pragma unroll
+    for (int d = 0; d < kMaxHeadDim; ++d) {
+      q[d] = d < head_dim ? load(query.ptr + d * query.stride) * scale : 0.f;
+      grad_o[d] = d < head_dim ? load(g + d) : 0.f;
+      dq[d] = 0.f;
+    }
+  }
+
+  const int keys = geo.num_keys(block);
+  for (int j0 = 0; j0 < keys; j0 += kTile) {
+    __syncthreads();
+    stage_tile(head_dim, [&](int j, int d) {
+      KeyRow<scalar_t> key;
+      const bool valid = j0 + j < keys && geo.key(block, j0 + j, key);
+      k_tile[j][d] = valid ? load(key.k + d * key.stride) : 0.f;
+      v_tile[j][d] = valid ? load(key.v + d * key.stride) : 0.f;
+      if (d == 0) k_valid[j] = valid;
+    });
+    __syncthreads();
+    if (!active) continue;
+    for (int j = 0; j < kTile; ++j) {
+      if (!k_valid[j]) continue;
+      float s = 0.f, dp = 0.f;
+#pragma unroll
+      for (int d = 0; d < kMaxHeadDim; ++d) {
+        s += q[d] * k_tile[j][d];
+        dp += grad_o[d] * v_tile[j][d];
+      }
+      const float ds = expf(s - lse) * (dp - delta);
+#pragma unroll
+      for (int d = 0; d < kMaxHeadDim; ++d) dq[d] += ds * k_tile[j][d];
+    }
+  }
+  if (!active) return;
+#pragma unroll
+  for (int d = 0; d < kMaxHeadDim; ++d) dq[d] *= scale;
+  geo.store_dq(block, query, dq);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dk_j = sum_i dS_ij * scale * q_i, dv_j = sum_i P_ij dO_i  (one thread per key)
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, int kMaxHeadDim, typename Geometry>
+__global__ void attention_dkdv_kernel(Geometry geo, float scale) {
+  __shared__ float q_tile[kTile][kMaxHeadDim];  // scaled queries
+  __shared__ float o_tile[kTile][kMaxHeadDim];  // their output gradients
+  __shared__ float lse_tile[kTile];
+  __shared__ float delta_tile[kTile];
+  __shared__ bool q_valid[kTile];
+  const int head_dim = geo.head_dim;
+  const auto block = geo.key_block(blockIdx.x);
+  KeyRow<scalar_t> key;
+  const bool active = geo.key_of(block, threadIdx.x, key);
+
+  float k[kMaxHeadDim], v[kMaxHeadDim], dk[kMaxHeadDim], dv[kMaxHeadDim];
+#pragma unroll
+  for (int d = 0; d < kMaxHeadDim; ++d) {
+    k[d] = (active && d < head_dim) ? load(key.k + d * key.stride) : 0.f;
+    v[d] = (active && d < head_dim) ? load(key.v + d * key.stride) : 0.f;
+    dk[d] = 0.f;
+    dv[d] = 0.f;
+  }
+
+  const int queries = geo.num_queries(block);
+  for (int i0 = 0; i0 < queries; i0 += kTile) {
+    __syncthreads();
+    stage_tile(head_dim, [&](int i, int d) {
+      Row<scalar_t> query;
+      const bool valid = i0 + i < queries && geo.query_of(block, i0 + i, query);
+      q_tile[i][d] = valid ? load(query.ptr + d * query.stride) * scale : 0.f;
+      o_tile[i][d] = valid ? load(geo.grad_out_row_of(block, query) + d) : 0.f;
+      if (d == 0) {
+        q_valid[i] = valid;
+        lse_tile[i] = valid ? geo.lse[geo.lse_index_of(block, query)] : 0.f;
+        delta_tile[i] = valid ? geo.delta[geo.lse_index_of(block, query)] : 0.f;
+      }
+    });
+    __syncthreads();
+    if (!active) continue;
+    for (int i = 0; i < kTile; ++i) {
+      if (!q_valid[i]) continue;
+      float s = 0.f, dp = 0.f;
+#pragma unroll
+      for (int d = 0; d < kMaxHeadDim; ++d) {
+        s += q_tile[i][d] * k[d];
+        dp += o_tile[i][d] * v[d];
+      }
+      const float p = expf(s - lse_tile[i]);
+      const float ds = p * (dp - delta_tile[i]);
+#pragma unroll
+      for (int d = 0; d < kMaxHeadDim; ++d) {
+        dv[d] += p * o_tile[i][d];
+        dk[d] += ds * q_tile[i][d];  // q_tile holds scale * q: dk = scale * sum ds q
+      }
+    }
+  }
+  if (active) geo.store_dkdv(block, threadIdx.x, key, dk, dv);
+}
+
+// The head dimension's register tile: 16..128 -> 32, 64 or 128 (masked past head_dim).
+template <typename Launch>
+void dispatch_head_dim(int head_dim, Launch launch) {
+  if (head_dim <= 32) {
+    launch(std::integral_constant<int, 32>{});
+  } else if (head_dim <= 64) {
+    launch(std::integral_constant<int, 64>{});
+  } else {
+    launch(std::integral_constant<int, 128>{});
+  }
+}
+
+}  // namespace attention
+}  // namespace twins_kernels

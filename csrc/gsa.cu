@@ -1,0 +1,216 @@
+// GSA (timm GlobalSubSampleAttn) attention core: queries (B, N, C) from the q Linear, keys and values
+// (B, M, 2C) from the kv Linear on the sub-sampled tokens, read by head strides; out (B, N, C) in token
+// order, ready for proj. Nothing of size N x M is stored: the backward recomputes from the log-sum-exp.
+#include "attention.cuh"
+#include "twins_kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+namespace twins_kernels {
+namespace {
+
+using attention::KeyRow;
+using attention::Row;
+
+constexpr int kRowsPerBlock = 128;  // queries per query block, keys per key block
+
+template <typename scalar_t>
+struct GsaGeometry {
+  const scalar_t* q;
+  int64_t q_stride_b, q_stride_n, q_stride_c;
+  const scalar_t* kv;
+  int64_t kv_stride_b, kv_stride_m, kv_stride_c;
+  scalar_t* out;             // (B, N, C)
+  float* lse;                // (B, heads, N)
+  const float* delta;        // (B, heads, N)
+  const scalar_t* grad_out;  // (B, N, C) contiguous
+  scalar_t* grad_q;          // (B, N, C)
+  scalar_t* grad_kv;         // (B, M, 2C)
+  int64_t tokens, keys;
+  int chans, heads, head_dim;
+  int64_t query_tiles, key_tiles;
+
+  struct Block {
+    int64_t b, start;
+    int h;
+  };
+
+  __device__ Block tile_block(int64_t g, int64_t tiles) const {
+    Block blk;
+    blk.start = (g % tiles) * kRowsPerBlock;
+    const int64_t bh = g / tiles;
+    blk.h = static_cast<int>(bh % heads);
+    blk.b = bh / heads;
+    return blk;
+  }
+  __device__ Block query_block(int64_t g) const { return tile_block(g, query_tiles); }
+  __device__ Block key_block(int64_t g) const { return tile_block(g, key_tiles); }
+  __device__ int num_keys(const Block&) const { return static_cast<int>(keys); }
+  __device__ int num_queries(const Block&) const { return static_cast<int>(tokens); }
+
+  __device__ bool query_at(const Block& blk, int64_t token, Row<scalar_t>& row) const {
+    if (token >= tokens) return false;
+    row.ptr = q + blk.b * q_stride_b + token * q_stride_n + static_cast<int64_t>(blk.h) * head_dim * q_stride_c;
+    row.stride = q_stride_c;
+    row.token = token;
+    return true;
+  }
+  __device__ bool key_at(const Block& blk, int64_t index, KeyRow<scalar_t>& key) const {
+    if (index >= keys) return false;
+    const scalar_t* base = kv + blk.b * kv_stride_b + index * kv_stride_m;
+    key.k = base + static_cast<int64_t>(blk.h) * head_dim * kv_stride_c;
+    key.v = base + static_cast<int64_t>(chans + blk.h * head_dim) * kv_stride_c;
+    key.stride = kv_stride_c;
+    key.token = index;
+    return true;
+  }
+  __device__ bool query(const Block& blk, int slot, Row<scalar_t>& row) const {
+    return query_at(blk, blk.start + slot, row);
+  }
+  __device__ bool key(const Block& blk, int j, KeyRow<scalar_t>& key) const { return key_at(blk, j, key); }
+  __device__ bool key_of(const Block& blk, int slot, KeyRow<scalar_t>& key) const {
+    return key_at(blk, blk.start + slot, key);
+  }
+  __device__ bool query_of(const Block& blk, int i, Row<scalar_t>& row) const { return query_at(blk, i, row); }
+
+  __device__ int64_t token_offset(const Block& blk, const Row<scalar_t>& row) const {
+    return (blk.b * tokens + row.token) * chans + blk.h * head_dim;
+  }
+  __device__ scalar_t* out_row(const Block& blk, const Row<scalar_t>& row) const {
+    return out + token_offset(blk, row);
+  }
+  __device__ const scalar_t* grad_out_row(const Block& blk, const Row<scalar_t>& row) const {
+    return grad_out + token_offset(blk, row);
+  }
+  __device__ const scalar_t* grad_out_row_of(const Block& blk, const Row<scalar_t>& row) const {
+    return grad_out_row(blk, row);
+  }
+  __device__ int64_t lse_index(const Block& blk, const Row<scalar_t>& row) const {
+    return (blk.b * heads + blk.h) * tokens + row.token;
+  }
+  __device__ int64_t lse_index_of(const Block& blk, const Row<scalar_t>& row) const { return lse_index(blk, row); }
+
+  template <int kMax>
+  __device__ void store_dq(const Block& blk, const Row<scalar_t>& row, const float (&dq)[kMax]) const {
+    scalar_t* dst = grad_q + token_offset(blk, row);
+#pragma unroll
+    for (int d = 0; d < kMax; ++d) {
+      if (d < head_dim) dst[d] = static_cast<scalar_t>(dq[d]);
+    }
+  }
+  template <int kMax>
+  __device__ void store_dkdv(const Block& blk, int, const KeyRow<scalar_t>& key, const float (&dk)[kMax],
+                             const float (&dv)[kMax]) const {
+    scalar_t* dst = grad_kv + (blk.b * keys + key.token) * 2 * chans + blk.h * head_dim;
+#pragma unroll
+    for (int d = 0; d < kMax; ++d) {
+      if (d < head_dim) {
+        dst[d] = static_cast<scalar_t>(dk[d]);
+        dst[d + chans] = static_cast<scalar_t>(dv[d]);
+      }
+    }
+  }
+};
+
+template <typename scalar_t>
+GsaGeometry<scalar_t> make_geometry(const at::Tensor& q, const at::Tensor& kv, int64_t heads) {
+  GsaGeometry<scalar_t> geo{};
+  geo.q = q.data_ptr<scalar_t>();
+  geo.q_stride_b = q.stride(0);
+  geo.q_stride_n = q.stride(1);
+  geo.q_stride_c = q.stride(2);
+  geo.kv = kv.data_ptr<scalar_t>();
+  geo.kv_stride_b = kv.stride(0);
+  geo.kv_stride_m = kv.stride(1);
+  geo.kv_stride_c = kv.stride(2);
+  geo.tokens = q.size(1);
+  geo.keys = kv.size(1);
+  geo.chans = static_cast<int>(q.size(2));
+  geo.heads = static_cast<int>(heads);
+  geo.head_dim = static_cast<int>(q.size(2) / heads);
+  geo.query_tiles = (geo.tokens + kRowsPerBlock - 1) / kRowsPerBlock;
+  geo.key_tiles = (geo.keys + kRowsPerBlock - 1) / kRowsPerBlock;
+  return geo;
+}
+
+void check_gsa(const at::Tensor& q, const at::Tensor& kv, int64_t heads) {
+  TORCH_CHECK(q.is_cuda() && kv.is_cuda(), "q and kv must be CUDA tensors");
+  TORCH_CHECK(q.dim() == 3 && kv.dim() == 3, "q must be (B, N, C) and kv (B, M, 2C), got ", q.sizes(), " and ",
+              kv.sizes());
+  TORCH_CHECK(kv.size(0) == q.size(0) && kv.size(2) == 2 * q.size(2), "kv has shape ", kv.sizes(),
+              ", expected (", q.size(0), ", M, ", 2 * q.size(2), ")");
+  TORCH_CHECK(kv.size(1) >= 1, "kv must hold at least one key");
+  TORCH_CHECK(heads > 0 && q.size(2) % heads == 0, "C=", q.size(2), " is not divisible by num_heads=", heads);
+  TORCH_CHECK(q.size(2) / heads <= 128, "head_dim must be <= 128, got ", q.size(2) / heads);
+  TORCH_CHECK(q.scalar_type() == kv.scalar_type(), "q and kv must share a dtype");
+  TORCH_CHECK(q.scalar_type() != at::kDouble, "the cuda backend supports fp32, fp16 and bf16");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gsa_attention_forward(const at::Tensor& q, const at::Tensor& kv, int64_t num_heads,
+                                                         double scale) {
+  check_gsa(q, kv, num_heads);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lse = at::empty({q.size(0), num_heads, q.size(1)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gsa_attention_forward", [&] {
+    auto geo = make_geometry<scalar_t>(q, kv, num_heads);
+    geo.out = out.data_ptr<scalar_t>();
+    geo.lse = lse.data_ptr<float>();
+    const int64_t blocks = q.size(0) * num_heads * geo.query_tiles;
+    attention::dispatch_head_dim(geo.head_dim, [&](auto max_head_dim) {
+      attention::attention_forward_kernel<scalar_t, decltype(max_head_dim)::value>
+          <<<blocks, kRowsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(geo, static_cast<float>(scale));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> gsa_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                                          const at::Tensor& kv, const at::Tensor& out,
+                                                          const at::Tensor& lse, int64_t num_heads, double scale) {
+  check_gsa(q, kv, num_heads);
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out has shape ", grad_out.sizes(), ", expected ", q.sizes());
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto grad_q = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto grad_kv = at::empty(kv.sizes(), kv.options().memory_format(at::MemoryFormat::Contiguous));
+  if (grad_q.numel() == 0) return {grad_q, grad_kv.zero_()};
+  const auto grad = grad_out.to(q.scalar_type()).contiguous();
+  const int64_t head_dim = q.size(2) / num_heads;
+  // D_i = dO_i . O_i per query and head, in fp32
+  const auto delta = grad.to(at::kFloat).mul(out.to(at::kFloat))
+                         .view({q.size(0), q.size(1), num_heads, head_dim})
+                         .sum(-1)
+                         .permute({0, 2, 1})
+                         .contiguous();
+  const auto lse_c = lse.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gsa_attention_backward", [&] {
+    auto geo = make_geometry<scalar_t>(q, kv, num_heads);
+    geo.lse = const_cast<float*>(lse_c.data_ptr<float>());
+    geo.delta = delta.data_ptr<float>();
+    geo.grad_out = grad.data_ptr<scalar_t>();
+    geo.grad_q = grad_q.data_ptr<scalar_t>();
+    geo.grad_kv = grad_kv.data_ptr<scalar_t>();
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t query_blocks = q.size(0) * num_heads * geo.query_tiles;
+    const int64_t key_blocks = q.size(0) * num_heads * geo.key_tiles;
+    attention::dispatch_head_dim(geo.head_dim, [&](auto max_head_dim) {
+      constexpr int kMax = decltype(max_head_dim)::value;
+      attention::attention_dq_kernel<scalar_t, kMax>
+          <<<query_blocks, kRowsPerBlock, 0, stream>>>(geo, static_cast<float>(scale));
+      attention::attention_dkdv_kernel<scalar_t, kMax>
+          <<<key_blocks, kRowsPerBlock, 0, stream>>>(geo, static_cast<float>(scale));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_q, grad_kv};
+}
+
+}  // namespace twins_kernels

@@ -1,0 +1,257 @@
+// LSA (timm LocallyGroupedAttn) attention core on the qkv GEMM's output, by index arithmetic: no pad,
+// no window reshapes. Positions past the map's right/bottom edge are either keys holding the qkv bias
+// (timm's zero padding) or excluded (mmseg's masking); queries there are cropped, so never computed.
+#include "attention.cuh"
+#include "twins_kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+namespace twins_kernels {
+namespace {
+
+using attention::KeyRow;
+using attention::Row;
+
+// One block per (batch, window, head); one thread per window slot, for queries and keys alike.
+template <typename scalar_t>
+struct LsaGeometry {
+  const scalar_t* qkv;
+  const scalar_t* bias;  // (3C,) contiguous
+  int64_t stride_b, stride_n, stride_c;
+  scalar_t* out;              // (B, N, C)
+  float* lse;                 // (B, heads, N)
+  const float* delta;         // (B, heads, N)
+  const scalar_t* grad_out;   // (B, N, C) contiguous
+  scalar_t* grad_qkv;         // (B, N, 3C)
+  float* pad_grad;            // (blocks, ws*ws, 2, head_dim): padded keys' dk, dv (zero mode)
+  int height, width, chans, heads, head_dim, ws, windows_h, windows_w;
+  bool mask_padding;
+
+  struct Block {
+    int64_t index, b;
+    int h, y0, x0;
+  };
+
+  __device__ Block query_block(int64_t g) const {
+    Block blk;
+    blk.index = g;
+    blk.h = static_cast<int>(g % heads);
+    int64_t rest = g / heads;
+    blk.x0 = static_cast<int>(rest % windows_w) * ws;
+    rest /= windows_w;
+    blk.y0 = static_cast<int>(rest % windows_h) * ws;
+    blk.b = rest / windows_h;
+    return blk;
+  }
+  __device__ Block key_block(int64_t g) const { return query_block(g); }
+  __device__ int num_keys(const Block&) const { return ws * ws; }
+  __device__ int num_queries(const Block&) const { return ws * ws; }
+  __device__ int64_t tokens() const { return static_cast<int64_t>(height) * width; }
+
+  __device__ bool inside(const Block& blk, int slot, int64_t& token) const {
+    const int y = blk.y0 + slot / ws, x = blk.x0 + slot % ws;
+    if (slot >= ws * ws || y >= height || x >= width) return false;
+    token = static_cast<int64_t>(y) * width + x;
+    return true;
+  }
+  __device__ bool query(const Block& blk, int slot, Row<scalar_t>& row) const {
+    int64_t token;
+    if (!inside(blk, slot, token)) return false;
+    row.ptr = qkv + blk.b * stride_b + token * stride_n + static_cast<int64_t>(blk.h) * head_dim * stride_c;
+    row.stride = stride_c;
+    row.token = token;
+    return true;
+  }
+  __device__ bool query_of(const Block& blk, int slot, Row<scalar_t>& row) const { return query(blk, slot, row); }
+  __device__ bool key(const Block& blk, int slot, KeyRow<scalar_t>& key) const {
+    if (slot >= ws * ws) return false;
+    const int64_t k_channel = chans + blk.h * head_dim, v_channel = 2 * chans + blk.h * head_dim;
+    int64_t token;
+    if (inside(blk, slot, token)) {
+      const scalar_t* base = qkv + blk.b * stride_b + token * stride_n;
+      key.k = base + k_channel * stride_c;
+      key.v = base + v_channel * stride_c;
+      key.stride = stride_c;
+      key.token = token;
+      return true;
+    }
+    if (mask_padding) return false;
+    key.k = bias + k_channel;
+    key.v = bias + v_channel;
+    key.stride = 1;
+    key.token = -1;
+    return true;
+  }
+  __device__ bool key_of(const Block& blk, int slot, KeyRow<scalar_t>& k) const { return key(blk, slot, k); }
+
+  __device__ int64_t token_offset(const Block& blk, const Row<scalar_t>& row) const {
+    return (blk.b * tokens() + row.token) * chans + blk.h * head_dim;
+  }
+  __device__ scalar_t* out_row(const Block& blk, const Row<scalar_t>& row) const {
+    return out + token_offset(blk, row);
+  }
+  __device__ const scalar_t* grad_out_row(const Block& blk, const Row<scalar_t>& row) const {
+    return grad_out + token_offset(blk, row);
+  }
+  __device__ const scalar_t* grad_out_row_of(const Block& blk, const Row<scalar_t>& row) const {
+    return grad_out_row(blk, row);
+  }
+  __device__ int64_t lse_index(const Block& blk, const Row<scalar_t>& row) const {
+    return (blk.b * heads + blk.h) * tokens() + row.token;
+  }
+  __device__ int64_t lse_index_of(const Block& blk, const Row<scalar_t>& row) const { return lse_index(blk, row); }
+
+  template <int kMax>
+  __device__ void store_dq(const Block& blk, const Row<scalar_t>& row, const float (&dq)[kMax]) const {
+    scalar_t* dst = grad_qkv + (blk.b * tokens() + row.token) * 3 * chans + blk.h * head_dim;
+#pragma unroll
+    for (int d = 0; d < kMax; ++d) {
+      if (d < head_dim) dst[d] = static_cast<scalar_t>(dq[d]);
+    }
+  }
+  template <int kMax>
+  __device__ void store_dkdv(const Block& blk, int slot, const KeyRow<scalar_t>& key, const float (&dk)[kMax],
+                             const float (&dv)[kMax]) const {
+    if (key.token >= 0) {
+      scalar_t* dst = grad_qkv + (blk.b * tokens() + key.token) * 3 * chans + chans + blk.h * head_dim;
+#pragma unroll
+      for (int d = 0; d < kMax; ++d) {
+        if (d < head_dim) {
+          dst[d] = static_cast<scalar_t>(dk[d]);
+          dst[d + chans] = static_cast<scalar_t>(dv[d]);
+        }
+      }
+      return;
+    }
+    float* dst = pad_grad + (blk.index * ws * ws + slot) * 2 * head_dim;
+#pragma unroll
+    for (int d = 0; d < kMax; ++d) {
+      if (d < head_dim) {
+        dst[d] = dk[d];
+        dst[d + head_dim] = dv[d];
+      }
+    }
+  }
+};
+
+struct LsaShape {
+  int64_t batch, tokens, chans, head_dim, windows_h, windows_w, blocks;
+  int threads;
+};
+
+LsaShape check_lsa(const at::Tensor& qkv, const at::Tensor& bias, int64_t height, int64_t width, int64_t ws,
+                   int64_t heads) {
+  TORCH_CHECK(qkv.is_cuda() && bias.is_cuda(), "qkv and qkv_bias must be CUDA tensors");
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % 3 == 0, "qkv must be (B, N, 3C), got ", qkv.sizes());
+  TORCH_CHECK(qkv.size(1) == height * width, "qkv has N=", qkv.size(1), ", expected H*W=", height * width);
+  TORCH_CHECK(ws >= 2 && ws <= 16, "ws must be in 2..16, got ", ws);
+  const int64_t chans = qkv.size(2) / 3;
+  TORCH_CHECK(heads > 0 && chans % heads == 0, "C=", chans, " is not divisible by num_heads=", heads);
+  const int64_t head_dim = chans / heads;
+  TORCH_CHECK(head_dim >= 1 && head_dim <= 128, "head_dim must be <= 128, got ", head_dim);
+  TORCH_CHECK(bias.numel() == 3 * chans, "qkv_bias must have 3C=", 3 * chans, " elements, got ", bias.numel());
+  TORCH_CHECK(qkv.scalar_type() != at::kDouble, "the cuda backend supports fp32, fp16 and bf16");
+  LsaShape shape{qkv.size(0), qkv.size(1), chans, head_dim, (height + ws - 1) / ws, (width + ws - 1) / ws, 0, 0};
+  shape.blocks = shape.batch * shape.windows_h * shape.windows_w * heads;
+  shape.threads = static_cast<int>((ws * ws + 31) / 32 * 32);
+  return shape;
+}
+
+template <typename scalar_t>
+LsaGeometry<scalar_t> make_geometry(const at::Tensor& qkv, const at::Tensor& bias, const LsaShape& shape,
+                                    int64_t height, int64_t width, int64_t ws, int64_t heads, bool mask_padding) {
+  LsaGeometry<scalar_t> geo{};
+  geo.qkv = qkv.data_ptr<scalar_t>();
+  geo.bias = bias.data_ptr<scalar_t>();
+  geo.stride_b = qkv.stride(0);
+  geo.stride_n = qkv.stride(1);
+  geo.stride_c = qkv.stride(2);
+  geo.height = static_cast<int>(height);
+  geo.width = static_cast<int>(width);
+  geo.chans = static_cast<int>(shape.chans);
+  geo.heads = static_cast<int>(heads);
+  geo.head_dim = static_cast<int>(shape.head_dim);
+  geo.ws = static_cast<int>(ws);
+  geo.windows_h = static_cast<int>(shape.windows_h);
+  geo.windows_w = static_cast<int>(shape.windows_w);
+  geo.mask_padding = mask_padding;
+  return geo;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lsa_forward(const at::Tensor& qkv, const at::Tensor& qkv_bias, int64_t height,
+                                               int64_t width, int64_t ws, int64_t num_heads, double scale,
+                                               bool mask_padding) {
+  const auto shape = check_lsa(qkv, qkv_bias, height, width, ws, num_heads);
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  auto out = at::empty({shape.batch, shape.tokens, shape.chans}, qkv.options());
+  auto lse = at::empty({shape.batch, num_heads, shape.tokens}, qkv.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const auto bias = qkv_bias.to(qkv.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "lsa_forward", [&] {
+    auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding);
+    geo.out = out.data_ptr<scalar_t>();
+    geo.lse = lse.data_ptr<float>();
+    attention::dispatch_head_dim(geo.head_dim, [&](auto max_head_dim) {
+      attention::attention_forward_kernel<scalar_t, decltype(max_head_dim)::value>
+          <<<shape.blocks, shape.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(geo, static_cast<float>(scale));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> lsa_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                                const at::Tensor& qkv_bias, const at::Tensor& out,
+                                                const at::Tensor& lse, int64_t height, int64_t width, int64_t ws,
+                                                int64_t num_heads, double scale, bool mask_padding) {
+  const auto shape = check_lsa(qkv, qkv_bias, height, width, ws, num_heads);
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "grad_out has shape ", grad_out.sizes(), ", expected ", out.sizes());
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  auto grad_qkv = at::empty({shape.batch, shape.tokens, 3 * shape.chans}, qkv.options());
+  auto grad_bias = at::zeros({3 * shape.chans}, qkv.options().dtype(at::kFloat));
+  if (grad_qkv.numel() == 0) return {grad_qkv, grad_bias};
+  const auto grad = grad_out.to(qkv.scalar_type()).contiguous();
+  // D_i = dO_i . O_i per query and head, in fp32
+  const auto delta = grad.to(at::kFloat).mul(out.to(at::kFloat))
+                         .view({shape.batch, shape.tokens, num_heads, shape.head_dim})
+                         .sum(-1)
+                         .permute({0, 2, 1})
+                         .contiguous();
+  const bool has_padding = !mask_padding && (height % ws != 0 || width % ws != 0);
+  auto pad_grad = has_padding ? at::zeros({shape.blocks, ws * ws, 2, shape.head_dim}, grad_bias.options())
+                              : at::Tensor();
+  const auto bias = qkv_bias.to(qkv.scalar_type()).contiguous();
+  const auto lse_c = lse.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "lsa_backward", [&] {
+    auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding);
+    geo.lse = const_cast<float*>(lse_c.data_ptr<float>());
+    geo.delta = delta.data_ptr<float>();
+    geo.grad_out = grad.data_ptr<scalar_t>();
+    geo.grad_qkv = grad_qkv.data_ptr<scalar_t>();
+    geo.pad_grad = has_padding ? pad_grad.data_ptr<float>() : nullptr;
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    attention::dispatch_head_dim(geo.head_dim, [&](auto max_head_dim) {
+      constexpr int kMax = decltype(max_head_dim)::value;
+      attention::attention_dq_kernel<scalar_t, kMax>
+          <<<shape.blocks, shape.threads, 0, stream>>>(geo, static_cast<float>(scale));
+      attention::attention_dkdv_kernel<scalar_t, kMax>
+          <<<shape.blocks, shape.threads, 0, stream>>>(geo, static_cast<float>(scale));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (has_padding) {
+    // the padded keys stand in with the bias: their dk, dv are the bias's share, summed per head
+    const auto per_head = pad_grad.view({-1, num_heads, ws * ws, 2, shape.head_dim}).sum({0, 2});  // (h, 2, d)
+    grad_bias.narrow(0, shape.chans, 2 * shape.chans).copy_(per_head.permute({1, 0, 2}).reshape({-1}));
+  }
+  return {grad_qkv, grad_bias};
+}
+
+}  // namespace twins_kernels
