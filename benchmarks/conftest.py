@@ -29,6 +29,43 @@ def stage_map(image_size: int, stage: int) -> tuple[int, int]:
     return side, side
 
 
+VARIANTS = ["timm", "timm_compile", "triton", "cuda"]
+
+
+def build_variant(variant: str, timm_module, fused_cls):
+    """The module a benchmark variant runs: timm eager, timm under torch.compile, or the fused module
+    (sharing the timm module's parameters) on the named backend; skips a backend that cannot run."""
+    import copy
+
+    from twins_kernels.backend import backend_status
+
+    if variant == "timm":
+        return timm_module
+    if variant == "timm_compile":
+        return torch.compile(copy.deepcopy(timm_module))
+    status = backend_status(variant, "cuda")
+    if not status.available:
+        pytest.skip(status.reason)
+    return fused_cls.from_module(timm_module, backend=variant)
+
+
+def timed_pass(module, x, size, pass_: str):
+    """A callable running the forward (no grad) or forward+backward of ``module`` on ``x``."""
+    if pass_ == "fwd":
+        def run():
+            with torch.no_grad():
+                module(x, size)
+        return run
+    x.requires_grad_(True)
+    out = module(x, size)
+    grad = torch.randn_like(out)
+    del out
+
+    def run():
+        module(x, size).backward(grad)
+    return run
+
+
 def median_ms(fn) -> float:
     import triton.testing
 

@@ -58,9 +58,10 @@ def test_cuda_extension_registers_its_ops():
         if os.environ.get("TWINS_KERNELS_REQUIRE_EXTENSION") == "1":
             pytest.fail(backend_status("cuda", "cuda").reason)
         pytest.skip("the CUDA extension is not built here")
-    schemas = {str(op.default._schema).split("(")[0] for op in map(
-        lambda name: getattr(torch.ops.twins_kernels_cuda, name), ["peg_conv3x3", "peg_weight_grad"])}
-    assert schemas == {"twins_kernels_cuda::peg_conv3x3", "twins_kernels_cuda::peg_weight_grad"}
+    names = ["peg_conv3x3", "peg_weight_grad", "lsa_forward", "lsa_backward",
+             "gsa_attention_forward", "gsa_attention_backward"]
+    schemas = {str(getattr(torch.ops.twins_kernels_cuda, name).default._schema).split("(")[0] for name in names}
+    assert schemas == {f"twins_kernels_cuda::{name}" for name in names}
 
 
 def test_import_never_needs_a_gpu_or_triton():
