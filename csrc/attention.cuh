@@ -53,6 +53,23 @@ __device__ __forceinline__ void stage_tile(int head_dim, Fill fill) {
   for (int idx = threadIdx.x; idx < kTile * head_dim; idx += blockDim.x) fill(idx / head_dim, idx % head_dim);
 }
 
+// Keys j0 .. j0 + kTile of a query block into shared memory (zeros and k_valid = false past the end
+// or where the geometry excludes a key); a barrier on each side.
+template <typename scalar_t, int kMaxHeadDim, typename Geometry, typename Block>
+__device__ __forceinline__ void stage_keys(const Geometry& geo, const Block& block, int j0, int keys,
+                                           float (&k_tile)[kTile][kMaxHeadDim], float (&v_tile)[kTile][kMaxHeadDim],
+                                           bool (&k_valid)[kTile]) {
+  __syncthreads();
+  stage_tile(geo.head_dim, [&](int j, int d) {
+    KeyRow<scalar_t> key;
+    const bool valid = j0 + j < keys && geo.key(block, j0 + j, key);
+    k_tile[j][d] = valid ? load(key.k + d * key.stride) : 0.f;
+    v_tile[j][d] = valid ? load(key.v + d * key.stride) : 0.f;
+    if (d == 0) k_valid[j] = valid;
+  });
+  __syncthreads();
+}
+
 // ---------------------------------------------------------------------------------------------
 // forward: out = softmax(q k^T * scale) v, lse = log-sum-exp of the scaled logits (natural log)
 // ---------------------------------------------------------------------------------------------
@@ -77,15 +94,7 @@ __global__ void attention_forward_kernel(Geometry geo, float scale) {
 
   const int keys = geo.num_keys(block);
   for (int j0 = 0; j0 < keys; j0 += kTile) {
-    __syncthreads();
-    stage_tile(head_dim, [&](int j, int d) {
-      KeyRow<scalar_t> key;
-      const bool valid = j0 + j < keys && geo.key(block, j0 + j, key);
-      k_tile[j][d] = valid ? load(key.k + d * key.stride) : 0.f;
-      v_tile[j][d] = valid ? load(key.v + d * key.stride) : 0.f;
-      if (d == 0) k_valid[j] = valid;
-    });
-    __syncthreads();
+    stage_keys<scalar_t>(geo, block, j0, keys, k_tile, v_tile, k_valid);
     if (!active) continue;
     for (int j = 0; j < kTile; ++j) {
       if (!k_valid[j]) continue;
@@ -141,15 +150,7 @@ __global__ void attention_dq_kernel(Geometry geo, float scale) {
 
   const int keys = geo.num_keys(block);
   for (int j0 = 0; j0 < keys; j0 += kTile) {
-    __syncthreads();
-    stage_tile(head_dim, [&](int j, int d) {
-      KeyRow<scalar_t> key;
-      const bool valid = j0 + j < keys && geo.key(block, j0 + j, key);
-      k_tile[j][d] = valid ? load(key.k + d * key.stride) : 0.f;
-      v_tile[j][d] = valid ? load(key.v + d * key.stride) : 0.f;
-      if (d == 0) k_valid[j] = valid;
-    });
-    __syncthreads();
+    stage_keys<scalar_t>(geo, block, j0, keys, k_tile, v_tile, k_valid);
     if (!active) continue;
     for (int j = 0; j < kTile; ++j) {
       if (!k_valid[j]) continue;
