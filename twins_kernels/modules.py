@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .ops.gsa import gsa_attention, gsa_attention_reference, gsa_subsample
+from .ops.lsa import PAD_MODES, lsa, lsa_reference
 from .ops.peg import peg, peg_reference
 
 
@@ -50,3 +52,140 @@ class FusedPEG(nn.Module):
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, backend={self.backend or 'ambient'}"
+
+
+class FusedGSA(nn.Module):
+    """timm ``GlobalSubSampleAttn(dim, num_heads, attn_drop, proj_drop, sr_ratio)``: every token attends to
+    keys and values of the map sub-sampled by ``LayerNorm(Conv2d(kernel = stride = sr_ratio))``;
+    sr_ratio 1 (no ``sr``/``norm``) is global attention over all N tokens.
+
+    The q, kv and proj Linears stay nn.Linear; the sub-sampling and the attention core run the fused ops
+    (``twins_kernels.ops.gsa``). In training with attention dropout (``attn_drop.p > 0``) the attention
+    core runs the PyTorch reference (SDPA with dropout) instead: the kernels have no dropout, and leaving
+    it out would silently train a different model.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, attn_drop: float = 0., proj_drop: float = 0., sr_ratio: int = 1,
+                 device=None, dtype=None, backend: str | None = None):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} should be divided by num_heads {num_heads}.")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, dim, bias=True, **dd)
+        self.kv = nn.Linear(dim, dim * 2, bias=True, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio, **dd)
+            self.norm = nn.LayerNorm(dim, **dd)
+        else:
+            self.sr = None
+            self.norm = None
+        self.backend = backend
+
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: str | None = None) -> "FusedGSA":
+        """A FusedGSA sharing ``module``'s submodules (and so its parameters) with it."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.dim = module.dim
+        fused.num_heads = module.num_heads
+        fused.scale = module.scale
+        fused.q = module.q
+        fused.kv = module.kv
+        fused.attn_drop = module.attn_drop
+        fused.proj = module.proj
+        fused.proj_drop = module.proj_drop
+        fused.sr_ratio = module.sr_ratio
+        fused.sr = module.sr
+        fused.norm = module.norm
+        fused.backend = backend
+        return fused
+
+    def forward(self, x: torch.Tensor, size) -> torch.Tensor:
+        kv_tokens = x
+        if self.sr is not None:
+            kv_tokens = gsa_subsample(x, size, self.sr.weight, self.sr.bias, self.norm.weight, self.norm.bias,
+                                      self.sr_ratio, self.norm.eps, backend=self.backend)
+        q, kv = self.q(x), self.kv(kv_tokens)
+        if self.training and self.attn_drop.p > 0:
+            out = gsa_attention_reference(q, kv, self.num_heads, self.scale, dropout_p=self.attn_drop.p)
+        else:
+            out = gsa_attention(q, kv, self.num_heads, self.scale, backend=self.backend)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, backend={self.backend or 'ambient'}"
+
+
+class FusedLSA(nn.Module):
+    """timm ``LocallyGroupedAttn(dim, num_heads, attn_drop, proj_drop, ws)``: self-attention inside
+    ws x ws windows of the map, padded right/bottom to multiples of ws.
+
+    The qkv and proj Linears stay nn.Linear; the attention core in between runs the fused op
+    (``twins_kernels.ops.lsa``), which reads the windows straight from the qkv output. ``pad_mode``:
+    "zero" is timm's (padded positions are zero tokens, so their keys are the qkv bias), "mask" is
+    mmsegmentation's (valid queries ignore padded keys). In training with attention dropout
+    (``attn_drop.p > 0``) the attention runs the PyTorch reference (SDPA with dropout) instead: the
+    kernels have no dropout, and leaving it out would silently train a different model.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, attn_drop: float = 0., proj_drop: float = 0., ws: int = 1,
+                 device=None, dtype=None, backend: str | None = None, pad_mode: str = "zero"):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if ws == 1:
+            raise ValueError("ws=1 is global attention over all tokens: use FusedGSA with sr_ratio=1")
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} should be divided by num_heads {num_heads}.")
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.ws = ws
+        self.backend = backend
+        self.pad_mode = pad_mode
+
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: str | None = None, pad_mode: str = "zero") -> "FusedLSA":
+        """A FusedLSA sharing ``module``'s submodules (and so its parameters) with it."""
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.dim = module.dim
+        fused.num_heads = module.num_heads
+        fused.scale = module.scale
+        fused.qkv = module.qkv
+        fused.attn_drop = module.attn_drop
+        fused.proj = module.proj
+        fused.proj_drop = module.proj_drop
+        fused.ws = module.ws
+        fused.backend = backend
+        fused.pad_mode = pad_mode
+        return fused
+
+    def forward(self, x: torch.Tensor, size) -> torch.Tensor:
+        qkv = self.qkv(x)
+        # a Linear without bias maps a padded (zero) token to zero
+        bias = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(qkv.shape[-1])
+        if self.training and self.attn_drop.p > 0:
+            out = lsa_reference(qkv, bias, size, self.num_heads, self.ws, self.scale, self.pad_mode,
+                                dropout_p=self.attn_drop.p)
+        else:
+            out = lsa(qkv, bias, size, self.num_heads, self.ws, self.scale, self.pad_mode, backend=self.backend)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, ws={self.ws}, pad_mode={self.pad_mode}, "
+                f"backend={self.backend or 'ambient'}")

@@ -1,0 +1,390 @@
+"""LSA parity with timm's LocallyGroupedAttn (zero padding) and an mmsegmentation-style masked stand-in
+(mask padding) on every backend, gradcheck, torch.compile, attention-dropout routing, bad input."""
+import pytest
+import torch
+from timm.models.twins import LocallyGroupedAttn
+
+import twins_kernels
+from twins_kernels import FusedLSA
+from twins_kernels.ops import lsa, lsa_reference
+
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu
+from parity import DTYPE_IDS, assert_rel_close, check_module_parity, make_tokens
+
+
+class MmsegMaskedAttn(LocallyGroupedAttn):
+    """mmsegmentation's LSA: timm's commented-out ``forward_mask``, verbatim. Its mask slices
+    ``-pad_b:`` and ``-pad_r:`` cover the whole map when that pad is 0, which disables masking when
+    only one side is padded; shapes padded on one side only are checked against ``lsa_reference``
+    (which masks exactly the padded positions) in test_mask_mode_one_sided_padding."""
+
+    def forward(self, x, size):
+        B, N, C = x.shape
+        H, W = size
+        x = x.view(B, H, W, C)
+        pad_l = pad_t = 0
+        pad_r = (self.ws - W % self.ws) % self.ws
+        pad_b = (self.ws - H % self.ws) % self.ws
+        x = torch.nn.functional.pad(x, (0, 0, pad_l, pad_r, pad_t, pad_b))
+        _, Hp, Wp, _ = x.shape
+        _h, _w = Hp // self.ws, Wp // self.ws
+        mask = torch.zeros((1, Hp, Wp), device=x.device)
+        mask[:, -pad_b:, :].fill_(1)
+        mask[:, :, -pad_r:].fill_(1)
+
+        x = x.reshape(B, _h, self.ws, _w, self.ws, C).transpose(2, 3)  # B, _h, _w, ws, ws, C
+        mask = mask.reshape(1, _h, self.ws, _w, self.ws).transpose(2, 3).reshape(1, _h * _w, self.ws * self.ws)
+        attn_mask = mask.unsqueeze(2) - mask.unsqueeze(3)  # 1, _h*_w, ws*ws, ws*ws
+        attn_mask = attn_mask.masked_fill(attn_mask != 0, float(-1000.0)).masked_fill(attn_mask == 0, float(0.0))
+        qkv = self.qkv(x).reshape(
+            B, _h * _w, self.ws * self.ws, 3, self.num_heads, C // self.num_heads).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # B, _h*_w, n_head, ws*ws, dim_head
+        attn = (q @ k.transpose(-2, -1)) * self.scale  # B, _h*_w, n_head, ws*ws, ws*ws
+        attn = attn + attn_mask.unsqueeze(2).to(attn.dtype)
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        attn = (attn @ v).transpose(2, 3).reshape(B, _h, _w, self.ws, self.ws, C)
+        x = attn.transpose(2, 3).reshape(B, _h * self.ws, _w * self.ws, C)
+        if pad_r > 0 or pad_b > 0:
+            x = x[:, :H, :W, :].contiguous()
+        x = x.reshape(B, N, C)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+# (B, H, W, dim, heads, ws): Twins-SVT-S's four stages (head_dim 32) on small maps, maps that ws does
+# not divide (one window smaller than the pad, a single row), ws 2 to 16 (16-slot tiles; 128 and 256
+# slots, which take the multi-block paths), head_dim 16 to 128
+SHAPES = [
+    pytest.param(2, 14, 14, 64, 2, 7, id="svt-s-stage1-C64-bs2"),
+    pytest.param(1, 7, 7, 128, 4, 7, id="svt-s-stage2-C128"),
+    pytest.param(1, 7, 7, 256, 8, 7, id="svt-s-stage3-C256"),
+    pytest.param(1, 7, 7, 512, 16, 7, id="svt-s-stage4-C512"),
+    pytest.param(1, 13, 17, 32, 2, 7, id="13x17-D16"),
+    pytest.param(2, 1, 9, 64, 2, 7, id="1x9-bs2"),
+    pytest.param(1, 8, 8, 64, 1, 7, id="8x8-ws7-D64"),
+    pytest.param(2, 6, 5, 32, 1, 2, id="ws2-6x5"),
+    pytest.param(1, 9, 11, 64, 4, 4, id="ws4-9x11-D16"),
+    pytest.param(1, 5, 6, 128, 1, 3, id="ws3-D128"),
+    pytest.param(1, 10, 11, 32, 1, 9, id="ws9-128-slots"),
+    pytest.param(1, 17, 16, 16, 1, 16, id="ws16-256-slots"),
+]
+
+# padded on both sides, or not at all: where the verbatim mmseg stand-in masks exactly the padding
+MASK_SHAPES = [
+    pytest.param(1, 13, 17, 32, 2, 7, id="13x17"),
+    pytest.param(2, 1, 9, 64, 2, 7, id="1x9-bs2"),
+    pytest.param(1, 8, 8, 64, 1, 7, id="8x8-ws7"),
+    pytest.param(1, 14, 14, 64, 2, 7, id="14x14-no-padding"),
+    pytest.param(1, 10, 11, 32, 1, 9, id="ws9-128-slots"),
+]
+
+
+def fused_on(backend, pad_mode="zero"):
+    return lambda module: FusedLSA.from_module(module, backend=backend, pad_mode=pad_mode)
+
+
+def padded_on_both_sides(height, width, ws):
+    return height % ws != 0 and width % ws != 0
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("batch,height,width,dim,heads,ws", SHAPES)
+def test_triton_matches_timm(batch, height, width, dim, heads, ws, dtype):
+    x = make_tokens(batch, height, width, dim, dtype, KERNEL_DEVICE)
+    check_module_parity(LocallyGroupedAttn(dim, heads, ws=ws), fused_on("triton"), x, (height, width), dtype)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("batch,height,width,dim,heads,ws", MASK_SHAPES)
+def test_triton_mask_mode_matches_mmseg(batch, height, width, dim, heads, ws, dtype):
+    x = make_tokens(batch, height, width, dim, dtype, KERNEL_DEVICE)
+    check_module_parity(MmsegMaskedAttn(dim, heads, ws=ws), fused_on("triton", "mask"), x, (height, width), dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("height,width,ws", [(14, 10, 7), (9, 14, 7), (10, 9, 9)])
+def test_mask_mode_one_sided_padding(height, width, ws, backend):
+    """Padded on one side only: mask mode excludes exactly the padded keys (lsa_reference), which
+    differs from zero padding."""
+    assert not padded_on_both_sides(height, width, ws)
+    qkv = torch.randn(2, height * width, 3 * 32, dtype=torch.float64, device=KERNEL_DEVICE)
+    bias = torch.randn(3 * 32, dtype=torch.float64, device=KERNEL_DEVICE)
+    args = (qkv, bias, (height, width), 2, ws)
+    expected = lsa_reference(*args, pad_mode="mask")
+    assert_rel_close(lsa(*args, pad_mode="mask", backend=backend), expected, torch.float64, "mask out")
+    assert (expected - lsa_reference(*args)).abs().max() > 1e-3, "masking must change the padded windows"
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS.get)
+def test_triton_non_contiguous_qkv_grad_out_and_bias_dtype(dtype):
+    """qkv and grad_out of arbitrary strides, and an fp32 bias with 16-bit qkv (what autocast hands)."""
+    batch, height, width, chans, heads, ws = 2, 9, 8, 64, 2, 7
+    tokens = height * width
+    qkv = torch.randn(batch, 6 * chans, tokens, device=KERNEL_DEVICE).to(dtype).transpose(1, 2)[..., ::2]
+    grad_out = torch.randn(batch, chans, tokens, device=KERNEL_DEVICE).to(dtype).transpose(1, 2)
+    bias = torch.randn(3 * chans, device=KERNEL_DEVICE).requires_grad_()
+    assert qkv.stride(2) == 2 * tokens and grad_out.stride(2) == tokens  # channels strided, not contiguous
+    qkv.requires_grad_()
+    out = lsa(qkv, bias, (height, width), heads, ws, backend="triton")
+    grad_qkv, grad_bias = torch.autograd.grad(out, (qkv, bias), grad_out)
+    assert grad_bias.dtype == torch.float32
+
+    qkv_ref = qkv.detach().double().requires_grad_()
+    bias_ref = bias.detach().to(dtype).double().requires_grad_()  # the kernels use the bias in qkv's dtype
+    expected = lsa_reference(qkv_ref, bias_ref, (height, width), heads, ws)
+    expected_qkv, expected_bias = torch.autograd.grad(expected, (qkv_ref, bias_ref), grad_out.double())
+    assert_rel_close(out, expected, dtype, "out")
+    assert_rel_close(grad_qkv, expected_qkv, dtype, "grad_qkv")
+    assert_rel_close(grad_bias, expected_bias, dtype, "grad_bias")
+
+
+@pytest.mark.parametrize("pad_mode", ["zero", "mask"])
+def test_triton_expanded_grad_out(pad_mode):
+    """``out.sum()`` hands the backward a grad_out of stride 0 in every dimension."""
+    qkv = torch.randn(2, 8 * 9, 96, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    bias = torch.randn(96, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    grads = torch.autograd.grad(lsa(qkv, bias, (8, 9), 2, 7, pad_mode=pad_mode, backend="triton").sum(), (qkv, bias))
+    expected = torch.autograd.grad(lsa_reference(qkv, bias, (8, 9), 2, 7, pad_mode=pad_mode).sum(), (qkv, bias))
+    for name, actual, wanted in zip(("grad_qkv", "grad_bias"), grads, expected):
+        assert_rel_close(actual, wanted, torch.float64, name)
+
+
+def test_triton_non_contiguous_input():
+    x = make_tokens(2, 9, 10, 64, torch.float32, KERNEL_DEVICE, contiguous=False)
+    assert not x.is_contiguous()
+    check_module_parity(LocallyGroupedAttn(64, 2, ws=7), fused_on("triton"), x, (9, 10), torch.float32)
+
+
+@pytest.mark.parametrize("batch,height,width,dim,heads,ws", SHAPES[:7] + SHAPES[10:])
+def test_reference_backend_matches_timm(batch, height, width, dim, heads, ws):
+    x = make_tokens(batch, height, width, dim, torch.float32, "cpu")
+    check_module_parity(LocallyGroupedAttn(dim, heads, ws=ws), fused_on("torch"), x, (height, width), torch.float32)
+
+
+@pytest.mark.parametrize("batch,height,width,dim,heads,ws", MASK_SHAPES)
+def test_reference_backend_mask_mode_matches_mmseg(batch, height, width, dim, heads, ws):
+    x = make_tokens(batch, height, width, dim, torch.float32, "cpu")
+    check_module_parity(MmsegMaskedAttn(dim, heads, ws=ws), fused_on("torch", "mask"), x, (height, width),
+                        torch.float32)
+
+
+@pytest.mark.parametrize("pad_mode,timm_class", [("zero", LocallyGroupedAttn), ("mask", MmsegMaskedAttn)])
+def test_reference_function_matches_timm(pad_mode, timm_class):
+    module = timm_class(32, 2, ws=7).double()
+    x = torch.randn(2, 13 * 9, 32, dtype=torch.float64)
+    core = lsa_reference(module.qkv(x), module.qkv.bias, (13, 9), 2, 7, module.scale, pad_mode)
+    torch.testing.assert_close(module.proj(core), module(x, (13, 9)))
+
+
+GRADCHECK_CASES = [
+    pytest.param((3, 5), 2, id="3x5-ws2"),
+    pytest.param((3, 10), 9, id="3x10-ws9-128-slots"),
+]
+
+
+@pytest.mark.parametrize("pad_mode", ["zero", "mask"])
+@pytest.mark.parametrize("size,ws", GRADCHECK_CASES)
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_gradcheck_float64(backend, size, ws, pad_mode):
+    """``reference`` is lsa_reference through autograd; ``torch`` and ``triton`` the op's backends."""
+    # fast mode (a random projection of the Jacobian) keeps the interpreter run to seconds
+    qkv = torch.randn(1, size[0] * size[1], 3 * 16, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    bias = torch.randn(3 * 16, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    if backend == "reference":
+        def fn(q, b):
+            return lsa_reference(q, b, size, 1, ws, pad_mode=pad_mode)
+    else:
+        def fn(q, b):
+            return lsa(q, b, size, 1, ws, pad_mode=pad_mode, backend=backend)
+    assert torch.autograd.gradcheck(fn, (qkv, bias), fast_mode=True)
+
+
+def test_padded_bias_gradient_is_bitwise_reproducible():
+    module = FusedLSA(64, 2, ws=7, backend="triton").to(KERNEL_DEVICE)
+    x = make_tokens(2, 11, 13, 64, torch.float32, KERNEL_DEVICE).requires_grad_()
+    grads = []
+    for _ in range(2):
+        module.zero_grad()
+        x.grad = None
+        module(x, (11, 13)).square().sum().backward()
+        grads.append((module.qkv.bias.grad.clone(), x.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("pad_mode", ["zero", "mask"])
+def test_torch_compile_fullgraph_matches_eager(pad_mode):
+    """The custom op keeps the kernels opaque to dynamo: no graph break (fullgraph), same numbers."""
+    module = FusedLSA(32, 2, ws=7, backend="triton", pad_mode=pad_mode).to(KERNEL_DEVICE)
+    x = make_tokens(1, 9, 8, 32, torch.float32, KERNEL_DEVICE).requires_grad_()
+
+    def block(tokens):
+        return module(tokens, (9, 8)).relu() * 2
+
+    expected = block(x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    actual = compiled(x)
+    torch.testing.assert_close(actual, expected)
+    (actual_grad,) = torch.autograd.grad(actual.sum(), x)
+    torch.testing.assert_close(actual_grad, expected_grad)
+
+
+@requires_gpu
+def test_torch_compile_inductor_on_gpu():
+    module = FusedLSA(64, 2, ws=7).cuda()
+    x = make_tokens(2, 30, 30, 64, torch.float16, "cuda").requires_grad_()
+    module.half()
+    compiled = torch.compile(lambda t: module(t, (30, 30)), fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x), module(x, (30, 30)))
+
+
+@pytest.mark.parametrize("pad_mode,timm_class", [("zero", LocallyGroupedAttn), ("mask", MmsegMaskedAttn)])
+def test_attention_dropout_in_training_runs_the_reference(pad_mode, timm_class):
+    """With attn_drop > 0 in training the fused module runs SDPA with dropout: the same dropout as timm's
+    fused path draws under the same seed (the kernels have none, and must not silently drop it)."""
+    timm_module = timm_class(32, 2, attn_drop=0.5, ws=7).to(KERNEL_DEVICE).train()
+    timm_module.fused_attn = True
+    fused = FusedLSA.from_module(timm_module, backend="triton", pad_mode=pad_mode)
+    x = make_tokens(2, 14, 7, 32, torch.float32, KERNEL_DEVICE)
+    torch.manual_seed(7)
+    train_out = fused(x, (14, 7))
+    if pad_mode == "zero":
+        torch.manual_seed(7)
+        torch.testing.assert_close(train_out, timm_module(x, (14, 7)))
+    fused.eval()
+    eval_out = fused(x, (14, 7))
+    assert (train_out - eval_out).abs().max() > 1e-2, "dropout must change the training output"
+    assert_rel_close(eval_out, timm_module.eval()(x, (14, 7)), torch.float32, "eval out")
+
+
+def test_state_dict_keys_attributes_and_sharing_match_timm():
+    timm_module = LocallyGroupedAttn(64, 2, attn_drop=0.1, proj_drop=0.2, ws=7)
+    fused = FusedLSA(64, 2, attn_drop=0.1, proj_drop=0.2, ws=7)
+    assert fused.state_dict().keys() == timm_module.state_dict().keys()
+    fused.load_state_dict(timm_module.state_dict())
+    for name in ("dim", "num_heads", "scale", "ws"):
+        assert getattr(fused, name) == getattr(timm_module, name), name
+    assert fused.attn_drop.p == 0.1 and fused.proj_drop.p == 0.2
+    shared = FusedLSA.from_module(timm_module)
+    assert shared.qkv.weight is timm_module.qkv.weight and shared.proj is timm_module.proj
+    assert shared.state_dict().keys() == timm_module.state_dict().keys()
+
+
+def test_constructor_refuses_what_timm_asserts():
+    with pytest.raises(ValueError, match="ws=1"):
+        FusedLSA(64, 2, ws=1)
+    with pytest.raises(ValueError, match="num_heads 3"):
+        FusedLSA(64, 3, ws=7)
+    with pytest.raises(ValueError, match="'reflect'"):
+        FusedLSA(64, 2, ws=7, pad_mode="reflect")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("heads", [4, 1], ids=["D8", "D256"])
+def test_head_dim_outside_kernel_range_is_refused_by_kernel_backends(heads, backend):
+    qkv = torch.randn(1, 20, 3 * 32 * (8 if heads == 1 else 1), device=KERNEL_DEVICE)
+    bias = torch.randn(qkv.shape[2], device=KERNEL_DEVICE)
+    if backend == "cuda" and cuda_backend_reason():
+        with pytest.raises(twins_kernels.BackendUnavailableError):
+            lsa(qkv, bias, (4, 5), heads, 2, backend=backend)
+        return
+    with pytest.raises(ValueError, match="head_dim .* is outside 16..128"):
+        lsa(qkv, bias, (4, 5), heads, 2, backend=backend)
+
+
+@pytest.mark.parametrize("pad_mode", ["zero", "mask"])
+def test_reference_backend_takes_any_head_dim(pad_mode):
+    qkv = torch.randn(2, 20, 3 * 24, dtype=torch.float64)
+    bias = torch.randn(3 * 24, dtype=torch.float64)
+    args = (qkv, bias, (4, 5), 3, 3)  # head_dim 8
+    torch.testing.assert_close(lsa(*args, pad_mode=pad_mode, backend="torch"),
+                               lsa_reference(*args, pad_mode=pad_mode))
+
+
+@requires_gpu
+def test_auto_runs_the_reference_outside_the_kernel_head_dims():
+    qkv = torch.randn(1, 20, 3 * 32, device="cuda")
+    bias = torch.randn(3 * 32, device="cuda")
+    with twins_kernels.use_backend("auto"):
+        torch.testing.assert_close(lsa(qkv, bias, (4, 5), 4, 2), lsa_reference(qkv, bias, (4, 5), 4, 2))
+
+
+BAD_INPUTS = [
+    ("rank", lambda q, b: lsa(q[0], b, (4, 5), 2, 2), ValueError, "(B, N, C)"),
+    ("N != H*W", lambda q, b: lsa(q, b, (4, 4), 2, 2), ValueError, "N=20"),
+    ("size not a pair", lambda q, b: lsa(q, b, (20,), 2, 2), ValueError, "pair"),
+    ("size not ints", lambda q, b: lsa(q, b, (4.0, 5), 2, 2), TypeError, "4.0"),
+    ("not 3C channels", lambda q, b: lsa(q[..., :95], b[:95], (4, 5), 2, 2), ValueError, "95 channels"),
+    ("heads do not divide C", lambda q, b: lsa(q, b, (4, 5), 3, 2), ValueError, "C = 96 / 3 = 32"),
+    ("num_heads not an int", lambda q, b: lsa(q, b, (4, 5), 2.0, 2), TypeError, "2.0"),
+    ("num_heads zero", lambda q, b: lsa(q, b, (4, 5), 0, 2), ValueError, "num_heads must be >= 1, got 0"),
+    ("ws 1", lambda q, b: lsa(q, b, (4, 5), 2, 1), ValueError, "ws must be in 2..16, got 1"),
+    ("ws 17", lambda q, b: lsa(q, b, (4, 5), 2, 17), ValueError, "ws must be in 2..16, got 17"),
+    ("ws not an int", lambda q, b: lsa(q, b, (4, 5), 2, 7.0), TypeError, "7.0"),
+    ("bias shape", lambda q, b: lsa(q, b[:32], (4, 5), 2, 2), ValueError, "qkv_bias has shape (32,), expected (96,)"),
+    ("bias not a tensor", lambda q, b: lsa(q, b.tolist(), (4, 5), 2, 2), TypeError, "qkv_bias must be a torch.Tensor"),
+    ("pad_mode", lambda q, b: lsa(q, b, (4, 5), 2, 2, pad_mode="reflect"), ValueError, "'reflect'"),
+    ("dtype", lambda q, b: lsa(q.int(), b, (4, 5), 2, 2), TypeError, "torch.int32"),
+    ("bias dtype", lambda q, b: lsa(q, b.int(), (4, 5), 2, 2), TypeError, "qkv_bias has dtype torch.int32"),
+    ("not a tensor", lambda q, b: lsa(q.tolist(), b, (4, 5), 2, 2), TypeError, "list"),
+    ("scale not a number", lambda q, b: lsa(q, b, (4, 5), 2, 2, scale="0.1"), TypeError, "'0.1'"),
+    ("unknown backend", lambda q, b: lsa(q, b, (4, 5), 2, 2, backend="cudnn"), ValueError, "cudnn"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("case,call,error,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_naming_the_value(case, call, error, message, backend):
+    qkv = torch.randn(2, 20, 96, device=KERNEL_DEVICE)
+    bias = torch.randn(96, device=KERNEL_DEVICE)
+    with twins_kernels.use_backend(backend), pytest.raises(error) as info:
+        call(qkv, bias)
+    assert message in str(info.value)
+
+
+def test_cuda_backend_on_cpu_tensors_raises_clearly():
+    with pytest.raises(twins_kernels.BackendUnavailableError, match="cuda"):
+        lsa(torch.randn(1, 4, 96), torch.randn(96), (2, 2), 2, 2, backend="cuda")
+
+
+@requires_gpu
+def test_device_mix_raises():
+    with pytest.raises(ValueError, match="cpu"):
+        lsa(torch.randn(1, 20, 96, device="cuda"), torch.randn(96), (4, 5), 2, 2)
+
+
+# Twins-SVT-S at 224 (stage 1 at batch 8), Twins-SVT-S at 512 x 512 (a 128 x 128 map, padded to 133),
+# and the last stage at 512
+GPU_SHAPES = [
+    pytest.param(8, 56, 56, 64, 2, 7, id="svt-s-224-stage1-bs8"),
+    pytest.param(2, 128, 128, 64, 2, 7, id="svt-s-512-stage1-128x128-padded"),
+    pytest.param(4, 16, 16, 512, 16, 7, id="svt-s-512-stage4-bs4"),
+    pytest.param(2, 33, 35, 128, 1, 12, id="ws12-D128"),
+]
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("batch,height,width,dim,heads,ws", GPU_SHAPES)
+def test_triton_large_shapes_on_gpu(batch, height, width, dim, heads, ws, dtype):
+    x = make_tokens(batch, height, width, dim, dtype, "cuda")
+    check_module_parity(LocallyGroupedAttn(dim, heads, ws=ws), fused_on("triton"), x, (height, width), dtype)
+    if padded_on_both_sides(height, width, ws) or (height % ws == 0 and width % ws == 0):
+        check_module_parity(MmsegMaskedAttn(dim, heads, ws=ws), fused_on("triton", "mask"), x, (height, width),
+                            dtype)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("batch,height,width,dim,heads,ws", SHAPES + GPU_SHAPES)
+def test_cuda_backend_matches_timm(batch, height, width, dim, heads, ws, dtype):
+    reason = cuda_backend_reason()
+    if reason:
+        pytest.skip(reason)
+    x = make_tokens(batch, height, width, dim, dtype, "cuda", contiguous=False)
+    check_module_parity(LocallyGroupedAttn(dim, heads, ws=ws), fused_on("cuda"), x, (height, width), dtype)
+    if padded_on_both_sides(height, width, ws) or (height % ws == 0 and width % ws == 0):
+        check_module_parity(MmsegMaskedAttn(dim, heads, ws=ws), fused_on("cuda", "mask"), x, (height, width), dtype)

@@ -1,0 +1,690 @@
+"""LSA, timm's ``LocallyGroupedAttn``: self-attention inside non-overlapping ws x ws windows.
+
+    qkv = Linear(x)                         (B, N = H*W, 3C): channel s*C + h*D + d for s in (q, k, v)
+    out = per window and head, softmax(q k^T * scale) v over the window's ws*ws keys    (B, N, C)
+
+timm zero-pads the map on the right and bottom to multiples of ws *before* the qkv Linear, so a padded
+position's q, k and v are the qkv bias; padded keys take part in every window's softmax and outputs at
+padded positions are cropped ("zero" padding). mmsegmentation's variant ("mask" padding) adds -1000 to
+the logits where query and key validity differ; for the valid queries, the only ones not cropped, that is
+excluding the padded keys, which is how it is computed here (exp(-1000) is 0 even in float64).
+
+The qkv Linear stays a cuBLAS GEMM on the N real tokens (nn.Linear); this module is the attention core
+between it and ``proj``. The Triton kernels read q, k and v for a window and head straight from the
+(B, N, 3C) tensor (any strides) by index arithmetic: window slot i of window (wy, wx) is the token at
+(wy*ws + i // ws, wx*ws + i % ws); a key slot past the map's edge holds the qkv bias (zero padding) or is
+left out (mask padding); a query slot past it is never stored. No pad, window reshape, permute or crop
+is materialized, and out is written to (B, N, C) in token order, ready for ``proj``.
+
+Forward: one program per (batch, window, head) and block of query slots; the ws*ws window slots are
+padded to a power-of-two tile (49 -> 64) and the keys go through an online softmax in blocks, so a
+window of 16 x 16 = 256 slots never holds a 256 x 256 score tile. It saves the log-sum-exp per
+(batch, head, query): O(N * heads), never the ws^4 scores. Accumulation is fp32 (fp64 for float64
+inputs, which gradcheck uses); fp32 dots use ``input_precision="ieee"`` (no tf32).
+
+Backward recomputes the probabilities from the log-sum-exp, with delta = rowsum(dO * O):
+  dV = P^T dO,  dS = P * (dO V^T - delta),  dQ = scale * dS K,  dK = scale * dS^T Q,
+written straight into a (B, N, 3C) gradient (each real token's q, k and v slice has exactly one writer:
+no zero fill, no atomics). One program per (batch, window, head) and block of key slots loops over the
+window's query blocks for dK, dV; when the window is one key block (ws <= 8) the same program also
+writes dQ, otherwise a second kernel does, one program per query block. Zero padding: the padded keys
+are copies of the bias, so their dK, dV are the bias's share of the gradient; each program writes its
+padded keys' sums to its own slot of a buffer that one ``sum`` reduces (no float atomics: bitwise
+reproducible). Padded queries are cropped, so the q part of that share is zero.
+
+Backends (see ``twins_kernels.backend``):
+  triton  the kernels above (float32, float16, bfloat16; float64 for checks).
+  cuda    ``torch.ops.twins_kernels_cuda.lsa_forward/lsa_backward`` (float32, float16, bfloat16;
+          float64 runs the PyTorch reference).
+  torch   the PyTorch reference (windows materialized), fp32 accumulation.
+  The kernel backends need head_dim = C / num_heads in 16..128: with ``auto`` a head_dim outside it
+  runs the reference; naming triton or cuda raises. ws must be 2..16 on every backend.
+
+The CUDA extension's contract (csrc/twins_kernels.h), the same as the Triton launchers':
+  lsa_forward(Tensor qkv, Tensor qkv_bias, int height, int width, int ws, int num_heads, float scale,
+              bool mask_padding) -> (Tensor out, Tensor lse)
+      qkv       (B, N, 3C), N = height * width, fp32 / fp16 / bf16, any strides; the qkv Linear's
+                output on the real tokens, channel s*C + h*D + d for s in (q, k, v), D = C / num_heads
+                in 16..128.
+      qkv_bias  (3C,), any floating dtype (used in qkv's dtype): what a padded position holds.
+      ws        2..16; windows of ws x ws tokens, the map padded right/bottom to multiples of ws.
+      scale     the logits' scale (timm: D ** -0.5).
+      mask_padding  false: timm's zero padding (padded keys hold the bias); true: padded keys excluded.
+      out       (B, N, C) contiguous, qkv's dtype, head h in channels h*D:(h+1)*D, token order.
+      lse       (B, num_heads, N) contiguous float32: log sum_j exp(scale * q_i . k_j) over the keys
+                query i attends to.
+  lsa_backward(Tensor grad_out, Tensor qkv, Tensor qkv_bias, Tensor out, Tensor lse, int height,
+               int width, int ws, int num_heads, float scale, bool mask_padding)
+               -> (Tensor grad_qkv, Tensor grad_bias)
+      grad_out  (B, N, C) any strides; qkv ... mask_padding as given to the forward; out, lse its outputs.
+      grad_qkv  (B, N, 3C) contiguous, qkv's dtype: the gradient of qkv at the real tokens.
+      grad_bias (3C,) float32: the padded keys' share of the qkv bias gradient, deterministic; zeros in
+                the q third, and everywhere when mask_padding or when ws divides both H and W.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import get_backend, resolve_backend
+from ._triton import TRITON_DTYPES, tl, triton
+from .common import accumulation_dtype, check_param, check_tokens, empty_output, launch_device
+
+MIN_WS, MAX_WS = 2, 16  # 16 x 16 = 256 window slots bounds the tiles; ws = 1 is global attention (GSA)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # tl.dot needs 16 along each dimension; 128 bounds the registers
+PAD_MODES = ("zero", "mask")
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch reference
+# ----------------------------------------------------------------------------------------------
+def _padded_size(height: int, width: int, ws: int) -> tuple[int, int]:
+    return -(-height // ws) * ws, -(-width // ws) * ws
+
+
+def _inside_map(height: int, width: int, ws: int, device) -> torch.Tensor:
+    """(Hp, Wp) bool: True at the real positions of the padded map."""
+    padded_h, padded_w = _padded_size(height, width, ws)
+    inside = torch.zeros(padded_h, padded_w, dtype=torch.bool, device=device)
+    inside[:height, :width] = True
+    return inside
+
+
+def _padded_map(t: torch.Tensor, height: int, width: int, ws: int, fill: Optional[torch.Tensor]) -> torch.Tensor:
+    """Tokens (B, H*W, K) as a (B, Hp, Wp, K) map padded right/bottom to multiples of ws; padded positions
+    hold ``fill`` (K,) (what the qkv Linear makes of a zero token), or zero when it is None."""
+    batch, _, chans = t.shape
+    padded_h, padded_w = _padded_size(height, width, ws)
+    grid = F.pad(t.reshape(batch, height, width, chans), (0, 0, 0, padded_w - width, 0, padded_h - height))
+    if fill is None:
+        return grid
+    return torch.where(_inside_map(height, width, ws, t.device)[..., None], grid, fill.to(grid.dtype))
+
+
+def _windows(grid: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, Hp, Wp, K) -> (B, windows, ws*ws, K): windows row-major, slots row-major inside a window."""
+    batch, padded_h, padded_w, chans = grid.shape
+    grid = grid.reshape(batch, padded_h // ws, ws, padded_w // ws, ws, chans).transpose(2, 3)
+    return grid.reshape(batch, -1, ws * ws, chans)
+
+
+def _unwindow(t: torch.Tensor, height: int, width: int, ws: int) -> torch.Tensor:
+    """(B, windows, ws*ws, K) -> the padded (B, Hp, Wp, K) map."""
+    batch, _, _, chans = t.shape
+    padded_h, padded_w = _padded_size(height, width, ws)
+    t = t.reshape(batch, padded_h // ws, padded_w // ws, ws, ws, chans).transpose(2, 3)
+    return t.reshape(batch, padded_h, padded_w, chans)
+
+
+def _crop(grid: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The padded (B, Hp, Wp, K) map's real positions as (B, H*W, K) tokens."""
+    return grid[:, :height, :width].reshape(grid.shape[0], height * width, grid.shape[-1])
+
+
+def _window_heads(qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int):
+    """q, k, v (B, windows, heads, ws*ws, D) of the zero-padded map, as timm lays them out."""
+    windows = _windows(_padded_map(qkv, height, width, ws, qkv_bias), ws)
+    batch, count, slots, chans3 = windows.shape
+    qkv_heads = windows.reshape(batch, count, slots, 3, num_heads, chans3 // 3 // num_heads)
+    return qkv_heads.permute(3, 0, 1, 4, 2, 5).unbind(0)
+
+
+def _key_inside(height: int, width: int, ws: int, device) -> torch.Tensor:
+    """(windows, ws*ws) bool: which window slots are real positions (the keys mask padding keeps)."""
+    return _windows(_inside_map(height, width, ws, device)[None, ..., None], ws)[0, ..., 0]
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, windows, heads, ws*ws, D) -> (B, windows, ws*ws, heads * D)."""
+    batch, count, heads, slots, head_dim = t.shape
+    return t.transpose(2, 3).reshape(batch, count, slots, heads * head_dim)
+
+
+def lsa_reference(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None,
+                  pad_mode: str = "zero", dropout_p: float = 0.0):
+    """The LSA attention core in plain PyTorch: pad, window, attend (SDPA, with attention dropout),
+    un-window, crop. ``qkv`` (B, H*W, 3C) is the qkv Linear's output on the real tokens and ``qkv_bias``
+    (3C,) what it makes of a padded (zero) token; returns (B, H*W, C). Any head_dim, any ws >= 1."""
+    height, width = size
+    q, k, v = _window_heads(qkv, qkv_bias, height, width, ws, num_heads)
+    attn_mask = None
+    if pad_mode == "mask":
+        attn_mask = _key_inside(height, width, ws, qkv.device)[:, None, None, :]  # (windows, 1, 1, keys)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    return _crop(_unwindow(_merge_heads(out), height, width, ws), height, width)
+
+
+def _scores(q, k, scale: float, key_inside: torch.Tensor | None) -> torch.Tensor:
+    scores = q @ k.transpose(-1, -2) * scale
+    if key_inside is not None:
+        scores = scores.masked_fill(~key_inside[:, None, None, :], float("-inf"))
+    return scores
+
+
+def _reference_forward(qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int, scale: float,
+                       mask_padding: bool):
+    """(out (B, N, C), lse (B, heads, N)) in the accumulation dtype, cast back like the kernels."""
+    acc = accumulation_dtype(qkv.dtype)
+    q, k, v = _window_heads(qkv.to(acc), qkv_bias.to(qkv.dtype).to(acc), height, width, ws, num_heads)
+    key_inside = _key_inside(height, width, ws, qkv.device) if mask_padding else None
+    scores = _scores(q, k, scale, key_inside)
+    lse = scores.logsumexp(-1)  # (B, windows, heads, slots)
+    out = torch.exp(scores - lse[..., None]) @ v
+    out_tokens = _crop(_unwindow(_merge_heads(out), height, width, ws), height, width)
+    lse_tokens = _crop(_unwindow(lse.transpose(2, 3), height, width, ws), height, width)
+    return out_tokens.to(qkv.dtype).contiguous(), lse_tokens.transpose(1, 2).contiguous()
+
+
+def _reference_backward(grad_out, qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int,
+                        scale: float, mask_padding: bool):
+    """(grad_qkv (B, N, 3C), the padded positions' share of the qkv bias gradient (3C,))."""
+    acc = accumulation_dtype(qkv.dtype)
+    q, k, v = _window_heads(qkv.to(acc), qkv_bias.to(qkv.dtype).to(acc), height, width, ws, num_heads)
+    key_inside = _key_inside(height, width, ws, qkv.device) if mask_padding else None
+    probs = torch.softmax(_scores(q, k, scale, key_inside), dim=-1)
+    # padded queries are cropped: their output gradient is zero
+    grad = _windows(_padded_map(grad_out.to(acc), height, width, ws, None), ws)
+    batch, count, slots, chans = grad.shape
+    grad = grad.reshape(batch, count, slots, num_heads, chans // num_heads).transpose(2, 3)
+    grad_v = probs.transpose(-1, -2) @ grad
+    grad_probs = grad @ v.transpose(-1, -2)
+    grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+    grad_q = grad_scores @ k * scale
+    grad_k = grad_scores.transpose(-1, -2) @ q * scale
+    grid = _unwindow(torch.cat([_merge_heads(g) for g in (grad_q, grad_k, grad_v)], dim=-1), height, width, ws)
+    padded = ~_inside_map(height, width, ws, qkv.device)
+    grad_bias = grid[:, padded].sum(dim=(0, 1))
+    return _crop(grid, height, width).to(qkv.dtype).contiguous(), grad_bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _window_slots(slots, y0, x0, H, W, WS: tl.constexpr):
+    """Token index, in-window flag and inside-the-map flag of the window slots ``slots`` (row-major
+    inside the window whose top-left position is (y0, x0))."""
+    y = y0 + slots // WS
+    x = x0 + slots % WS
+    in_window = slots < WS * WS
+    inside = in_window & (y < H) & (x < W)
+    return (y * W + x).to(tl.int64), in_window, inside
+
+
+@triton.jit
+def _key_slots(slots, y0, x0, H, W, WS: tl.constexpr, PAD_WITH_BIAS: tl.constexpr):
+    """(tokens, inside, valid) of key slots: valid = the key takes part in the softmax. Slot 0 is
+    always inside the map (windows start inside it), so every query has a valid key in the first block."""
+    tokens, in_window, inside = _window_slots(slots, y0, x0, H, W, WS)
+    if PAD_WITH_BIAS:
+        valid = in_window
+    else:
+        valid = inside
+    return tokens, inside, valid
+
+
+@triton.jit
+def _load_rows(base_ptr, tokens, rows_mask, chans, d_mask, stride_n, stride_c):
+    """(slots, BLOCK_D) tile of base_ptr[token, chans]; zero where rows_mask is false."""
+    return tl.load(base_ptr + tokens[:, None] * stride_n + chans[None, :] * stride_c,
+                   mask=rows_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _load_keys(qkv_b, bias_ptr, tokens, inside, valid, chans, d_mask, stride_n, stride_c,
+               PAD_WITH_BIAS: tl.constexpr):
+    """k (or v) rows of key slots: qkv inside the map; past its edge, the bias (zero padding: the qkv
+    Linear of a zero token) or zero (masked keys, and tile slots beyond the window)."""
+    rows = _load_rows(qkv_b, tokens, inside, chans, d_mask, stride_n, stride_c)
+    if PAD_WITH_BIAS:
+        bias = tl.load(bias_ptr + chans, mask=d_mask, other=0.0).to(rows.dtype)
+        rows = tl.where((valid & ~inside)[:, None], bias[None, :], rows)
+    return rows
+
+
+@triton.jit
+def _program_window(HEADS, WINDOWS, WINDOWS_W, WS: tl.constexpr):
+    """(b, head, y0, x0) of program_id(0) = (b * WINDOWS + window) * HEADS + head: the heads of one
+    window are neighbouring programs, so they share its cache lines in L2."""
+    pid = tl.program_id(0)
+    h = pid % HEADS
+    window = (pid // HEADS) % WINDOWS
+    b = (pid // (HEADS * WINDOWS)).to(tl.int64)
+    return b, h, (window // WINDOWS_W) * WS, (window % WINDOWS_W) * WS
+
+
+@triton.jit
+def _query_block(qkv_b, out_b, grad_out_b, lse_bh, slots, y0, x0, q_chans, d_mask, H, W, C,
+                 stride_n, stride_c, stride_gn, stride_gc, WS: tl.constexpr, ACC: tl.constexpr):
+    """What the backward needs of a block of query slots: tokens, inside, q, dO, lse and
+    delta = rowsum(dO * O); zeros for slots outside the map (cropped queries)."""
+    tokens, _, inside = _window_slots(slots, y0, x0, H, W, WS)
+    q = _load_rows(qkv_b, tokens, inside, q_chans, d_mask, stride_n, stride_c)
+    grad = _load_rows(grad_out_b, tokens, inside, q_chans, d_mask, stride_gn, stride_gc).to(q.dtype)
+    out = _load_rows(out_b, tokens, inside, q_chans, d_mask, C, 1)
+    delta = tl.sum(grad.to(ACC) * out.to(ACC), axis=1)
+    lse = tl.load(lse_bh + tokens, mask=inside, other=0.0)
+    return tokens, inside, q, grad, lse, delta
+
+
+@triton.jit
+def _probs_and_grad_scores(q, k, v, grad, lse, delta, q_inside, k_valid, scale,
+                           ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """P (recomputed from the log-sum-exp) and dS = P * (dO V^T - delta) of a query block x key block;
+    zero for cropped queries and excluded keys."""
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * scale
+    probs = tl.where(q_inside[:, None] & k_valid[None, :], tl.exp(scores - lse[:, None]), 0.0)
+    grad_probs = tl.dot(grad, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC)
+    return probs, probs * (grad_probs - delta[:, None])
+
+
+@triton.jit
+def lsa_forward_kernel(
+    qkv_ptr, bias_ptr, out_ptr, lse_ptr, scale_ptr,
+    H, W, C, HEADS, HEAD_DIM, WINDOWS, WINDOWS_W,
+    stride_b, stride_n, stride_c,
+    WS: tl.constexpr, SLOTS: tl.constexpr, PAD_WITH_BIAS: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out and lse of BLOCK_Q query slots (block program_id(1)) of one window and head, online softmax
+    over the window's SLOTS key slots in blocks of BLOCK_K."""
+    b, h, y0, x0 = _program_window(HEADS, WINDOWS, WINDOWS_W, WS)
+    tokens_per_image = H * W
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_chans = h * HEAD_DIM + offs_d
+    qkv_b = qkv_ptr + b * stride_b
+    scale = tl.load(scale_ptr)
+
+    q_slots = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_tokens, _, q_inside = _window_slots(q_slots, y0, x0, H, W, WS)
+    q = _load_rows(qkv_b, q_tokens, q_inside, q_chans, d_mask, stride_n, stride_c)
+
+    row_max = tl.full((BLOCK_Q,), float("-inf"), dtype=ACC)
+    row_sum = tl.zeros((BLOCK_Q,), dtype=ACC)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
+    for k_start in range(0, SLOTS, BLOCK_K):
+        k_slots = k_start + tl.arange(0, BLOCK_K)
+        k_tokens, k_inside, k_valid = _key_slots(k_slots, y0, x0, H, W, WS, PAD_WITH_BIAS)
+        k = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, C + q_chans, d_mask, stride_n, stride_c,
+                       PAD_WITH_BIAS)
+        v = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, 2 * C + q_chans, d_mask, stride_n, stride_c,
+                       PAD_WITH_BIAS)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * scale
+        scores = tl.where(k_valid[None, :], scores, float("-inf"))
+        # the first block holds slot 0, a valid key: new_max is finite from the first iteration on
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        rescale = tl.exp(row_max - new_max)
+        probs = tl.exp(scores - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=ACC)
+        row_max = new_max
+
+    out_rows = (b * tokens_per_image + q_tokens) * C
+    tl.store(out_ptr + out_rows[:, None] + q_chans[None, :], (acc / row_sum[:, None]).to(out_ptr.dtype.element_ty),
+             mask=q_inside[:, None] & d_mask[None, :])
+    tl.store(lse_ptr + (b * HEADS + h) * tokens_per_image + q_tokens, row_max + tl.log(row_sum), mask=q_inside)
+
+
+@triton.jit
+def lsa_backward_kernel(
+    qkv_ptr, bias_ptr, out_ptr, lse_ptr, grad_out_ptr, grad_qkv_ptr, pad_grad_ptr, scale_ptr,
+    H, W, C, HEADS, HEAD_DIM, WINDOWS, WINDOWS_W,
+    stride_b, stride_n, stride_c,
+    stride_gb, stride_gn, stride_gc,
+    WS: tl.constexpr, SLOTS: tl.constexpr, PAD_WITH_BIAS: tl.constexpr, HAS_PADDED_KEYS: tl.constexpr,
+    WITH_DQ: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV of BLOCK_K key slots (block program_id(1)) of one window and head, over all its query
+    blocks; with WITH_DQ (the window is this one key block) also dQ of every query block. With
+    HAS_PADDED_KEYS, the padded keys' dK, dV sums go to this program's slot of pad_grad_ptr."""
+    b, h, y0, x0 = _program_window(HEADS, WINDOWS, WINDOWS_W, WS)
+    tokens_per_image = H * W
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_chans = h * HEAD_DIM + offs_d
+    qkv_b = qkv_ptr + b * stride_b
+    out_b = out_ptr + b * tokens_per_image * C
+    grad_out_b = grad_out_ptr + b * stride_gb
+    grad_qkv_b = grad_qkv_ptr + b * tokens_per_image * 3 * C
+    lse_bh = lse_ptr + (b * HEADS + h) * tokens_per_image
+    scale = tl.load(scale_ptr)
+
+    key_block = tl.program_id(1)
+    k_slots = key_block * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_tokens, k_inside, k_valid = _key_slots(k_slots, y0, x0, H, W, WS, PAD_WITH_BIAS)
+    k = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, C + q_chans, d_mask, stride_n, stride_c,
+                   PAD_WITH_BIAS)
+    v = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, 2 * C + q_chans, d_mask, stride_n, stride_c,
+                   PAD_WITH_BIAS)
+
+    grad_k = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
+    grad_v = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
+    for q_start in range(0, SLOTS, BLOCK_Q):
+        q_slots = q_start + tl.arange(0, BLOCK_Q)
+        q_tokens, q_inside, q, grad, lse, delta = _query_block(
+            qkv_b, out_b, grad_out_b, lse_bh, q_slots, y0, x0, q_chans, d_mask, H, W, C,
+            stride_n, stride_c, stride_gn, stride_gc, WS, ACC)
+        probs, grad_scores = _probs_and_grad_scores(q, k, v, grad, lse, delta, q_inside, k_valid, scale,
+                                                    ACC, DOT_PRECISION)
+        grad_v += tl.dot(tl.trans(probs.to(q.dtype)), grad, input_precision=DOT_PRECISION, out_dtype=ACC)
+        grad_k += tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=DOT_PRECISION, out_dtype=ACC)
+        if WITH_DQ:
+            grad_q = tl.dot(grad_scores.to(k.dtype), k, input_precision=DOT_PRECISION, out_dtype=ACC) * scale
+            tl.store(grad_qkv_b + q_tokens[:, None] * 3 * C + q_chans[None, :],
+                     grad_q.to(grad_qkv_ptr.dtype.element_ty), mask=q_inside[:, None] & d_mask[None, :])
+
+    grad_k = grad_k * scale
+    k_rows = grad_qkv_b + k_tokens[:, None] * 3 * C
+    kd_mask = k_inside[:, None] & d_mask[None, :]
+    tl.store(k_rows + (C + q_chans)[None, :], grad_k.to(grad_qkv_ptr.dtype.element_ty), mask=kd_mask)
+    tl.store(k_rows + (2 * C + q_chans)[None, :], grad_v.to(grad_qkv_ptr.dtype.element_ty), mask=kd_mask)
+    if HAS_PADDED_KEYS:
+        padded = (k_valid & ~k_inside)[:, None]
+        slot = pad_grad_ptr + (tl.program_id(0).to(tl.int64) * (SLOTS // BLOCK_K) + key_block) * 2 * HEAD_DIM
+        tl.store(slot + offs_d, tl.sum(tl.where(padded, grad_k, 0.0), axis=0), mask=d_mask)
+        tl.store(slot + HEAD_DIM + offs_d, tl.sum(tl.where(padded, grad_v, 0.0), axis=0), mask=d_mask)
+
+
+@triton.jit
+def lsa_backward_dq_kernel(
+    qkv_ptr, bias_ptr, out_ptr, lse_ptr, grad_out_ptr, grad_qkv_ptr, scale_ptr,
+    H, W, C, HEADS, HEAD_DIM, WINDOWS, WINDOWS_W,
+    stride_b, stride_n, stride_c,
+    stride_gb, stride_gn, stride_gc,
+    WS: tl.constexpr, SLOTS: tl.constexpr, PAD_WITH_BIAS: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ of BLOCK_Q query slots (block program_id(1)) of one window and head, over the window's key
+    blocks: for windows of more than one key block (ws > 8), where lsa_backward_kernel has no dQ."""
+    b, h, y0, x0 = _program_window(HEADS, WINDOWS, WINDOWS_W, WS)
+    tokens_per_image = H * W
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_chans = h * HEAD_DIM + offs_d
+    qkv_b = qkv_ptr + b * stride_b
+    scale = tl.load(scale_ptr)
+
+    q_slots = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_tokens, q_inside, q, grad, lse, delta = _query_block(
+        qkv_b, out_ptr + b * tokens_per_image * C, grad_out_ptr + b * stride_gb,
+        lse_ptr + (b * HEADS + h) * tokens_per_image, q_slots, y0, x0, q_chans, d_mask, H, W, C,
+        stride_n, stride_c, stride_gn, stride_gc, WS, ACC)
+
+    grad_q = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
+    for k_start in range(0, SLOTS, BLOCK_K):
+        k_slots = k_start + tl.arange(0, BLOCK_K)
+        k_tokens, k_inside, k_valid = _key_slots(k_slots, y0, x0, H, W, WS, PAD_WITH_BIAS)
+        k = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, C + q_chans, d_mask, stride_n, stride_c,
+                       PAD_WITH_BIAS)
+        v = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, 2 * C + q_chans, d_mask, stride_n, stride_c,
+                       PAD_WITH_BIAS)
+        _, grad_scores = _probs_and_grad_scores(q, k, v, grad, lse, delta, q_inside, k_valid, scale,
+                                                ACC, DOT_PRECISION)
+        grad_q += tl.dot(grad_scores.to(k.dtype), k, input_precision=DOT_PRECISION, out_dtype=ACC)
+
+    tl.store(grad_qkv_ptr + (b * tokens_per_image + q_tokens)[:, None] * 3 * C + q_chans[None, :],
+             (grad_q * scale).to(grad_qkv_ptr.dtype.element_ty), mask=q_inside[:, None] & d_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LsaTiles:
+    slots: int  # ws*ws window slots padded to a power of two, at least 16 (tl.dot's minimum)
+    block_q: int  # query slots per block
+    block_k: int  # key slots per block
+    block_d: int  # head_dim padded to a power of two
+    num_warps: int
+    num_stages: int
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def lsa_tiles(ws: int, head_dim: int, backward: bool) -> LsaTiles:
+    """H100 tiles. Twins runs ws = 7 (49 slots in a 64-slot tile) at head_dim 32 in every stage: the
+    window is one 64 x 64 block, so a program does one window-head in one pass (forward: QK^T, PV;
+    backward: five 64 x 64 x D dots, dQ included) and the op is bound by reading qkv. A program per
+    (batch, window, head) gives B * windows * heads programs (8192 for SVT-S stage 1 at batch 64): many
+    waves of small programs, whose independent loads hide each other's latency; packing more heads or
+    windows into a program would add registers, not bandwidth (the heads of a window are neighbouring
+    programs and share its cache lines in L2). Blocks stay 64 slots up to 16 x 16 windows (256 slots:
+    4 query x 4 key blocks), so the score tile never exceeds 64 x 64. 4 warps; 8 where the head_dim
+    doubles the operands (above 64 in the forward, above 32 in the backward, which holds q, k, v, dO,
+    dK, dV); 2 for 16-slot windows (ws <= 4). The loops run once for windows of one block (no stages
+    to pipeline), so num_stages is 1 there and 2 for ws > 8."""
+    slots = max(16, _next_pow2(ws * ws))
+    block = min(slots, 64)
+    block_d = max(16, _next_pow2(head_dim))
+    if block <= 16:
+        num_warps = 2
+    else:
+        num_warps = 8 if block_d > (32 if backward else 64) else 4
+    return LsaTiles(slots, block, block, block_d, num_warps, 1 if slots == block else 2)
+
+
+def _dot_precision(dtype: torch.dtype) -> Optional[str]:
+    # fp32 inputs must not be rounded to tf32 (fp32 parity is 1e-5); the default suits 16-bit inputs
+    return "ieee" if dtype in (torch.float32, torch.float64) else None
+
+
+def _scalar(value: float, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # a float kernel argument would be fp32; a one-element tensor keeps fp64 exact for float64 inputs
+    return torch.full((1,), value, device=like.device, dtype=dtype)
+
+
+def _window_grid(height: int, width: int, ws: int) -> tuple[int, int]:
+    """(windows per image, windows per row)."""
+    windows_w = -(-width // ws)
+    return -(-height // ws) * windows_w, windows_w
+
+
+def lsa_forward_triton(qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int, scale: float,
+                       mask_padding: bool):
+    """(out (B, N, C), lse (B, heads, N)) for qkv (B, N, 3C) of any strides."""
+    batch, tokens, chans3 = qkv.shape
+    chans = chans3 // 3
+    head_dim = chans // num_heads
+    acc = accumulation_dtype(qkv.dtype)
+    tiles = lsa_tiles(ws, head_dim, backward=False)
+    windows, windows_w = _window_grid(height, width, ws)
+    out = empty_output((batch, tokens, chans), qkv)
+    lse = empty_output((batch, num_heads, tokens), qkv, dtype=acc)
+    grid = (batch * windows * num_heads, tiles.slots // tiles.block_q)
+    with launch_device(qkv):
+        lsa_forward_kernel[grid](
+            qkv, qkv_bias, out, lse, _scalar(scale, qkv, acc),
+            height, width, chans, num_heads, head_dim, windows, windows_w, *qkv.stride(),
+            WS=ws, SLOTS=tiles.slots, PAD_WITH_BIAS=not mask_padding,
+            ACC=TRITON_DTYPES[acc], DOT_PRECISION=_dot_precision(qkv.dtype),
+            BLOCK_Q=tiles.block_q, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )
+    return out, lse
+
+
+def lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height: int, width: int, ws: int, num_heads: int,
+                        scale: float, mask_padding: bool):
+    """(grad_qkv (B, N, 3C), the padded keys' share of the bias gradient (3C,) in fp32 (fp64))."""
+    batch, tokens, chans3 = qkv.shape
+    chans = chans3 // 3
+    head_dim = chans // num_heads
+    acc = accumulation_dtype(qkv.dtype)
+    tiles = lsa_tiles(ws, head_dim, backward=True)
+    windows, windows_w = _window_grid(height, width, ws)
+    key_blocks = tiles.slots // tiles.block_k
+    has_padded_keys = not mask_padding and (height % ws != 0 or width % ws != 0)
+    out, lse = out.contiguous(), lse.contiguous()
+    grad_qkv = empty_output((batch, tokens, chans3), qkv)
+    base_programs = batch * windows * num_heads
+    if has_padded_keys:
+        # per (program, key block): the padded keys' dK and dV sums, reduced below in a fixed order
+        pad_grad = empty_output((batch * windows, num_heads, key_blocks, 2, head_dim), qkv, dtype=acc)
+    else:
+        pad_grad = grad_qkv  # never written: HAS_PADDED_KEYS is off
+    common = dict(
+        WS=ws, SLOTS=tiles.slots, PAD_WITH_BIAS=not mask_padding, ACC=TRITON_DTYPES[acc],
+        DOT_PRECISION=_dot_precision(qkv.dtype), BLOCK_Q=tiles.block_q, BLOCK_K=tiles.block_k,
+        BLOCK_D=tiles.block_d, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    dims = (height, width, chans, num_heads, head_dim, windows, windows_w, *qkv.stride(), *grad_out.stride())
+    scale_t = _scalar(scale, qkv, acc)
+    with_dq = key_blocks == 1
+    with launch_device(qkv):
+        lsa_backward_kernel[(base_programs, key_blocks)](
+            qkv, qkv_bias, out, lse, grad_out, grad_qkv, pad_grad, scale_t, *dims,
+            HAS_PADDED_KEYS=has_padded_keys, WITH_DQ=with_dq, **common,
+        )
+        if not with_dq:
+            lsa_backward_dq_kernel[(base_programs, tiles.slots // tiles.block_q)](
+                qkv, qkv_bias, out, lse, grad_out, grad_qkv, scale_t, *dims, **common,
+            )
+    grad_bias = torch.zeros(chans3, device=qkv.device, dtype=acc)
+    if has_padded_keys:
+        per_head = pad_grad.sum(dim=(0, 2))  # (heads, 2, D)
+        grad_bias[chans:] = per_head.transpose(0, 1).reshape(2 * chans)
+    return grad_qkv, grad_bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend dispatch, torch.library registration, autograd
+# ----------------------------------------------------------------------------------------------
+def _cuda_ops():
+    import twins_kernels._C  # noqa: F401  (registers torch.ops.twins_kernels_cuda)
+
+    return torch.ops.twins_kernels_cuda
+
+
+def _kernel_backend(qkv: torch.Tensor, num_heads: int, requested: str) -> str:
+    backend = resolve_backend(requested or None, qkv.device)
+    if backend == "torch":
+        return backend
+    chans = qkv.shape[2] // 3
+    head_dim = chans // num_heads
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        if (requested or get_backend()).lower() == "auto":
+            return "torch"
+        raise ValueError(
+            f"head_dim = C / num_heads = {chans} / {num_heads} = {head_dim} is outside "
+            f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM}, which the {backend} kernels support; use backend='torch'"
+        )
+    if backend == "cuda" and qkv.dtype == torch.float64:
+        return "torch"  # the CUDA extension has no fp64 kernels
+    return backend
+
+
+@torch.library.custom_op("twins_kernels::lsa_forward", mutates_args=())
+def lsa_forward_op(
+    qkv: torch.Tensor, qkv_bias: torch.Tensor, height: int, width: int, ws: int, num_heads: int,
+    scale: float, mask_padding: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding)
+    kernel = _kernel_backend(qkv, num_heads, backend)
+    if kernel == "triton":
+        return lsa_forward_triton(*args)
+    if kernel == "cuda":
+        out, lse = _cuda_ops().lsa_forward(*args)
+        return out, lse
+    return _reference_forward(*args)
+
+
+@lsa_forward_op.register_fake
+def _(qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding, backend):
+    batch, tokens, chans3 = qkv.shape
+    return (qkv.new_empty((batch, tokens, chans3 // 3)),
+            qkv.new_empty((batch, num_heads, tokens), dtype=accumulation_dtype(qkv.dtype)))
+
+
+@torch.library.custom_op("twins_kernels::lsa_backward", mutates_args=())
+def lsa_backward_op(
+    grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    height: int, width: int, ws: int, num_heads: int, scale: float, mask_padding: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kernel = _kernel_backend(qkv, num_heads, backend)
+    if kernel == "triton":
+        grad_qkv, grad_bias = lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height, width, ws, num_heads,
+                                                  scale, mask_padding)
+    elif kernel == "cuda":
+        grad_qkv, grad_bias = _cuda_ops().lsa_backward(grad_out, qkv, qkv_bias, out, lse, height, width, ws,
+                                                       num_heads, scale, mask_padding)
+    else:
+        grad_qkv, grad_bias = _reference_backward(grad_out, qkv, qkv_bias, height, width, ws, num_heads, scale,
+                                                  mask_padding)
+    return grad_qkv, grad_bias.to(qkv_bias.dtype)
+
+
+@lsa_backward_op.register_fake
+def _(grad_out, qkv, qkv_bias, out, lse, height, width, ws, num_heads, scale, mask_padding, backend):
+    return qkv.new_empty(qkv.shape), qkv_bias.new_empty(qkv_bias.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, qkv_bias, out, lse)
+    ctx.args = (height, width, ws, num_heads, scale, mask_padding, backend)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    qkv, qkv_bias, out, lse = ctx.saved_tensors
+    grad_qkv, grad_bias = lsa_backward_op(grad_out, qkv, qkv_bias, out, lse, *ctx.args)
+    return grad_qkv, grad_bias, None, None, None, None, None, None, None
+
+
+lsa_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+def _check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def lsa(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None, pad_mode: str = "zero",
+        backend: str | None = None):
+    """LSA's attention core: softmax(q k^T * scale) v inside each ws x ws window, per head.
+
+    ``qkv`` (B, N, 3C) is the qkv Linear's output on the tokens of an H x W map, ``size`` = (H, W), any
+    strides: head h's q, k, v are channels h*D, C + h*D, 2C + h*D (+ 0..D-1), D = C / num_heads.
+    ``qkv_bias`` (3C,) is the Linear's bias: what a position of the map padded to multiples of ws holds.
+    ``scale`` defaults to D ** -0.5. ``pad_mode``: "zero" (timm: padded keys hold the bias and take part
+    in the softmax) or "mask" (mmsegmentation: padded keys are excluded). Returns (B, N, C) in token order.
+    ``backend``: "auto" | "triton" | "cuda" | "torch", or None for the ambient choice; the kernel
+    backends need D in 16..128 (``auto`` runs the reference outside it). ws must be in 2..16.
+    """
+    _, _, chans3, height, width = check_tokens(qkv, size, name="qkv")
+    if chans3 % 3 != 0:
+        raise ValueError(f"qkv has {chans3} channels; expected 3C (q, k and v), a multiple of 3")
+    chans = chans3 // 3
+    num_heads = _check_int(num_heads, "num_heads")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if chans % num_heads != 0:
+        raise ValueError(f"C = {chans3} / 3 = {chans} is not divisible by num_heads={num_heads}")
+    ws = _check_int(ws, "ws")
+    if not MIN_WS <= ws <= MAX_WS:
+        raise ValueError(f"ws must be in {MIN_WS}..{MAX_WS}, got {ws}")
+    check_param(qkv_bias, "qkv_bias", (chans3,), qkv)
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    if scale is None:
+        scale = (chans // num_heads) ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {scale!r} of type {type(scale).__name__}")
+    if not torch.compiler.is_compiling():
+        _kernel_backend(qkv, num_heads, backend or "")  # fail here, naming what is wrong, not inside the op
+    return lsa_forward_op(qkv, qkv_bias, height, width, ws, num_heads, float(scale), pad_mode == "mask",
+                          backend or "")[0]
