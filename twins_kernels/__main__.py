@@ -26,15 +26,26 @@ def _reexec_with_interpreter(argv) -> None:
 
 
 def _op_cases(on_gpu: bool):
-    """(op, shape label, timm module factory, fused class, (B, H, W, C)); shapes are Twins-SVT-S stage 1."""
-    from timm.models.twins import PosConv
+    """(op, shape label, timm module factory, fused class, (B, H, W, C)): Twins-SVT-S stage shapes on a
+    GPU (224 input, batch 64), small maps that need padding (LSA) or flooring (GSA) on the CPU."""
+    from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, PosConv
 
-    from . import FusedPEG
+    from . import FusedGSA, FusedLSA, FusedPEG
 
     if on_gpu:
-        return [("peg", "224 stage1 bs64", lambda: PosConv(64, 64), FusedPEG, (64, 56, 56, 64)),
-                ("peg", "512 stage1 bs16", lambda: PosConv(64, 64), FusedPEG, (16, 128, 128, 64))]
-    return [("peg", "14x14 C64 bs2", lambda: PosConv(64, 64), FusedPEG, (2, 14, 14, 64))]
+        return [
+            ("peg", "svt_s s1 224 bs64", lambda: PosConv(64, 64), FusedPEG, (64, 56, 56, 64)),
+            ("lsa", "svt_s s1 224 bs64", lambda: LocallyGroupedAttn(64, 2, ws=7), FusedLSA, (64, 56, 56, 64)),
+            ("lsa", "svt_s s1 512 bs16", lambda: LocallyGroupedAttn(64, 2, ws=7), FusedLSA, (16, 128, 128, 64)),
+            ("gsa", "svt_s s1 224 bs64", lambda: GlobalSubSampleAttn(64, 2, sr_ratio=8), FusedGSA, (64, 56, 56, 64)),
+            ("gsa", "svt_s s4 224 bs64", lambda: GlobalSubSampleAttn(512, 16, sr_ratio=1), FusedGSA, (64, 7, 7, 512)),
+        ]
+    return [
+        ("peg", "14x14 C64 bs2", lambda: PosConv(64, 64), FusedPEG, (2, 14, 14, 64)),
+        ("lsa", "13x17 ws7 C64 bs2", lambda: LocallyGroupedAttn(64, 2, ws=7), FusedLSA, (2, 13, 17, 64)),
+        ("gsa", "17x12 sr4 C64 bs2", lambda: GlobalSubSampleAttn(64, 2, sr_ratio=4), FusedGSA, (2, 17, 12, 64)),
+        ("gsa", "9x9 sr1 C128 bs2", lambda: GlobalSubSampleAttn(128, 4, sr_ratio=1), FusedGSA, (2, 9, 9, 128)),
+    ]
 
 
 def print_environment() -> None:
