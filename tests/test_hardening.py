@@ -6,11 +6,12 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.attention
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import twins_kernels
-from twins_kernels.ops import peg, peg_reference
+from twins_kernels.ops import gsa_attention, gsa_attention_reference, lsa, lsa_reference, peg, peg_reference
 
 from conftest import HAS_GPU, KERNEL_DEVICE, requires_gpu
 from parity import TOLERANCE, make_tokens, rel_err
@@ -21,23 +22,63 @@ FUZZ = settings(max_examples=60 if HAS_GPU else 10, deadline=None,
 FUZZ_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
 
 
+def check_op_against_reference(op, reference, inputs, dtype, zero_grad_inputs=()):
+    """Run ``op`` on ``inputs`` (in dtype) and ``reference`` on float64 copies; compare the output and
+    every input's gradient by relative error. The op's outputs are poisoned before it runs.
+    ``zero_grad_inputs``: inputs whose gradient is analytically zero (both sides are rounding noise,
+    so a relative error means nothing): their gradient must be tiny next to the output gradient."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    expected = reference(*inputs64)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    with twins_kernels.ops.poisoned_outputs():
+        out = op(*inputs)
+        out.backward(grad.to(dtype))
+    assert rel_err(out, expected) <= TOLERANCE[dtype], "output"
+    for index, (actual, reference_input) in enumerate(zip(inputs, inputs64)):
+        if index in zero_grad_inputs:
+            assert actual.grad.double().norm() <= TOLERANCE[dtype] * grad.norm(), f"gradient of input {index}"
+        else:
+            assert rel_err(actual.grad, reference_input.grad) <= TOLERANCE[dtype], f"gradient of input {index}"
+
+
 @FUZZ
 @given(batch=st.integers(1, 3), height=st.integers(1, 12), width=st.integers(1, 12), chans=st.integers(1, 80),
        dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans())
 def test_fuzzed_peg_matches_reference(batch, height, width, chans, dtype, contiguous):
-    x = make_tokens(batch, height, width, chans, dtype, KERNEL_DEVICE, contiguous=contiguous).requires_grad_()
-    weight = torch.randn(chans, 1, 3, 3, device=KERNEL_DEVICE, dtype=dtype, requires_grad=True)
-    bias = torch.randn(chans, device=KERNEL_DEVICE, dtype=dtype, requires_grad=True)
-    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
-    expected = peg_reference(x64, w64, b64, (height, width))
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    with twins_kernels.ops.poisoned_outputs():
-        out = peg(x, weight, bias, (height, width), backend="triton")
-        out.backward(grad.to(dtype))
-    for name, actual, reference in [("out", out, expected), ("grad_x", x.grad, x64.grad),
-                                    ("grad_w", weight.grad, w64.grad), ("grad_b", bias.grad, b64.grad)]:
-        assert rel_err(actual, reference) <= TOLERANCE[dtype], name
+    x = make_tokens(batch, height, width, chans, dtype, KERNEL_DEVICE, contiguous=contiguous)
+    weight = torch.randn(chans, 1, 3, 3, device=KERNEL_DEVICE, dtype=dtype)
+    bias = torch.randn(chans, device=KERNEL_DEVICE, dtype=dtype)
+    size = (height, width)
+    check_op_against_reference(lambda *a: peg(*a, size, backend="triton"),
+                               lambda *a: peg_reference(*a, size), [x, weight, bias], dtype)
+
+
+@FUZZ
+@given(batch=st.integers(1, 2), height=st.integers(1, 11), width=st.integers(1, 11), ws=st.integers(2, 8),
+       heads=st.integers(1, 2), head_dim=st.sampled_from([16, 32]), pad_mode=st.sampled_from(["zero", "mask"]),
+       dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans())
+def test_fuzzed_lsa_matches_reference(batch, height, width, ws, heads, head_dim, pad_mode, dtype, contiguous):
+    chans = heads * head_dim
+    qkv = make_tokens(batch, height, width, 3 * chans, dtype, KERNEL_DEVICE, contiguous=contiguous)
+    bias = torch.randn(3 * chans, device=KERNEL_DEVICE, dtype=dtype)
+    size = (height, width)
+    check_op_against_reference(lambda q, b: lsa(q, b, size, heads, ws, pad_mode=pad_mode, backend="triton"),
+                               lambda q, b: lsa_reference(q, b, size, heads, ws, pad_mode=pad_mode),
+                               [qkv, bias], dtype)
+
+
+@FUZZ
+@given(batch=st.integers(1, 2), tokens=st.integers(1, 70), keys=st.integers(1, 40), heads=st.integers(1, 2),
+       head_dim=st.sampled_from([16, 32, 64]), dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans())
+def test_fuzzed_gsa_attention_matches_reference(batch, tokens, keys, heads, head_dim, dtype, contiguous):
+    chans = heads * head_dim
+    q = make_tokens(batch, tokens, 1, chans, dtype, KERNEL_DEVICE, contiguous=contiguous)
+    kv = make_tokens(batch, keys, 1, 2 * chans, dtype, KERNEL_DEVICE, contiguous=contiguous)
+    check_op_against_reference(lambda q, kv: gsa_attention(q, kv, heads, backend="triton"),
+                               lambda q, kv: gsa_attention_reference(q, kv, heads), [q, kv], dtype,
+                               zero_grad_inputs=(0,) if keys == 1 else ())  # one key: out does not depend on q
 
 
 @pytest.mark.parametrize("special", [float("nan"), float("inf")])
@@ -50,6 +91,33 @@ def test_nan_and_inf_propagate_like_the_reference(special):
     actual = peg(x, weight, bias, (6, 7), backend="triton")
     assert torch.equal(torch.isnan(actual), torch.isnan(expected))
     assert torch.equal(torch.isinf(actual), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(actual[finite], expected[finite])
+
+
+def _lsa_case(x):
+    bias = torch.randn(x.shape[-1], device=x.device)
+    return (lambda t: lsa(t, bias, (6, 7), 2, 4, backend="triton"), lambda t: lsa_reference(t, bias, (6, 7), 2, 4))
+
+
+def _gsa_case(x):
+    kv = torch.randn(x.shape[0], 5, 2 * x.shape[-1], device=x.device)
+    return (lambda t: gsa_attention(t, kv, 2, backend="triton"), lambda t: gsa_attention_reference(t, kv, 2))
+
+
+@pytest.mark.parametrize("make_case,chans", [(_lsa_case, 96), (_gsa_case, 32)], ids=["lsa", "gsa"])
+def test_nan_in_attention_inputs_propagates_like_the_reference(make_case, chans):
+    """A NaN query or key poisons exactly the outputs it poisons in the reference: no zeroing, and no
+    new NaN from masked or padded lanes."""
+    x = make_tokens(2, 6, 7, chans, torch.float32, KERNEL_DEVICE)
+    x[0, 9, 5] = float("nan")
+    op, reference = make_case(x)
+    # the math path: CPU's flash SDPA kernel drops a NaN query's row to finite values
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        expected = reference(x)
+    actual = op(x)
+    assert torch.isnan(expected).any()
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
     finite = torch.isfinite(expected)
     torch.testing.assert_close(actual[finite], expected[finite])
 
