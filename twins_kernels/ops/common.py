@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..backend import get_backend, resolve_backend
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _poison_outputs = False
@@ -86,3 +88,33 @@ def launch_device(t: torch.Tensor):
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # tl.dot needs 16 along each dimension; 128 bounds the registers
+
+
+def cuda_ops():
+    """torch.ops.twins_kernels_cuda, registered by loading the CUDA extension."""
+    import twins_kernels._C  # noqa: F401
+
+    return torch.ops.twins_kernels_cuda
+
+
+def attention_backend(x: torch.Tensor, chans: int, num_heads: int, requested: str) -> str:
+    """The backend an attention op runs on: the kernel backends need head_dim in 16..128 (``auto``
+    runs the reference outside it; naming a kernel backend raises), and the CUDA extension has no
+    fp64 kernels (float64 runs the reference)."""
+    backend = resolve_backend(requested or None, x.device)
+    if backend == "torch":
+        return backend
+    head_dim = chans // num_heads
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        if (requested or get_backend()).lower() == "auto":
+            return "torch"
+        raise ValueError(
+            f"head_dim = C / num_heads = {chans} / {num_heads} = {head_dim} is outside "
+            f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM}, which the {backend} kernels support; use backend='torch'"
+        )
+    if backend == "cuda" and x.dtype == torch.float64:
+        return "torch"
+    return backend

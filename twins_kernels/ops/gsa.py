@@ -60,11 +60,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..backend import get_backend, resolve_backend
+from ..backend import resolve_backend
 from ._triton import TRITON_DTYPES, tl, triton
-from .common import KERNEL_DTYPES, accumulation_dtype, check_param, check_tokens, empty_output, launch_device
+from .common import (
+    KERNEL_DTYPES,
+    accumulation_dtype,
+    attention_backend,
+    check_param,
+    check_tokens,
+    cuda_ops,
+    empty_output,
+    launch_device,
+)
 
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # tl.dot needs 16 along each dimension; 128 bounds the registers
 REFERENCE_QUERY_CHUNK = 1024  # the reference attention holds chunk x M scores, never N x M
 NORM_PARTIAL_SLOTS = 3  # LayerNorm weight, LayerNorm bias, conv bias
 
@@ -770,27 +778,8 @@ def gsa_subsample_backward_triton(grad_out, x, sr_weight, norm_weight, y, mean, 
 # ----------------------------------------------------------------------------------------------
 # Backend dispatch, torch.library registration, autograd
 # ----------------------------------------------------------------------------------------------
-def _cuda_ops():
-    import twins_kernels._C  # noqa: F401  (registers torch.ops.twins_kernels_cuda)
-
-    return torch.ops.twins_kernels_cuda
-
-
 def _attention_backend(q: torch.Tensor, num_heads: int, requested: str) -> str:
-    backend = resolve_backend(requested or None, q.device)
-    if backend == "torch":
-        return backend
-    head_dim = q.shape[2] // num_heads
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        if (requested or get_backend()).lower() == "auto":
-            return "torch"
-        raise ValueError(
-            f"head_dim = C / num_heads = {q.shape[2]} / {num_heads} = {head_dim} is outside "
-            f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM}, which the {backend} kernels support; use backend='torch'"
-        )
-    if backend == "cuda" and q.dtype == torch.float64:
-        return "torch"  # the CUDA extension has no fp64 kernels
-    return backend
+    return attention_backend(q, q.shape[2], num_heads, requested)
 
 
 @torch.library.custom_op("twins_kernels::gsa_attention_forward", mutates_args=())
@@ -801,7 +790,7 @@ def gsa_attention_forward_op(
     if kernel == "triton":
         return gsa_attention_forward_triton(q, kv, num_heads, scale)
     if kernel == "cuda":
-        out, lse = _cuda_ops().gsa_attention_forward(q, kv, num_heads, scale)
+        out, lse = cuda_ops().gsa_attention_forward(q, kv, num_heads, scale)
         return out, lse
     return _attention_forward_reference(q, kv, num_heads, scale)
 
@@ -822,7 +811,7 @@ def gsa_attention_backward_op(
     if kernel == "triton":
         return gsa_attention_backward_triton(grad_out, q, kv, out, lse, num_heads, scale)
     if kernel == "cuda":
-        grad_q, grad_kv = _cuda_ops().gsa_attention_backward(grad_out, q, kv, out, lse, num_heads, scale)
+        grad_q, grad_kv = cuda_ops().gsa_attention_backward(grad_out, q, kv, out, lse, num_heads, scale)
         return grad_q, grad_kv
     return _attention_backward_reference(grad_out, q, kv, out, lse, num_heads, scale)
 

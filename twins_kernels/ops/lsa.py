@@ -69,12 +69,18 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..backend import get_backend, resolve_backend
 from ._triton import TRITON_DTYPES, tl, triton
-from .common import accumulation_dtype, check_param, check_tokens, empty_output, launch_device
+from .common import (
+    accumulation_dtype,
+    attention_backend,
+    check_param,
+    check_tokens,
+    cuda_ops,
+    empty_output,
+    launch_device,
+)
 
 MIN_WS, MAX_WS = 2, 16  # 16 x 16 = 256 window slots bounds the tiles; ws = 1 is global attention (GSA)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # tl.dot needs 16 along each dimension; 128 bounds the registers
 PAD_MODES = ("zero", "mask")
 
 
@@ -558,28 +564,8 @@ def lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height: int, width: i
 # ----------------------------------------------------------------------------------------------
 # Backend dispatch, torch.library registration, autograd
 # ----------------------------------------------------------------------------------------------
-def _cuda_ops():
-    import twins_kernels._C  # noqa: F401  (registers torch.ops.twins_kernels_cuda)
-
-    return torch.ops.twins_kernels_cuda
-
-
 def _kernel_backend(qkv: torch.Tensor, num_heads: int, requested: str) -> str:
-    backend = resolve_backend(requested or None, qkv.device)
-    if backend == "torch":
-        return backend
-    chans = qkv.shape[2] // 3
-    head_dim = chans // num_heads
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        if (requested or get_backend()).lower() == "auto":
-            return "torch"
-        raise ValueError(
-            f"head_dim = C / num_heads = {chans} / {num_heads} = {head_dim} is outside "
-            f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM}, which the {backend} kernels support; use backend='torch'"
-        )
-    if backend == "cuda" and qkv.dtype == torch.float64:
-        return "torch"  # the CUDA extension has no fp64 kernels
-    return backend
+    return attention_backend(qkv, qkv.shape[2] // 3, num_heads, requested)
 
 
 @torch.library.custom_op("twins_kernels::lsa_forward", mutates_args=())
@@ -592,7 +578,7 @@ def lsa_forward_op(
     if kernel == "triton":
         return lsa_forward_triton(*args)
     if kernel == "cuda":
-        out, lse = _cuda_ops().lsa_forward(*args)
+        out, lse = cuda_ops().lsa_forward(*args)
         return out, lse
     return _reference_forward(*args)
 
@@ -614,7 +600,7 @@ def lsa_backward_op(
         grad_qkv, grad_bias = lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height, width, ws, num_heads,
                                                   scale, mask_padding)
     elif kernel == "cuda":
-        grad_qkv, grad_bias = _cuda_ops().lsa_backward(grad_out, qkv, qkv_bias, out, lse, height, width, ws,
+        grad_qkv, grad_bias = cuda_ops().lsa_backward(grad_out, qkv, qkv_bias, out, lse, height, width, ws,
                                                        num_heads, scale, mask_padding)
     else:
         grad_qkv, grad_bias = _reference_backward(grad_out, qkv, qkv_bias, height, width, ws, num_heads, scale,

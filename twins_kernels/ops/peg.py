@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..backend import resolve_backend
 from ._triton import TRITON_DTYPES, tl, triton
-from .common import accumulation_dtype, check_param, check_tokens, empty_output, launch_device
+from .common import accumulation_dtype, check_param, check_tokens, cuda_ops, empty_output, launch_device
 
 NUM_TAPS = 9  # 3 x 3 depthwise kernel
 PARTIAL_SLOTS = NUM_TAPS + 1  # the nine weight taps and the bias
@@ -218,12 +218,6 @@ def peg_weight_grad_triton(grad_out, x, height: int, width: int):
 # ----------------------------------------------------------------------------------------------
 # Backend dispatch, torch.library registration, autograd
 # ----------------------------------------------------------------------------------------------
-def _cuda_ops():
-    import twins_kernels._C  # noqa: F401  (registers torch.ops.twins_kernels_cuda)
-
-    return torch.ops.twins_kernels_cuda
-
-
 def _kernel_backend(x: torch.Tensor, weight: torch.Tensor, stride: int, requested: str) -> str:
     backend = resolve_backend(requested or None, x.device)
     if stride != 1 or weight.shape[1] != 1:
@@ -246,7 +240,7 @@ def peg_forward_op(
     if kernel == "triton":
         return peg_conv3x3_triton(x, weight, bias, height, width)
     if kernel == "cuda":
-        return _cuda_ops().peg_conv3x3(x, weight, bias, height, width, False)
+        return cuda_ops().peg_conv3x3(x, weight, bias, height, width, False)
     return peg_reference(x, weight, bias, (height, width), stride).contiguous()
 
 
@@ -266,7 +260,7 @@ def peg_backward_op(
         grad_x = peg_conv3x3_triton(grad_out, weight, None, height, width, flip_weight=True)
         return (grad_x, *_split_partial(peg_weight_grad_triton(grad_out, x, height, width), weight))
     if kernel == "cuda":
-        ops = _cuda_ops()
+        ops = cuda_ops()
         grad_x = ops.peg_conv3x3(grad_out, weight, None, height, width, True)
         return (grad_x, *_split_partial(ops.peg_weight_grad(grad_out, x, height, width), weight))
     grad_x, grad_w, grad_b = peg_reference_backward(grad_out, x, weight, (height, width), stride)
