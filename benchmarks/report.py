@@ -73,7 +73,7 @@ def chart(cases, header, path: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = sorted(cases)
-    fused = sorted({v for variants in cases.values() for v in variants} - set(BASELINES) - {"timm"})
+    fused = sorted({v for variants in cases.values() for v in variants} - set(BASELINES))
     fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(labels) + 4), 5))
     width = 0.8 / max(1, len(fused) + 1)
     for i, variant in enumerate(["timm_compile", *fused]):

@@ -141,6 +141,38 @@ def test_peg_offsets_past_2_to_the_31(backend):
     assert rel_err(last, expected) <= TOLERANCE[torch.bfloat16]
 
 
+@requires_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_lsa_offsets_past_2_to_the_31(backend):
+    """qkv of 2 x 512*512 x 4608 > 2^31 elements (C = 1536, 24 heads of 64)."""
+    status = twins_kernels.backend.backend_status(backend, "cuda")
+    if not status.available:
+        pytest.skip(status.reason)
+    batch, height, width, chans, heads = 2, 512, 509, 1536, 24  # 509: padded windows at the edge too
+    qkv = torch.randn(batch, height * width, 3 * chans, device="cuda", dtype=torch.bfloat16)
+    assert qkv.numel() > 2**31
+    bias = torch.randn(3 * chans, device="cuda", dtype=torch.bfloat16)
+    last = lsa(qkv, bias, (height, width), heads, 7, backend=backend)[-1:].float()
+    expected = lsa_reference(qkv[-1:].float(), bias.float(), (height, width), heads, 7)
+    assert rel_err(last, expected) <= TOLERANCE[torch.bfloat16]
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gsa_offsets_past_2_to_the_31(backend):
+    """q of 2 x 1024*1024 x 1024 > 2^31 elements, against 1024 sub-sampled keys."""
+    status = twins_kernels.backend.backend_status(backend, "cuda")
+    if not status.available:
+        pytest.skip(status.reason)
+    batch, tokens, keys, chans, heads = 2, 1024 * 1024, 1024, 1024, 16
+    q = torch.randn(batch, tokens, chans, device="cuda", dtype=torch.bfloat16)
+    assert q.numel() > 2**31
+    kv = torch.randn(batch, keys, 2 * chans, device="cuda", dtype=torch.bfloat16)
+    last = gsa_attention(q, kv, heads, backend=backend)[-1:].float()
+    expected = gsa_attention_reference(q[-1:].float(), kv[-1:].float(), heads)
+    assert rel_err(last, expected) <= TOLERANCE[torch.bfloat16]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

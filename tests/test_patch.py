@@ -211,3 +211,39 @@ def test_register_patch_rejects_bad_arguments():
         register_patch(PosCNN, "attention", convert_poscnn)
     with pytest.raises(TypeError, match="nn.Module"):
         register_patch(int, "peg", convert_poscnn)
+
+
+@requires_gpu
+def test_cuda_graph_capture_with_reduce_overhead():
+    model = small_model("twins_svt_small").cuda().to(torch.bfloat16)
+    patch_model(model)
+    x = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up runs, then replays of the captured graph
+            actual = compiled(x)
+    assert rel_err(actual, expected) <= TOLERANCE[torch.bfloat16]
+
+
+@requires_gpu
+@pytest.mark.parametrize("name", ["twins_svt_small", "twins_pcpvt_small"])
+def test_training_steps_track_the_unpatched_model(name):
+    torch.manual_seed(0)
+    plain = timm.create_model(name, pretrained=False, num_classes=10).cuda()
+    fused = copy.deepcopy(plain)
+    patch_model(fused)
+    losses = {"plain": [], "fused": []}
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    target = torch.randint(0, 10, (8,), device="cuda")
+    for key, model in (("plain", plain), ("fused", fused)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for _ in range(5):
+            optimizer.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            optimizer.step()
+            losses[key].append(loss.item())
+    for a, b in zip(losses["plain"], losses["fused"]):
+        assert abs(a - b) <= 2e-2 * max(1.0, abs(a)), losses

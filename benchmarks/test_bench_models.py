@@ -1,0 +1,63 @@
+"""Whole-model throughput of the six timm Twins variants, bf16: timm eager, timm + torch.compile,
+patched eager, patched + torch.compile.
+
+Inference at 224 (batch 256), the backbone (``forward_features``) at 512 (batch 16) and 1024
+(batch 4), and a training step (forward, backward, SGD update) at 224 (batch 64) with peak memory.
+``extra_info`` carries images/s.
+"""
+
+import pytest
+import timm
+import torch
+
+from twins_kernels import patch_model
+
+from conftest import record, requires_gpu
+
+MODELS = ["twins_pcpvt_small", "twins_pcpvt_base", "twins_pcpvt_large",
+          "twins_svt_small", "twins_svt_base", "twins_svt_large"]
+VARIANTS = ["timm", "timm_compile", "patched", "patched_compile"]
+MODES = [  # (mode, image size, batch)
+    pytest.param("infer", 224, 256, id="infer-224-bs256"),
+    pytest.param("backbone", 512, 16, id="backbone-512-bs16"),
+    pytest.param("backbone", 1024, 4, id="backbone-1024-bs4"),
+    pytest.param("train", 224, 64, id="train-224-bs64"),
+]
+
+
+def build(name: str, variant: str):
+    model = timm.create_model(name, pretrained=False).to("cuda", torch.bfloat16)
+    if variant.startswith("patched"):
+        patch_model(model)
+    return model
+
+
+@requires_gpu
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode,image,batch", MODES)
+@pytest.mark.parametrize("name", MODELS)
+def test_model(benchmark, roofline, name, mode, image, batch, variant):
+    model = build(name, variant)
+    x = torch.randn(batch, 3, image, image, device="cuda", dtype=torch.bfloat16)
+    if mode == "train":
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+        target = torch.randint(0, model.num_classes, (batch,), device="cuda")
+        step_model = torch.compile(model) if variant.endswith("compile") else model
+
+        def run():
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(step_model(x), target).backward()
+            optimizer.step()
+    else:
+        model.eval()
+        forward = model.forward_features if mode == "backbone" else model.forward
+        forward = torch.compile(forward) if variant.endswith("compile") else forward
+
+        def run():
+            with torch.no_grad():
+                forward(x)
+    benchmark.group = f"model-{name}-{mode}-{image}-bs{batch}-bf16"
+    ms = record(benchmark, run, roofline, bytes_moved=0.0, op="model", pass_=mode, variant=variant, model=name,
+                image=image, batch=batch, dtype="bf16")
+    benchmark.extra_info["images_per_s"] = batch / (ms * 1e-3)
