@@ -15,6 +15,18 @@ from .ops.lsa import PAD_MODES, lsa, lsa_reference
 from .ops.peg import peg, peg_reference
 
 
+def _sharing(cls, module: nn.Module, attributes, **settings):
+    """A ``cls`` built without ``__init__`` that takes ``attributes`` (submodules, so their parameters,
+    and settings) from ``module`` itself, plus ``settings``."""
+    fused = cls.__new__(cls)
+    nn.Module.__init__(fused)
+    for name in attributes:
+        setattr(fused, name, getattr(module, name))
+    for name, value in settings.items():
+        setattr(fused, name, value)
+    return fused
+
+
 class FusedPEG(nn.Module):
     """timm ``PosConv(in_chans, embed_dim, stride)``: depthwise 3x3 conv + bias (+ x at stride 1).
 
@@ -34,12 +46,8 @@ class FusedPEG(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module, backend: str | None = None) -> "FusedPEG":
         """A FusedPEG sharing ``module``'s ``proj`` = Sequential(Conv2d) (and so its parameters) with it."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.proj = module.proj
-        fused.stride = module.proj[0].stride[0]  # the conv's own stride: other PEG classes name it differently
-        fused.backend = backend
-        return fused
+        # the conv's own stride: other PEG classes name the attribute differently
+        return _sharing(cls, module, ("proj",), stride=module.proj[0].stride[0], backend=backend)
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
         conv = self.proj[0]
@@ -91,21 +99,8 @@ class FusedGSA(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module, backend: str | None = None) -> "FusedGSA":
         """A FusedGSA sharing ``module``'s submodules (and so its parameters) with it."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.dim = module.dim
-        fused.num_heads = module.num_heads
-        fused.scale = module.scale
-        fused.q = module.q
-        fused.kv = module.kv
-        fused.attn_drop = module.attn_drop
-        fused.proj = module.proj
-        fused.proj_drop = module.proj_drop
-        fused.sr_ratio = module.sr_ratio
-        fused.sr = module.sr
-        fused.norm = module.norm
-        fused.backend = backend
-        return fused
+        return _sharing(cls, module, ("dim", "num_heads", "scale", "q", "kv", "attn_drop", "proj", "proj_drop",
+                                      "sr_ratio", "sr", "norm"), backend=backend)
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
         kv_tokens = x
@@ -161,19 +156,8 @@ class FusedLSA(nn.Module):
         """A FusedLSA sharing ``module``'s submodules (and so its parameters) with it."""
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.dim = module.dim
-        fused.num_heads = module.num_heads
-        fused.scale = module.scale
-        fused.qkv = module.qkv
-        fused.attn_drop = module.attn_drop
-        fused.proj = module.proj
-        fused.proj_drop = module.proj_drop
-        fused.ws = module.ws
-        fused.backend = backend
-        fused.pad_mode = pad_mode
-        return fused
+        return _sharing(cls, module, ("dim", "num_heads", "scale", "qkv", "attn_drop", "proj", "proj_drop", "ws"),
+                        backend=backend, pad_mode=pad_mode)
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
         qkv = self.qkv(x)
