@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Everything a GPU session does, in one device call: build the CUDA extension against the machine's
-# torch, run the whole test suite (bf16 and large shapes included), the main job, the benchmarks and
-# the report. Results land in ${OUT:-benchmarks/results/run} (the device tool's $OUT comes back).
-#   bash benchmarks/run_gpu.sh            # on the device: run({"command": "bash benchmarks/run_gpu.sh"})
+# What a GPU session runs, in as few device calls as the 10-minute limit allows. Each phase writes
+# under ${OUT:-benchmarks/results/run} (the device tool brings $OUT back):
+#   bash benchmarks/run_gpu.sh tests        build the CUDA extension, main job, the whole test suite
+#   bash benchmarks/run_gpu.sh bench [-k EXPR]   build, pytest benchmarks/ --benchmark-only (a subset with -k), report
+#   bash benchmarks/run_gpu.sh all          both
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PHASE="${1:-all}"
+shift || true
 OUT="${OUT:-benchmarks/results/run}"
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -16,8 +19,13 @@ PY="${PYTHON:-python3}"
   date -u
 } > "$OUT/env.txt" 2>&1
 $PY -m pip install --quiet --no-build-isolation -e . > "$OUT/build.log" 2>&1 || echo "extension build FAILED" >> "$OUT/env.txt"
-$PY -m twins_kernels > "$OUT/main_job.txt" 2>&1
-TWINS_KERNELS_REQUIRE_EXTENSION=1 timeout 1500 $PY -m pytest tests/ -q -x --durations=15 > "$OUT/tests.txt" 2>&1
-$PY -m pytest benchmarks/ --benchmark-only -q --benchmark-json="$OUT/benchmarks.json" > "$OUT/benchmarks.txt" 2>&1
-$PY benchmarks/report.py "$OUT/benchmarks.json" --out "$OUT" >> "$OUT/benchmarks.txt" 2>&1
-tail -3 "$OUT/tests.txt" "$OUT/main_job.txt"
+if [ "$PHASE" = tests ] || [ "$PHASE" = all ]; then
+  $PY -m twins_kernels > "$OUT/main_job.txt" 2>&1
+  TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q --durations=15 > "$OUT/tests.txt" 2>&1
+  tail -3 "$OUT/main_job.txt" "$OUT/tests.txt"
+fi
+if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
+  $PY -m pytest benchmarks/ --benchmark-only -q --benchmark-json="$OUT/benchmarks.json" "$@" > "$OUT/benchmarks.txt" 2>&1
+  $PY benchmarks/report.py "$OUT/benchmarks.json" --out "$OUT" >> "$OUT/benchmarks.txt" 2>&1
+  tail -5 "$OUT/benchmarks.txt"
+fi
