@@ -22,15 +22,19 @@ MODELS = {
     "pcpvt_s": PCPVT_S_STAGES,
 }
 CASES = [
-    pytest.param(model, image, stage, id=f"{model}-stage{stage + 1}-{image}-bs{IMAGE_SIZES[image]}")
-    for model in MODELS for image in IMAGE_SIZES for stage in range(4)
+    pytest.param(model, image, stage, pass_, variant,
+                 id=f"gsa-{pass_}-{model}-stage{stage + 1}-{image}-bs{IMAGE_SIZES[image]}-bf16-{variant}")
+    for model in MODELS for image in IMAGE_SIZES for stage in range(4) for pass_ in ("fwd", "fwdbwd")
+    for variant in VARIANTS
+]
+CORE_CASES = [
+    pytest.param(image, variant, id=f"gsa-core-sr1-fwd-svt_s-{image // 8}x{image // 8}-bs{IMAGE_SIZES[image]}-bf16-{variant}")
+    for image in (224, 512) for variant in ("sdpa", "triton", "cuda")
 ]
 
 
 @requires_gpu
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
-@pytest.mark.parametrize("model,image,stage", CASES)
+@pytest.mark.parametrize("model,image,stage,pass_,variant", CASES)
 def test_gsa_module(benchmark, roofline, model, image, stage, pass_, variant):
     dim, heads, sr = MODELS[model][stage]
     height, width = stage_map(image, stage)
@@ -52,8 +56,7 @@ def test_gsa_module(benchmark, roofline, model, image, stage, pass_, variant):
 
 
 @requires_gpu
-@pytest.mark.parametrize("variant", ["sdpa", "triton", "cuda"])
-@pytest.mark.parametrize("image", [224, 512])
+@pytest.mark.parametrize("image,variant", CORE_CASES)
 def test_gsa_sr1_attention_core(benchmark, roofline, image, variant):
     """Twins-SVT-S's last stage (sr = 1, C = 512, 16 heads) at 4x the usual map, where N is large."""
     dim, heads, _ = MODELS["svt_s"][3]

@@ -17,8 +17,14 @@ from conftest import DTYPES, IMAGE_SIZES, SVT_S_STAGES, VARIANTS, build_variant,
 
 WS = 7
 CASES = [
-    pytest.param(image, stage, id=f"svt_s-stage{stage + 1}-{image}-bs{IMAGE_SIZES[image]}")
-    for image in IMAGE_SIZES for stage in range(4)
+    pytest.param(image, stage, pass_, variant,
+                 id=f"lsa-{pass_}-svt_s-stage{stage + 1}-{image}-bs{IMAGE_SIZES[image]}-bf16-{variant}")
+    for image in IMAGE_SIZES for stage in range(4) for pass_ in ("fwd", "fwdbwd") for variant in VARIANTS
+]
+CORE_CASES = [
+    pytest.param(image, stage, backend,
+                 id=f"lsa-core-fwd-svt_s-stage{stage + 1}-{image}-bs{IMAGE_SIZES[image]}-bf16-{backend}")
+    for image in IMAGE_SIZES for stage in range(4) for backend in ("triton", "cuda")
 ]
 
 
@@ -27,9 +33,7 @@ def padded_tokens(height: int, width: int) -> int:
 
 
 @requires_gpu
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
-@pytest.mark.parametrize("image,stage", CASES)
+@pytest.mark.parametrize("image,stage,pass_,variant", CASES)
 def test_lsa_module(benchmark, roofline, image, stage, pass_, variant):
     dim, heads = SVT_S_STAGES[stage]
     height, width = stage_map(image, stage)
@@ -49,8 +53,7 @@ def test_lsa_module(benchmark, roofline, image, stage, pass_, variant):
 
 
 @requires_gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("image,stage", CASES)
+@pytest.mark.parametrize("image,stage,backend", CORE_CASES)
 def test_lsa_attention_core(benchmark, roofline, image, stage, backend):
     status = backend_status(backend, "cuda")
     if not status.available:

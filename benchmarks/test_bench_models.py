@@ -17,11 +17,10 @@ from conftest import record, requires_gpu
 MODELS = ["twins_pcpvt_small", "twins_pcpvt_base", "twins_pcpvt_large",
           "twins_svt_small", "twins_svt_base", "twins_svt_large"]
 VARIANTS = ["timm", "timm_compile", "patched", "patched_compile"]
-MODES = [  # (mode, image size, batch)
-    pytest.param("infer", 224, 256, id="infer-224-bs256"),
-    pytest.param("backbone", 512, 16, id="backbone-512-bs16"),
-    pytest.param("backbone", 1024, 4, id="backbone-1024-bs4"),
-    pytest.param("train", 224, 64, id="train-224-bs64"),
+MODES = [("infer", 224, 256), ("backbone", 512, 16), ("backbone", 1024, 4), ("train", 224, 64)]  # (mode, size, batch)
+CASES = [
+    pytest.param(name, mode, image, batch, variant, id=f"model-{name}-{mode}-{image}-bs{batch}-bf16-{variant}")
+    for name in MODELS for mode, image, batch in MODES for variant in VARIANTS
 ]
 
 
@@ -33,9 +32,7 @@ def build(name: str, variant: str):
 
 
 @requires_gpu
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("mode,image,batch", MODES)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name,mode,image,batch,variant", CASES)
 def test_model(benchmark, roofline, name, mode, image, batch, variant):
     model = build(name, variant)
     x = torch.randn(batch, 3, image, image, device="cuda", dtype=torch.bfloat16)

@@ -14,15 +14,14 @@ from twins_kernels import FusedPEG
 from conftest import DTYPES, IMAGE_SIZES, SVT_S_STAGES, VARIANTS, build_variant, record, requires_gpu, stage_map, timed_pass
 
 CASES = [
-    pytest.param(image, stage, id=f"svt_s-stage{stage + 1}-{image}-bs{IMAGE_SIZES[image]}")
-    for image in (224, 512) for stage in range(4)
+    pytest.param(image, stage, pass_, variant,
+                 id=f"peg-{pass_}-svt_s-stage{stage + 1}-{image}-bs{IMAGE_SIZES[image]}-bf16-{variant}")
+    for image in (224, 512) for stage in range(4) for pass_ in ("fwd", "fwdbwd") for variant in VARIANTS
 ]
 
 
 @requires_gpu
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
-@pytest.mark.parametrize("image,stage", CASES)
+@pytest.mark.parametrize("image,stage,pass_,variant", CASES)
 def test_peg(benchmark, roofline, image, stage, pass_, variant):
     chans = SVT_S_STAGES[stage][0]
     height, width = stage_map(image, stage)
