@@ -65,10 +65,11 @@ def test_cuda_extension_registers_its_ops():
 
 
 def test_import_never_needs_a_gpu_or_triton():
-    """In a fresh interpreter where `import triton` fails, the package imports, every module and
-    patch_model work on the reference, and the backend status says why triton is unavailable."""
+    """In a fresh interpreter where neither triton nor the CUDA extension can be imported (a machine with
+    no toolkit), the package imports, every module and patch_model work on the reference, and the
+    backend status says why each kernel backend is unavailable."""
     code = (
-        "import sys; sys.modules['triton'] = None\n"
+        "import sys; sys.modules['triton'] = None; sys.modules['twins_kernels._C'] = None\n"
         "import torch, timm, twins_kernels\n"
         "x = torch.randn(1, 6, 32)\n"
         "for m in (twins_kernels.FusedPEG(32, 32), twins_kernels.FusedLSA(32, 2, ws=2),\n"
@@ -80,6 +81,8 @@ def test_import_never_needs_a_gpu_or_triton():
         "model(torch.randn(1, 3, 64, 64))\n"
         "s = twins_kernels.available_backends('cuda')['triton']\n"
         "assert not s.available and 'triton cannot be imported' in s.reason, s\n"
+        "s = twins_kernels.available_backends('cuda')['cuda']\n"
+        "assert not s.available and 'extension twins_kernels._C is not built' in s.reason, s\n"
         "print('ok')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
