@@ -11,7 +11,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import twins_kernels
-from twins_kernels.ops import gsa_attention, gsa_attention_reference, lsa, lsa_reference, peg, peg_reference
+from twins_kernels.ops import (
+    gsa_attention,
+    gsa_attention_reference,
+    gsa_subsample,
+    gsa_subsample_reference,
+    lsa,
+    lsa_reference,
+    peg,
+    peg_reference,
+)
 
 from conftest import HAS_GPU, KERNEL_DEVICE, requires_gpu
 from parity import TOLERANCE, make_tokens, rel_err
@@ -20,6 +29,7 @@ from parity import TOLERANCE, make_tokens, rel_err
 FUZZ = settings(max_examples=60 if HAS_GPU else 10, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 FUZZ_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+FUZZ_BACKENDS = ["triton"] + (["cuda"] if HAS_GPU and twins_kernels.cuda_extension_built() else [])
 
 
 def check_op_against_reference(op, reference, inputs, dtype, zero_grad_inputs=()):
@@ -45,40 +55,60 @@ def check_op_against_reference(op, reference, inputs, dtype, zero_grad_inputs=()
 
 @FUZZ
 @given(batch=st.integers(1, 3), height=st.integers(1, 12), width=st.integers(1, 12), chans=st.integers(1, 80),
-       dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans())
-def test_fuzzed_peg_matches_reference(batch, height, width, chans, dtype, contiguous):
+       dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans(), backend=st.sampled_from(FUZZ_BACKENDS))
+def test_fuzzed_peg_matches_reference(batch, height, width, chans, dtype, contiguous, backend):
     x = make_tokens(batch, height, width, chans, dtype, KERNEL_DEVICE, contiguous=contiguous)
     weight = torch.randn(chans, 1, 3, 3, device=KERNEL_DEVICE, dtype=dtype)
     bias = torch.randn(chans, device=KERNEL_DEVICE, dtype=dtype)
     size = (height, width)
-    check_op_against_reference(lambda *a: peg(*a, size, backend="triton"),
+    check_op_against_reference(lambda *a: peg(*a, size, backend=backend),
                                lambda *a: peg_reference(*a, size), [x, weight, bias], dtype)
 
 
 @FUZZ
 @given(batch=st.integers(1, 2), height=st.integers(1, 11), width=st.integers(1, 11), ws=st.integers(2, 8),
        heads=st.integers(1, 2), head_dim=st.sampled_from([16, 32]), pad_mode=st.sampled_from(["zero", "mask"]),
-       dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans())
-def test_fuzzed_lsa_matches_reference(batch, height, width, ws, heads, head_dim, pad_mode, dtype, contiguous):
+       dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans(), backend=st.sampled_from(FUZZ_BACKENDS))
+def test_fuzzed_lsa_matches_reference(batch, height, width, ws, heads, head_dim, pad_mode, dtype, contiguous,
+                                      backend):
     chans = heads * head_dim
     qkv = make_tokens(batch, height, width, 3 * chans, dtype, KERNEL_DEVICE, contiguous=contiguous)
     bias = torch.randn(3 * chans, device=KERNEL_DEVICE, dtype=dtype)
     size = (height, width)
-    check_op_against_reference(lambda q, b: lsa(q, b, size, heads, ws, pad_mode=pad_mode, backend="triton"),
+    check_op_against_reference(lambda q, b: lsa(q, b, size, heads, ws, pad_mode=pad_mode, backend=backend),
                                lambda q, b: lsa_reference(q, b, size, heads, ws, pad_mode=pad_mode),
                                [qkv, bias], dtype)
 
 
 @FUZZ
 @given(batch=st.integers(1, 2), tokens=st.integers(1, 70), keys=st.integers(1, 40), heads=st.integers(1, 2),
-       head_dim=st.sampled_from([16, 32, 64]), dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans())
-def test_fuzzed_gsa_attention_matches_reference(batch, tokens, keys, heads, head_dim, dtype, contiguous):
+       head_dim=st.sampled_from([16, 32, 64]), dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans(),
+       backend=st.sampled_from(FUZZ_BACKENDS))
+def test_fuzzed_gsa_attention_matches_reference(batch, tokens, keys, heads, head_dim, dtype, contiguous, backend):
     chans = heads * head_dim
     q = make_tokens(batch, tokens, 1, chans, dtype, KERNEL_DEVICE, contiguous=contiguous)
     kv = make_tokens(batch, keys, 1, 2 * chans, dtype, KERNEL_DEVICE, contiguous=contiguous)
-    check_op_against_reference(lambda q, kv: gsa_attention(q, kv, heads, backend="triton"),
+    check_op_against_reference(lambda q, kv: gsa_attention(q, kv, heads, backend=backend),
                                lambda q, kv: gsa_attention_reference(q, kv, heads), [q, kv], dtype,
                                zero_grad_inputs=(0,) if keys == 1 else ())  # one key: out does not depend on q
+
+
+@FUZZ
+@given(batch=st.integers(1, 2), height=st.integers(1, 13), width=st.integers(1, 13), sr=st.integers(1, 5),
+       chans=st.integers(4, 48), dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans())
+def test_fuzzed_gsa_subsample_matches_reference(batch, height, width, sr, chans, dtype, contiguous):
+    # C >= 4: over 1 or 2 channels a LayerNorm's output is (nearly) constant and its input gradient is
+    # rounding noise on both sides
+    if height < sr or width < sr:
+        height, width = max(height, sr), max(width, sr)  # at least one patch
+    x = make_tokens(batch, height, width, chans, dtype, KERNEL_DEVICE, contiguous=contiguous)
+    params = [torch.randn(chans, chans, sr, sr, device=KERNEL_DEVICE, dtype=dtype) / (chans * sr),
+              torch.randn(chans, device=KERNEL_DEVICE, dtype=dtype),
+              1 + 0.1 * torch.randn(chans, device=KERNEL_DEVICE, dtype=dtype),
+              torch.randn(chans, device=KERNEL_DEVICE, dtype=dtype)]
+    size = (height, width)
+    check_op_against_reference(lambda *a: gsa_subsample(a[0], size, *a[1:], sr, backend="triton"),
+                               lambda *a: gsa_subsample_reference(a[0], size, *a[1:], sr), [x, *params], dtype)
 
 
 @pytest.mark.parametrize("special", [float("nan"), float("inf")])
