@@ -16,8 +16,10 @@
 //   void store_out(...), store_dq(...), store_dkdv(...)     where results go
 #pragma once
 
+#ifdef __CUDACC__
 #include <cuda.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cmath>
 #include <type_traits>
