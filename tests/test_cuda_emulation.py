@@ -1,4 +1,4 @@
-"""The CUDA attention kernels (csrc/attention.cuh with the LSA and GSA geometries) run on the CPU.
+"""The CUDA kernels (csrc/attention.cuh with the LSA and GSA geometries, csrc/peg_kernels.cuh) run on the CPU.
 
 tests/cuda_emulation/emulate.h stands in for CUDA's execution model (blocks in turn, a block's threads as
 std::threads meeting at a barrier in __syncthreads, __shared__ arrays as statics), so g++ builds the very
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from twins_kernels.ops import gsa_attention_reference, lsa_reference
+from twins_kernels.ops import gsa_attention_reference, lsa_reference, peg_reference
 
 from parity import TOLERANCE, rel_err
 
@@ -22,20 +22,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = TOLERANCE[torch.float32]
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
+def build(tmp_path_factory, name: str):
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.skip("needs g++ (C++20) to build the emulated kernels")
-    binary = tmp_path_factory.mktemp("emulation") / "attention_harness"
+    binary = tmp_path_factory.mktemp("emulation") / name
     subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", "-I", os.path.join(ROOT, "csrc"), "-o", str(binary),
-                    os.path.join(ROOT, "tests", "cuda_emulation", "attention_harness.cpp")], check=True)
+                    os.path.join(ROOT, "tests", "cuda_emulation", f"{name}.cpp")], check=True)
     return binary
 
 
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return build(tmp_path_factory, "attention_harness")
+
+
+@pytest.fixture(scope="module")
+def peg_harness(tmp_path_factory):
+    return build(tmp_path_factory, "peg_harness")
+
+
 def run_harness(harness, tmp_path, inputs, args, sizes):
+    """Run ``harness [mode] IN OUT args...`` on ``inputs``; returns its outputs split by ``sizes``."""
     (tmp_path / "in.bin").write_bytes(b"".join(t.float().contiguous().numpy().tobytes() for t in inputs))
-    subprocess.run([str(harness), *map(str, args[:1]), tmp_path / "in.bin", tmp_path / "out.bin", *map(str, args[1:])],
+    mode, args = (args[:1], args[1:]) if args and isinstance(args[0], str) else ([], args)
+    subprocess.run([str(harness), *mode, tmp_path / "in.bin", tmp_path / "out.bin", *map(str, args)],
                    check=True, timeout=600)
     flat = np.fromfile(tmp_path / "out.bin", dtype=np.float32)
     assert flat.size == sum(sizes)
@@ -107,3 +118,26 @@ def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, batch, toke
     expected_lse = torch.logsumexp(scale * torch.einsum("bnhd,bmhd->bhnm", q64.view(batch, tokens, heads, -1),
                                                         kv64[..., :chans].reshape(batch, keys, heads, -1)), -1)
     assert rel_err(lse.view(batch, heads, tokens), expected_lse) <= TOL
+
+
+@pytest.mark.parametrize("batch,height,width,chans", [
+    pytest.param(2, 5, 7, 40, id="5x7-C40"),
+    pytest.param(1, 1, 9, 300, id="1x9-C300-two-blocks"),
+    pytest.param(3, 4, 1, 33, id="W1"),
+])
+def test_emulated_peg_kernels_match_the_reference(peg_harness, tmp_path, batch, height, width, chans):
+    tokens = height * width
+    x = torch.randn(batch, tokens, chans)
+    weight = torch.randn(chans, 1, 3, 3)
+    bias = torch.randn(chans)
+    grad_out = torch.randn(batch, tokens, chans)
+    out, grad_x, sums = run_harness(peg_harness, tmp_path, [x, weight.reshape(chans, 9), bias, grad_out],
+                                    [batch, height, width, chans], [batch * tokens * chans] * 2 + [10 * chans])
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
+    expected = peg_reference(x64, w64, b64, (height, width))
+    expected.backward(grad_out.double())
+    assert rel_err(out.view(batch, tokens, chans), expected) <= TOL
+    assert rel_err(grad_x.view(batch, tokens, chans), x64.grad) <= TOL
+    sums = sums.view(10, chans)
+    assert rel_err(sums[:9].t().reshape(chans, 1, 3, 3), w64.grad) <= TOL
+    assert rel_err(sums[9], b64.grad) <= TOL
