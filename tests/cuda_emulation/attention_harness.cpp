@@ -5,6 +5,7 @@
 //   attention_harness gsa IN OUT B N M C heads scale
 //     IN: q (B,N,C), kv (B,M,2C), grad_out (B,N,C)        OUT: out, lse, grad_q, grad_kv
 #include "emulate.h"
+#include "harness_io.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -15,17 +16,6 @@
 #include "lsa_geometry.cuh"
 
 using namespace twins_kernels;
-
-static std::vector<float> read_floats(FILE* f, size_t n) {
-  std::vector<float> v(n);
-  if (fread(v.data(), sizeof(float), n, f) != n) {
-    fprintf(stderr, "short input\n");
-    exit(2);
-  }
-  return v;
-}
-
-static void write_floats(FILE* f, const std::vector<float>& v) { fwrite(v.data(), sizeof(float), v.size(), f); }
 
 // delta[b, h, n] = sum_d grad_out[b, n, h*D + d] * out[b, n, h*D + d]: what the host code computes
 static std::vector<float> row_dots(const std::vector<float>& g, const std::vector<float>& o, long batch, long tokens,

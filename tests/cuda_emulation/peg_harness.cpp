@@ -3,6 +3,7 @@
 //   peg_harness IN OUT B H W C      IN: x (B,N,C), weight (C,9), bias (C), grad_out (B,N,C)
 //   OUT: out = x + bias + conv(x); grad_x = g + conv(g, flipped weight); sums (10, C) over the partials
 #include "emulate.h"
+#include "harness_io.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -11,15 +12,6 @@
 #include "peg_kernels.cuh"
 
 using namespace twins_kernels::peg;
-
-static std::vector<float> read_floats(FILE* f, size_t n) {
-  std::vector<float> v(n);
-  if (fread(v.data(), sizeof(float), n, f) != n) {
-    fprintf(stderr, "short input\n");
-    exit(2);
-  }
-  return v;
-}
 
 int main(int argc, char** argv) {
   FILE* in = fopen(argv[1], "rb");
@@ -57,7 +49,7 @@ int main(int argc, char** argv) {
   for (int64_t p = 0; p < programs; ++p)
     for (int64_t i = 0; i < kPartialSlots * chans; ++i) sums[i] += partial[p * kPartialSlots * chans + i];
 
-  for (const auto* v : {&out, &grad_x, &sums}) fwrite(v->data(), sizeof(float), v->size(), out_file);
+  for (const auto* v : {&out, &grad_x, &sums}) write_floats(out_file, *v);
   fclose(in);
   fclose(out_file);
   return 0;
