@@ -13,7 +13,9 @@
 //   int num_keys(QueryBlock) / int num_queries(KeyBlock)    how many keys (queries) to loop over
 //   bool query(QueryBlock, i, Row&) / bool key(QueryBlock, j, KeyRow&)  slot i's row (false: none)
 //   bool key_of(KeyBlock, j, KeyRow&) / bool query_of(KeyBlock, i, Row&) the same for key blocks
-//   void store_out(...), store_dq(...), store_dkdv(...)     where results go
+//   out_row(block, query) / grad_out_row(block, query) / lse_index(block, query)  a query's outputs
+//   store_dq(block, query, dq) / store_dkdv(block, slot, key, dk, dv)             where gradients go
+// and the fields head_dim, lse (written by the forward) and delta (read by the backward).
 #pragma once
 
 #ifdef __CUDACC__
@@ -204,11 +206,11 @@ __global__ void attention_dkdv_kernel(Geometry geo, float scale) {
       Row<scalar_t> query;
       const bool valid = i0 + i < queries && geo.query_of(block, i0 + i, query);
       q_tile[i][d] = valid ? load(query.ptr + d * query.stride) * scale : 0.f;
-      o_tile[i][d] = valid ? load(geo.grad_out_row_of(block, query) + d) : 0.f;
+      o_tile[i][d] = valid ? load(geo.grad_out_row(block, query) + d) : 0.f;
       if (d == 0) {
         q_valid[i] = valid;
-        lse_tile[i] = valid ? geo.lse[geo.lse_index_of(block, query)] : 0.f;
-        delta_tile[i] = valid ? geo.delta[geo.lse_index_of(block, query)] : 0.f;
+        lse_tile[i] = valid ? geo.lse[geo.lse_index(block, query)] : 0.f;
+        delta_tile[i] = valid ? geo.delta[geo.lse_index(block, query)] : 0.f;
       }
     });
     __syncthreads();

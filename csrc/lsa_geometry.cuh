@@ -90,13 +90,9 @@ struct LsaGeometry {
   __device__ const scalar_t* grad_out_row(const Block& blk, const Row<scalar_t>& row) const {
     return grad_out + token_offset(blk, row);
   }
-  __device__ const scalar_t* grad_out_row_of(const Block& blk, const Row<scalar_t>& row) const {
-    return grad_out_row(blk, row);
-  }
   __device__ int64_t lse_index(const Block& blk, const Row<scalar_t>& row) const {
     return (blk.b * heads + blk.h) * tokens() + row.token;
   }
-  __device__ int64_t lse_index_of(const Block& blk, const Row<scalar_t>& row) const { return lse_index(blk, row); }
 
   template <int kMax>
   __device__ void store_dq(const Block& blk, const Row<scalar_t>& row, const float (&dq)[kMax]) const {
