@@ -37,16 +37,21 @@ def build_variant(variant: str, timm_module, fused_cls):
     (sharing the timm module's parameters) on the named backend; skips a backend that cannot run."""
     import copy
 
-    from twins_kernels.backend import backend_status
-
     if variant == "timm":
         return timm_module
     if variant == "timm_compile":
         return torch.compile(copy.deepcopy(timm_module))
-    status = backend_status(variant, "cuda")
+    skip_unless_available(variant)
+    return fused_cls.from_module(timm_module, backend=variant)
+
+
+def skip_unless_available(backend: str):
+    """Skip the calling benchmark, with the reason, unless ``backend`` can run on CUDA tensors here."""
+    from twins_kernels.backend import backend_status
+
+    status = backend_status(backend, "cuda")
     if not status.available:
         pytest.skip(status.reason)
-    return fused_cls.from_module(timm_module, backend=variant)
 
 
 def timed_pass(module, x, size, pass_: str):

@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from timm.models.twins import GlobalSubSampleAttn
 
 from twins_kernels import FusedGSA
-from twins_kernels.backend import backend_status
 from twins_kernels.ops import gsa_attention
 
 from conftest import (DTYPES, IMAGE_SIZES, PCPVT_S_STAGES, SVT_S_STAGES, VARIANTS, build_variant, record,
-                      requires_gpu, stage_map, timed_pass)
+                      requires_gpu, skip_unless_available, stage_map, timed_pass)
 
 SR_RATIOS = (8, 4, 2, 1)
 MODELS = {
@@ -72,9 +71,7 @@ def test_gsa_sr1_attention_core(benchmark, roofline, image, variant):
             k, v = kv.view(batch, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             F.scaled_dot_product_attention(qh, k, v).transpose(1, 2).reshape(batch, -1, dim)
     else:
-        status = backend_status(variant, "cuda")
-        if not status.available:
-            pytest.skip(status.reason)
+        skip_unless_available(variant)
 
         def run():
             gsa_attention(q, kv, heads, backend=variant)

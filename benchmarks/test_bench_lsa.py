@@ -10,10 +10,10 @@ import torch
 from timm.models.twins import LocallyGroupedAttn
 
 from twins_kernels import FusedLSA
-from twins_kernels.backend import backend_status
 from twins_kernels.ops import lsa
 
-from conftest import DTYPES, IMAGE_SIZES, SVT_S_STAGES, VARIANTS, build_variant, record, requires_gpu, stage_map, timed_pass
+from conftest import (DTYPES, IMAGE_SIZES, SVT_S_STAGES, VARIANTS, build_variant, record, requires_gpu,
+                      skip_unless_available, stage_map, timed_pass)
 
 WS = 7
 CASES = [
@@ -55,9 +55,7 @@ def test_lsa_module(benchmark, roofline, image, stage, pass_, variant):
 @requires_gpu
 @pytest.mark.parametrize("image,stage,backend", CORE_CASES)
 def test_lsa_attention_core(benchmark, roofline, image, stage, backend):
-    status = backend_status(backend, "cuda")
-    if not status.available:
-        pytest.skip(status.reason)
+    skip_unless_available(backend)
     dim, heads = SVT_S_STAGES[stage]
     height, width = stage_map(image, stage)
     batch = IMAGE_SIZES[image]

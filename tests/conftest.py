@@ -35,7 +35,17 @@ def _fresh_seed(request):
 
 
 def cuda_backend_reason():
+    """Why the cuda backend cannot run here, or None when it can."""
     from twins_kernels.backend import backend_status
 
     status = backend_status("cuda", "cuda" if HAS_GPU else "cpu")
     return None if status.available else status.reason
+
+
+def skip_unless_available(backend: str):
+    """Skip the calling test, with the reason, unless ``backend`` can run on CUDA tensors here."""
+    from twins_kernels.backend import backend_status
+
+    status = backend_status(backend, "cuda")
+    if not status.available:
+        pytest.skip(status.reason)

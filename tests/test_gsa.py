@@ -18,7 +18,7 @@ from twins_kernels.ops.gsa import (
 )
 from twins_kernels.testing import module_parity_errors
 
-from conftest import KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_unless_available
 from parity import DTYPE_IDS, TOLERANCE, assert_rel_close, check_module_parity, make_tokens
 
 # (B, H, W, dim, heads, sr): Twins' head dims 32 and 64 and the 16 / 128 ends, every sr Twins uses and 3,
@@ -253,9 +253,8 @@ def test_head_dim_outside_the_kernels_raises_on_kernel_backends_only():
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_opcheck(backend):
     """torch.library's own checks: schema, fake (meta) outputs against real ones, autograd registration."""
-    reason = cuda_backend_reason() if backend == "cuda" else None
-    if reason:
-        pytest.skip(reason)
+    if backend == "cuda":
+        skip_unless_available("cuda")
 
     def make(*shape):
         return torch.randn(*shape, device=KERNEL_DEVICE, requires_grad=True)
@@ -344,9 +343,7 @@ def test_device_mix_raises():
     pytest.param(2, 32, 32, 320, 5, 2, id="pcpvt-s-512-stage3"),
 ])
 def test_cuda_backend_matches_timm(batch, height, width, dim, heads, sr, dtype):
-    reason = cuda_backend_reason()
-    if reason:
-        pytest.skip(reason)
+    skip_unless_available("cuda")
     x = make_tokens(batch, height, width, dim, dtype, "cuda")
     module = GlobalSubSampleAttn(dim, num_heads=heads, sr_ratio=sr)
     check_gsa_parity(module, "cuda", x, (height, width), dtype)

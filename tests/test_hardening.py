@@ -22,7 +22,7 @@ from twins_kernels.ops import (
     peg_reference,
 )
 
-from conftest import HAS_GPU, KERNEL_DEVICE, requires_gpu
+from conftest import HAS_GPU, KERNEL_DEVICE, requires_gpu, skip_unless_available
 from parity import TOLERANCE, make_tokens, rel_err
 
 # CPU examples run in the Triton interpreter: keep the budget to seconds per property
@@ -156,9 +156,7 @@ def test_nan_in_attention_inputs_propagates_like_the_reference(make_case, chans)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_peg_offsets_past_2_to_the_31(backend):
     """B*N*C = 3 * 512*512 * 4096 > 2^31 elements: offsets must be 64-bit."""
-    status = twins_kernels.backend.backend_status(backend, "cuda")
-    if not status.available:
-        pytest.skip(status.reason)
+    skip_unless_available(backend)
     batch, height, width, chans = 3, 512, 512, 4096
     x = torch.randn(batch, height * width, chans, device="cuda", dtype=torch.bfloat16)
     assert x.numel() > 2**31
@@ -175,9 +173,7 @@ def test_peg_offsets_past_2_to_the_31(backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_lsa_offsets_past_2_to_the_31(backend):
     """qkv of 2 x 512*512 x 4608 > 2^31 elements (C = 1536, 24 heads of 64)."""
-    status = twins_kernels.backend.backend_status(backend, "cuda")
-    if not status.available:
-        pytest.skip(status.reason)
+    skip_unless_available(backend)
     batch, height, width, chans, heads = 2, 512, 509, 1536, 24  # 509: padded windows at the edge too
     qkv = torch.randn(batch, height * width, 3 * chans, device="cuda", dtype=torch.bfloat16)
     assert qkv.numel() > 2**31
@@ -191,9 +187,7 @@ def test_lsa_offsets_past_2_to_the_31(backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gsa_offsets_past_2_to_the_31(backend):
     """q of 2 x 1024*1024 x 1024 > 2^31 elements, against 1024 sub-sampled keys."""
-    status = twins_kernels.backend.backend_status(backend, "cuda")
-    if not status.available:
-        pytest.skip(status.reason)
+    skip_unless_available(backend)
     batch, tokens, keys, chans, heads = 2, 1024 * 1024, 1024, 1024, 16
     q = torch.randn(batch, tokens, chans, device="cuda", dtype=torch.bfloat16)
     assert q.numel() > 2**31

@@ -8,7 +8,7 @@ import twins_kernels
 from twins_kernels import FusedLSA
 from twins_kernels.ops import lsa, lsa_reference
 
-from conftest import KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu, skip_unless_available
 from parity import DTYPE_IDS, assert_rel_close, check_module_parity, make_tokens
 
 
@@ -381,9 +381,7 @@ def test_triton_large_shapes_on_gpu(batch, height, width, dim, heads, ws, dtype)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("batch,height,width,dim,heads,ws", SHAPES + GPU_SHAPES)
 def test_cuda_backend_matches_timm(batch, height, width, dim, heads, ws, dtype):
-    reason = cuda_backend_reason()
-    if reason:
-        pytest.skip(reason)
+    skip_unless_available("cuda")
     x = make_tokens(batch, height, width, dim, dtype, "cuda", contiguous=False)
     check_module_parity(LocallyGroupedAttn(dim, heads, ws=ws), fused_on("cuda"), x, (height, width), dtype)
     if padded_on_both_sides(height, width, ws) or (height % ws == 0 and width % ws == 0):

@@ -7,7 +7,7 @@ import twins_kernels
 from twins_kernels import FusedPEG
 from twins_kernels.ops import peg, peg_reference
 
-from conftest import HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu
+from conftest import HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_unless_available
 from parity import DTYPE_IDS, check_module_parity, make_tokens
 
 # (B, H, W, C): Twins' real stage widths, and odd sizes: batch 1, a single row, a prime token count,
@@ -70,9 +70,7 @@ def test_grouped_in_chans_runs_the_reference():
     pytest.param(2, 32, 32, 512, id="svt-s-512-stage3-bs2"),
 ])
 def test_cuda_backend_matches_timm(batch, height, width, chans, dtype):
-    reason = cuda_backend_reason()
-    if reason:
-        pytest.skip(reason)
+    skip_unless_available("cuda")
     x = make_tokens(batch, height, width, chans, dtype, "cuda")
     check_module_parity(PosConv(chans, chans), fused_on("cuda"), x, (height, width), dtype)
     x = make_tokens(batch, height, width, chans, dtype, "cuda", contiguous=False)
