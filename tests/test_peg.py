@@ -159,7 +159,8 @@ BAD_INPUTS = [
     ("bias shape", lambda x, w, b: peg(x, w, b[:3], (4, 5)), ValueError, "bias has shape (3,)"),
     ("dtype", lambda x, w, b: peg(x.int(), w, b, (4, 5)), TypeError, "torch.int32"),
     ("not a tensor", lambda x, w, b: peg(x.tolist(), w, b, (4, 5)), TypeError, "list"),
-    ("stride", lambda x, w, b: peg(x, w, b, (4, 5), stride=0), ValueError, "stride"),
+    ("stride", lambda x, w, b: peg(x, w, b, (4, 5), stride=0), ValueError, "stride must be >= 1, got 0"),
+    ("stride not an int", lambda x, w, b: peg(x, w, b, (4, 5), stride=1.0), TypeError, "stride must be an int"),
     ("unknown backend", lambda x, w, b: peg(x, w, b, (4, 5), backend="cudnn"), ValueError, "cudnn"),
 ]
 

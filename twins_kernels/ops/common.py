@@ -32,6 +32,24 @@ def empty_output(shape: Sequence[int], like: torch.Tensor, dtype: torch.dtype | 
     return out
 
 
+def check_int(value, name: str, low: int = 1, high: int | None = None) -> int:
+    """An int (not a bool) in low..high: TypeError for any other type, ValueError out of range."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def check_float(value, name: str) -> float:
+    """A real number (int or float, not a bool), as a float: TypeError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {value!r} of type {type(value).__name__}")
+    return float(value)
+
+
 def check_size(size, what: str = "size") -> tuple[int, int]:
     """``size`` must be a pair of positive ints (H, W), as timm passes it."""
     if isinstance(size, torch.Size):
@@ -39,12 +57,7 @@ def check_size(size, what: str = "size") -> tuple[int, int]:
     if not isinstance(size, (tuple, list)) or len(size) != 2:
         raise ValueError(f"{what} must be a pair (H, W) of positive ints, got {size!r}")
     height, width = size
-    for name, value in (("H", height), ("W", width)):
-        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-            raise TypeError(f"{what}: {name} must be an int, got {value!r} of type {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"{what}: {name} must be >= 1, got {value}")
-    return height, width
+    return check_int(height, f"{what}: H"), check_int(width, f"{what}: W")
 
 
 def check_tokens(x, size, *, channels: int | None = None, name: str = "x") -> tuple[int, int, int, int, int]:

@@ -66,6 +66,8 @@ from .common import (
     KERNEL_DTYPES,
     accumulation_dtype,
     attention_backend,
+    check_float,
+    check_int,
     check_param,
     check_tokens,
     cuda_ops,
@@ -895,18 +897,6 @@ gsa_subsample_forward_op.register_autograd(_subsample_backward, setup_context=_s
 # ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {value!r} of type {type(value).__name__}")
-    return float(value)
-
-
 def gsa_attention(q, kv, num_heads: int, scale: float | None = None, backend: str | None = None):
     """softmax(q k^T * scale) v per head: GSA's attention core.
 
@@ -932,10 +922,10 @@ def gsa_attention(q, kv, num_heads: int, scale: float | None = None, backend: st
         raise TypeError(f"kv has dtype {kv.dtype} but q has {q.dtype}; pass both in one dtype")
     if kv.device != q.device:
         raise ValueError(f"kv is on {kv.device} but q is on {q.device}; move both to one device")
-    _check_positive_int(num_heads, "num_heads")
+    check_int(num_heads, "num_heads")
     if chans % num_heads != 0:
         raise ValueError(f"C={chans} is not divisible by num_heads={num_heads}")
-    scale = (chans // num_heads) ** -0.5 if scale is None else _check_float(scale, "scale")
+    scale = (chans // num_heads) ** -0.5 if scale is None else check_float(scale, "scale")
     if not torch.compiler.is_compiling():
         _attention_backend(q, num_heads, backend or "")  # fail here, naming what is wrong, not inside the op
     return gsa_attention_forward_op(q, kv, num_heads, scale, backend or "")[0]
@@ -952,13 +942,13 @@ def gsa_subsample(x, size, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio:
     PyTorch reference for this part).
     """
     _, _, chans, height, width = check_tokens(x, size)
-    _check_positive_int(sr_ratio, "sr_ratio")
+    check_int(sr_ratio, "sr_ratio")
     if height < sr_ratio or width < sr_ratio:
         raise ValueError(f"size {height}x{width} is smaller than sr_ratio={sr_ratio}: the conv has no full patch")
     check_param(sr_weight, "sr_weight", (chans, chans, sr_ratio, sr_ratio), x)
     for name, t in (("sr_bias", sr_bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         check_param(t, name, (chans,), x)
-    eps = _check_float(eps, "eps")
+    eps = check_float(eps, "eps")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if backend is not None and not torch.compiler.is_compiling():

@@ -73,6 +73,8 @@ from ._triton import TRITON_DTYPES, tl, triton
 from .common import (
     accumulation_dtype,
     attention_backend,
+    check_float,
+    check_int,
     check_param,
     check_tokens,
     cuda_ops,
@@ -633,12 +635,6 @@ lsa_forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------
-def _check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
-    return value
-
-
 def lsa(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None, pad_mode: str = "zero",
         backend: str | None = None):
     """LSA's attention core: softmax(q k^T * scale) v inside each ws x ws window, per head.
@@ -655,21 +651,14 @@ def lsa(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None
     if chans3 % 3 != 0:
         raise ValueError(f"qkv has {chans3} channels; expected 3C (q, k and v), a multiple of 3")
     chans = chans3 // 3
-    num_heads = _check_int(num_heads, "num_heads")
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    num_heads = check_int(num_heads, "num_heads")
     if chans % num_heads != 0:
         raise ValueError(f"C = {chans3} / 3 = {chans} is not divisible by num_heads={num_heads}")
-    ws = _check_int(ws, "ws")
-    if not MIN_WS <= ws <= MAX_WS:
-        raise ValueError(f"ws must be in {MIN_WS}..{MAX_WS}, got {ws}")
+    ws = check_int(ws, "ws", MIN_WS, MAX_WS)
     check_param(qkv_bias, "qkv_bias", (chans3,), qkv)
     if pad_mode not in PAD_MODES:
         raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
-    if scale is None:
-        scale = (chans // num_heads) ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {scale!r} of type {type(scale).__name__}")
+    scale = (chans // num_heads) ** -0.5 if scale is None else check_float(scale, "scale")
     if not torch.compiler.is_compiling():
         _kernel_backend(qkv, num_heads, backend or "")  # fail here, naming what is wrong, not inside the op
     return lsa_forward_op(qkv, qkv_bias, height, width, ws, num_heads, float(scale), pad_mode == "mask",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..backend import resolve_backend
 from ._triton import TRITON_DTYPES, tl, triton
-from .common import accumulation_dtype, check_param, check_tokens, cuda_ops, empty_output, launch_device
+from .common import accumulation_dtype, check_int, check_param, check_tokens, cuda_ops, empty_output, launch_device
 
 NUM_TAPS = 9  # 3 x 3 depthwise kernel
 PARTIAL_SLOTS = NUM_TAPS + 1  # the nine weight taps and the bias
@@ -296,8 +296,7 @@ def peg(x, weight, bias=None, size=None, stride: int = 1, backend: str | None = 
     ``backend``: "auto" | "triton" | "cuda" | "torch", or None for the ambient choice.
     """
     batch, tokens, chans, height, width = check_tokens(x, size)
-    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
-        raise ValueError(f"stride must be a positive int, got {stride!r}")
+    check_int(stride, "stride")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"weight must be a (C_out, C / C_out, 3, 3) tensor, got {getattr(weight, 'shape', weight)!r}")
     out_chans = weight.shape[0]
