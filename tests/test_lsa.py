@@ -67,6 +67,7 @@ SHAPES = [
     pytest.param(2, 6, 5, 32, 1, 2, id="ws2-6x5"),
     pytest.param(1, 9, 11, 64, 4, 4, id="ws4-9x11-D16"),
     pytest.param(1, 5, 6, 128, 1, 3, id="ws3-D128"),
+    pytest.param(1, 9, 10, 128, 1, 7, id="ws7-D128"),  # fp32: 32-slot blocks (lsa_tiles), the dQ kernel
     pytest.param(1, 10, 11, 32, 1, 9, id="ws9-128-slots"),
     pytest.param(1, 17, 16, 16, 1, 16, id="ws16-256-slots"),
 ]
@@ -199,6 +200,24 @@ def test_gradcheck_float64(backend, size, ws, pad_mode):
         def fn(q, b):
             return lsa(q, b, size, 1, ws, pad_mode=pad_mode, backend=backend)
     assert torch.autograd.gradcheck(fn, (qkv, bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_tiles_fit_the_shared_memory_budget(dtype, backward):
+    """Every ws and head_dim gets power-of-two blocks of at least 16 slots (tl.dot) that tile the window
+    and keep one operand tile within MAX_TILE_BYTES; 16-bit tiles stay 64 slots (the H100 choice)."""
+    from twins_kernels.ops.lsa import MAX_TILE_BYTES, lsa_tiles
+
+    for ws in range(2, 17):
+        for head_dim in range(16, 129, 8):
+            tiles = lsa_tiles(ws, head_dim, dtype, backward)
+            for block in (tiles.block_q, tiles.block_k):
+                assert block >= 16 and block & (block - 1) == 0 and tiles.slots % block == 0, (ws, head_dim, tiles)
+                assert block * tiles.block_d * dtype.itemsize <= MAX_TILE_BYTES, (ws, head_dim, tiles)
+            assert tiles.slots >= ws * ws and tiles.block_d >= head_dim
+            if dtype.itemsize == 2:
+                assert tiles.block_q == min(tiles.slots, 64), (ws, head_dim, tiles)
 
 
 def test_padded_bias_gradient_is_bitwise_reproducible():

@@ -458,7 +458,13 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def lsa_tiles(ws: int, head_dim: int, backward: bool) -> LsaTiles:
+# Bytes of one (block x head_dim) operand tile. The kernels stage q, k, v (and in the backward dO and
+# the dK, dV accumulators) through shared memory, several tiles at once; at 16 KiB a tile, every kernel
+# fits one thread block of an A100 (163 KiB) and an H100 (227 KiB): tests/triton_aot.py checks it.
+MAX_TILE_BYTES = 16 * 1024
+
+
+def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> LsaTiles:
     """H100 tiles. Twins runs ws = 7 (49 slots in a 64-slot tile) at head_dim 32 in every stage: the
     window is one 64 x 64 block, so a program does one window-head in one pass (forward: QK^T, PV;
     backward: five 64 x 64 x D dots, dQ included) and the op is bound by reading qkv. A program per
@@ -469,10 +475,12 @@ def lsa_tiles(ws: int, head_dim: int, backward: bool) -> LsaTiles:
     4 query x 4 key blocks), so the score tile never exceeds 64 x 64. 4 warps; 8 where the head_dim
     doubles the operands (above 64 in the forward, above 32 in the backward, which holds q, k, v, dO,
     dK, dV); 2 for 16-slot windows (ws <= 4). The loops run once for windows of one block (no stages
-    to pipeline), so num_stages is 1 there and 2 for ws > 8."""
+    to pipeline), so num_stages is 1 there and 2 for ws > 8. Wide fp32 and fp64 rows (4 and 8 bytes
+    an element) take fewer slots per block, so a tile stays within MAX_TILE_BYTES: 16-bit tiles are
+    64 slots up to head_dim 128, fp32 tiles from head_dim 128 and fp64 tiles from 64 are smaller."""
     slots = max(16, _next_pow2(ws * ws))
-    block = min(slots, 64)
     block_d = max(16, _next_pow2(head_dim))
+    block = min(slots, 64, max(16, MAX_TILE_BYTES // (block_d * dtype.itemsize)))
     if block <= 16:
         num_warps = 2
     else:
@@ -503,7 +511,7 @@ def lsa_forward_triton(qkv, qkv_bias, height: int, width: int, ws: int, num_head
     chans = chans3 // 3
     head_dim = chans // num_heads
     acc = accumulation_dtype(qkv.dtype)
-    tiles = lsa_tiles(ws, head_dim, backward=False)
+    tiles = lsa_tiles(ws, head_dim, qkv.dtype, backward=False)
     windows, windows_w = _window_grid(height, width, ws)
     out = empty_output((batch, tokens, chans), qkv)
     lse = empty_output((batch, num_heads, tokens), qkv, dtype=acc)
@@ -527,7 +535,7 @@ def lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height: int, width: i
     chans = chans3 // 3
     head_dim = chans // num_heads
     acc = accumulation_dtype(qkv.dtype)
-    tiles = lsa_tiles(ws, head_dim, backward=True)
+    tiles = lsa_tiles(ws, head_dim, qkv.dtype, backward=True)
     windows, windows_w = _window_grid(height, width, ws)
     key_blocks = tiles.slots // tiles.block_k
     has_padded_keys = not mask_padding and (height % ws != 0 or width % ws != 0)
