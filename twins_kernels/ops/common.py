@@ -96,6 +96,22 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input_precision: fp32 inputs must not be rounded to tf32 (fp32 parity is 1e-5), so
+    fp32 and fp64 dots are "ieee" (on the FMA units); the default suits 16-bit inputs (tensor cores)."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else None
+
+
+def scalar_arg(value: float, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float for a kernel as a one-element tensor: a float argument would be fp32, a tensor keeps
+    fp64 exact for float64 inputs."""
+    return torch.full((1,), value, device=like.device, dtype=dtype)
+
+
 def launch_device(t: torch.Tensor):
     """A context that makes ``t``'s GPU current, so kernels launch on the right device and stream."""
     if t.device.type == "cuda":

@@ -55,7 +55,6 @@ fp64 lse):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +70,11 @@ from .common import (
     check_param,
     check_tokens,
     cuda_ops,
+    dot_precision,
     empty_output,
     launch_device,
+    next_pow2,
+    scalar_arg,
 )
 
 REFERENCE_QUERY_CHUNK = 1024  # the reference attention holds chunk x M scores, never N x M
@@ -574,23 +576,9 @@ INTERPRETER_TARGET_PROGRAMS = 8
 SPLIT_PROGRAMS_PER_SM = 2
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _block(limit: int, extent: int) -> int:
     """A power-of-two block of at most ``limit``, no larger than ``extent`` needs, at least 16 (tl.dot)."""
-    return min(limit, max(16, _next_pow2(extent)))
-
-
-def _dot_precision(dtype: torch.dtype) -> Optional[str]:
-    # fp32 inputs must not be rounded to tf32 (fp32 parity is 1e-5); the default suits 16-bit inputs
-    return "ieee" if dtype in (torch.float32, torch.float64) else None
-
-
-def _scalar(value: float, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # a float kernel argument would be fp32; a one-element tensor keeps fp64 exact for float64 inputs
-    return torch.full((1,), value, device=like.device, dtype=dtype)
+    return min(limit, max(16, next_pow2(extent)))
 
 
 def attention_tiles(dtype: torch.dtype, head_dim: int, tokens: int, keys: int, backward: bool) -> AttentionTiles:
@@ -648,10 +636,10 @@ def gsa_attention_forward_triton(q, kv, num_heads: int, scale: float):
     grid = (triton.cdiv(tokens, tiles.block_m), batch * num_heads)
     with launch_device(q):
         gsa_attention_forward_kernel[grid](
-            q, kv, out, lse, _scalar(scale, q, acc), tokens, keys, chans, num_heads, head_dim,
+            q, kv, out, lse, scalar_arg(scale, q, acc), tokens, keys, chans, num_heads, head_dim,
             *q.stride(), *kv.stride(),
-            ACC=TRITON_DTYPES[acc], DOT_PRECISION=_dot_precision(q.dtype),
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=_next_pow2(head_dim),
+            ACC=TRITON_DTYPES[acc], DOT_PRECISION=dot_precision(q.dtype),
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=next_pow2(head_dim),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
     return out, lse
@@ -666,9 +654,9 @@ def gsa_attention_backward_triton(grad_out, q, kv, out, lse, num_heads: int, sca
     acc = accumulation_dtype(q.dtype)
     tiles = attention_tiles(q.dtype, head_dim, tokens, keys, backward=True)
     out, lse = out.contiguous(), lse.contiguous()
-    scale_t = _scalar(scale, q, acc)
-    common = dict(ACC=TRITON_DTYPES[acc], DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=tiles.block_m,
-                  BLOCK_N=tiles.block_n, BLOCK_D=_next_pow2(head_dim), num_warps=tiles.num_warps,
+    scale_t = scalar_arg(scale, q, acc)
+    common = dict(ACC=TRITON_DTYPES[acc], DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=tiles.block_m,
+                  BLOCK_N=tiles.block_n, BLOCK_D=next_pow2(head_dim), num_warps=tiles.num_warps,
                   num_stages=tiles.num_stages)
 
     delta = empty_output((batch, num_heads, tokens), q, dtype=acc)
@@ -724,9 +712,9 @@ def gsa_subsample_forward_triton(x, sr_weight, sr_bias, norm_weight, norm_bias, 
     rstd = empty_output((batch, keys), x, dtype=acc)
     with launch_device(x):
         gsa_subsample_forward_kernel[(triton.cdiv(rows, tiles.block_r),)](
-            x, weight, sr_bias, norm_weight, norm_bias, out, y, mean, rstd, _scalar(eps, x, acc),
+            x, weight, sr_bias, norm_weight, norm_bias, out, y, mean, rstd, scalar_arg(eps, x, acc),
             rows, keys, out_w, width, chans, sr_ratio, *x.stride(), *weight.stride(),
-            ACC=TRITON_DTYPES[acc], DOT_PRECISION=_dot_precision(x.dtype),
+            ACC=TRITON_DTYPES[acc], DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=tiles.block_r, BLOCK_K=tiles.block_c, BLOCK_CO=tiles.block_co,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
@@ -763,12 +751,12 @@ def gsa_subsample_backward_triton(grad_out, x, sr_weight, norm_weight, y, mean, 
         )
         gsa_subsample_weight_grad_kernel[(triton.cdiv(chans, tiles.block_co), sr_ratio * sr_ratio * c_blocks)](
             grad_y, x, grad_w, *geometry, width, chans, sr_ratio, *x.stride(), *grad_w.stride(),
-            ACC=TRITON_DTYPES[acc], DOT_PRECISION=_dot_precision(x.dtype),
+            ACC=TRITON_DTYPES[acc], DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=tiles.block_r, BLOCK_CO=tiles.block_co, BLOCK_C=tiles.block_c, **common,
         )
         gsa_subsample_input_grad_kernel[(programs, sr_ratio * sr_ratio, c_blocks)](
             grad_y, weight, grad_x, *geometry, tokens, width, chans, sr_ratio, *weight.stride(),
-            ACC=TRITON_DTYPES[acc], DOT_PRECISION=_dot_precision(x.dtype),
+            ACC=TRITON_DTYPES[acc], DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=tiles.block_r, BLOCK_CO=tiles.block_co, BLOCK_C=tiles.block_c, **common,
         )
     sums = partial.sum(dim=0)

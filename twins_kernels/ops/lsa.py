@@ -78,8 +78,11 @@ from .common import (
     check_param,
     check_tokens,
     cuda_ops,
+    dot_precision,
     empty_output,
     launch_device,
+    next_pow2,
+    scalar_arg,
 )
 
 MIN_WS, MAX_WS = 2, 16  # 16 x 16 = 256 window slots bounds the tiles; ws = 1 is global attention (GSA)
@@ -454,10 +457,6 @@ class LsaTiles:
     num_stages: int
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 # Bytes of one (block x head_dim) operand tile. The kernels stage q, k, v (and in the backward dO and
 # the dK, dV accumulators) through shared memory, several tiles at once; at 16 KiB a tile, every kernel
 # fits one thread block of an A100 (163 KiB) and an H100 (227 KiB): tests/triton_aot.py checks it.
@@ -478,24 +477,14 @@ def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Lsa
     to pipeline), so num_stages is 1 there and 2 for ws > 8. Wide fp32 and fp64 rows (4 and 8 bytes
     an element) take fewer slots per block, so a tile stays within MAX_TILE_BYTES: 16-bit tiles are
     64 slots up to head_dim 128, fp32 tiles from head_dim 128 and fp64 tiles from 64 are smaller."""
-    slots = max(16, _next_pow2(ws * ws))
-    block_d = max(16, _next_pow2(head_dim))
+    slots = max(16, next_pow2(ws * ws))
+    block_d = max(16, next_pow2(head_dim))
     block = min(slots, 64, max(16, MAX_TILE_BYTES // (block_d * dtype.itemsize)))
     if block <= 16:
         num_warps = 2
     else:
         num_warps = 8 if block_d > (32 if backward else 64) else 4
     return LsaTiles(slots, block, block, block_d, num_warps, 1 if slots == block else 2)
-
-
-def _dot_precision(dtype: torch.dtype) -> Optional[str]:
-    # fp32 inputs must not be rounded to tf32 (fp32 parity is 1e-5); the default suits 16-bit inputs
-    return "ieee" if dtype in (torch.float32, torch.float64) else None
-
-
-def _scalar(value: float, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # a float kernel argument would be fp32; a one-element tensor keeps fp64 exact for float64 inputs
-    return torch.full((1,), value, device=like.device, dtype=dtype)
 
 
 def _window_grid(height: int, width: int, ws: int) -> tuple[int, int]:
@@ -518,10 +507,10 @@ def lsa_forward_triton(qkv, qkv_bias, height: int, width: int, ws: int, num_head
     grid = (batch * windows * num_heads, tiles.slots // tiles.block_q)
     with launch_device(qkv):
         lsa_forward_kernel[grid](
-            qkv, qkv_bias, out, lse, _scalar(scale, qkv, acc),
+            qkv, qkv_bias, out, lse, scalar_arg(scale, qkv, acc),
             height, width, chans, num_heads, head_dim, windows, windows_w, *qkv.stride(),
             WS=ws, SLOTS=tiles.slots, PAD_WITH_BIAS=not mask_padding,
-            ACC=TRITON_DTYPES[acc], DOT_PRECISION=_dot_precision(qkv.dtype),
+            ACC=TRITON_DTYPES[acc], DOT_PRECISION=dot_precision(qkv.dtype),
             BLOCK_Q=tiles.block_q, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
@@ -549,11 +538,11 @@ def lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height: int, width: i
         pad_grad = grad_qkv  # never written: HAS_PADDED_KEYS is off
     common = dict(
         WS=ws, SLOTS=tiles.slots, PAD_WITH_BIAS=not mask_padding, ACC=TRITON_DTYPES[acc],
-        DOT_PRECISION=_dot_precision(qkv.dtype), BLOCK_Q=tiles.block_q, BLOCK_K=tiles.block_k,
+        DOT_PRECISION=dot_precision(qkv.dtype), BLOCK_Q=tiles.block_q, BLOCK_K=tiles.block_k,
         BLOCK_D=tiles.block_d, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     dims = (height, width, chans, num_heads, head_dim, windows, windows_w, *qkv.stride(), *grad_out.stride())
-    scale_t = _scalar(scale, qkv, acc)
+    scale_t = scalar_arg(scale, qkv, acc)
     with_dq = key_blocks == 1
     with launch_device(qkv):
         lsa_backward_kernel[(base_programs, key_blocks)](

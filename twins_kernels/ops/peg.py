@@ -23,7 +23,16 @@ import torch.nn.functional as F
 
 from ..backend import resolve_backend
 from ._triton import TRITON_DTYPES, tl, triton
-from .common import accumulation_dtype, check_int, check_param, check_tokens, cuda_ops, empty_output, launch_device
+from .common import (
+    accumulation_dtype,
+    check_int,
+    check_param,
+    check_tokens,
+    cuda_ops,
+    empty_output,
+    launch_device,
+    next_pow2,
+)
 
 NUM_TAPS = 9  # 3 x 3 depthwise kernel
 PARTIAL_SLOTS = NUM_TAPS + 1  # the nine weight taps and the bias
@@ -166,12 +175,8 @@ def peg_weight_grad_kernel(
     tl.store(out + 9 * C, acc_bias, mask=c_mask)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _channel_block(chans: int) -> int:
-    return max(16, min(128, _next_pow2(chans)))
+    return max(16, min(128, next_pow2(chans)))
 
 
 def peg_conv3x3_triton(x, weight, bias, height: int, width: int, flip_weight: bool = False):
@@ -182,7 +187,7 @@ def peg_conv3x3_triton(x, weight, bias, height: int, width: int, flip_weight: bo
     w9 = weight.reshape(chans, NUM_TAPS).to(acc).contiguous()
     bias_acc = bias.to(acc).contiguous() if bias is not None else w9
     block_c = _channel_block(chans)
-    block_w = min(_next_pow2(width), max(1, 4096 // block_c))
+    block_w = min(next_pow2(width), max(1, 4096 // block_c))
     grid = (batch * height, triton.cdiv(width, block_w), triton.cdiv(chans, block_c))
     with launch_device(x):
         peg_conv3x3_kernel[grid](
@@ -205,7 +210,7 @@ def peg_weight_grad_triton(grad_out, x, height: int, width: int):
     acc = accumulation_dtype(x.dtype)
     partial = torch.empty((programs, PARTIAL_SLOTS, chans), device=x.device, dtype=acc)
     block_c = min(64, _channel_block(chans))
-    block_w = min(_next_pow2(width), 32)
+    block_w = min(next_pow2(width), 32)
     grid = (programs, triton.cdiv(chans, block_c))
     with launch_device(x):
         peg_weight_grad_kernel[grid](
