@@ -67,7 +67,7 @@ SHAPES = [
     pytest.param(2, 6, 5, 32, 1, 2, id="ws2-6x5"),
     pytest.param(1, 9, 11, 64, 4, 4, id="ws4-9x11-D16"),
     pytest.param(1, 5, 6, 128, 1, 3, id="ws3-D128"),
-    pytest.param(1, 9, 10, 128, 1, 7, id="ws7-D128"),  # fp32: 32-slot blocks (lsa_tiles), the dQ kernel
+    pytest.param(1, 9, 10, 128, 1, 7, id="ws7-D128"),  # fp32: 16-slot blocks (lsa_tiles), the dQ kernel
     pytest.param(1, 10, 11, 32, 1, 9, id="ws9-128-slots"),
     pytest.param(1, 17, 16, 16, 1, 16, id="ws16-256-slots"),
 ]
@@ -204,20 +204,23 @@ def test_gradcheck_float64(backend, size, ws, pad_mode):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_tiles_fit_the_shared_memory_budget(dtype, backward):
-    """Every ws and head_dim gets power-of-two blocks of at least 16 slots (tl.dot) that tile the window
-    and keep one operand tile within MAX_TILE_BYTES; 16-bit tiles stay 64 slots (the H100 choice)."""
-    from twins_kernels.ops.lsa import MAX_TILE_BYTES, lsa_tiles
+def test_tiles_tile_every_window(dtype, backward):
+    """Every ws and head_dim gets power-of-two blocks of at least 16 slots (tl.dot) that tile the window:
+    64 slots for 16-bit dtypes (tensor cores), at most 32 and FMA_MAX_TILE_ELEMENTS a tile on the FMA
+    units (fp32, fp64). That they compile and fit the GPU's shared memory is test_triton_aot's part."""
+    from twins_kernels.ops.common import FMA_MAX_ROWS, FMA_MAX_TILE_ELEMENTS
+    from twins_kernels.ops.lsa import lsa_tiles
 
     for ws in range(2, 17):
         for head_dim in range(16, 129, 8):
             tiles = lsa_tiles(ws, head_dim, dtype, backward)
+            assert tiles.slots >= ws * ws and tiles.block_d >= head_dim
             for block in (tiles.block_q, tiles.block_k):
                 assert block >= 16 and block & (block - 1) == 0 and tiles.slots % block == 0, (ws, head_dim, tiles)
-                assert block * tiles.block_d * dtype.itemsize <= MAX_TILE_BYTES, (ws, head_dim, tiles)
-            assert tiles.slots >= ws * ws and tiles.block_d >= head_dim
-            if dtype.itemsize == 2:
-                assert tiles.block_q == min(tiles.slots, 64), (ws, head_dim, tiles)
+                if dtype.itemsize == 2:
+                    assert block == min(tiles.slots, 64), (ws, head_dim, tiles)
+                else:
+                    assert block <= FMA_MAX_ROWS and block * tiles.block_d <= FMA_MAX_TILE_ELEMENTS, (ws, head_dim, tiles)
 
 
 def test_padded_bias_gradient_is_bitwise_reproducible():

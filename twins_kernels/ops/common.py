@@ -106,6 +106,25 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype in (torch.float32, torch.float64) else None
 
 
+# fp32 and fp64 dots run on the FMA units ("ieee"): each thread holds its share of the operand rows
+# and of the score tile in registers. Past 32 rows or 2048 elements a (rows x head_dim) tile, or with
+# a full tile on 4 warps or fewer, ptxas spills up to 9 KiB per thread (falling back to 32 registers;
+# seen for sm_80 and sm_90 with ptxas 12.9 and 13.0 by tests/triton_aot.py); within them, little or
+# nothing.
+FMA_MAX_ROWS, FMA_MAX_TILE_ELEMENTS = 32, 2048
+
+
+def fma_rows(block_d: int, limit: int = FMA_MAX_ROWS) -> int:
+    """Rows of a block whose dots run on the FMA units, for operand rows of block_d elements: at most
+    ``limit`` and FMA_MAX_TILE_ELEMENTS a tile, at least 16 (tl.dot's minimum)."""
+    return max(16, min(limit, FMA_MAX_TILE_ELEMENTS // block_d))
+
+
+def fma_warps(rows: int, block_d: int) -> int:
+    """Warps for an FMA-path program with (rows x block_d) operand tiles: 8 for a full tile, else 4."""
+    return 8 if rows * block_d >= FMA_MAX_TILE_ELEMENTS else 4
+
+
 def scalar_arg(value: float, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A float for a kernel as a one-element tensor: a float argument would be fp32, a tensor keeps
     fp64 exact for float64 inputs."""

@@ -72,6 +72,8 @@ from .common import (
     cuda_ops,
     dot_precision,
     empty_output,
+    fma_rows,
+    fma_warps,
     launch_device,
     next_pow2,
     scalar_arg,
@@ -585,18 +587,23 @@ def attention_tiles(dtype: torch.dtype, head_dim: int, tokens: int, keys: int, b
     """H100 tiles. 16-bit forward: 128 queries x 64 keys, the flash-attention sweet spot for tensor
     cores (4 warps up to head_dim 64, 8 at 128 where the accumulator doubles; 3 stages to pipeline the
     k/v loads, 2 at head_dim 128 for shared memory). Backward kernels hold k, v (or q, dO) and two
-    accumulators, so 64 x 64. fp32 with ieee precision runs on the FMA units, and fp64 (gradcheck only)
-    too: smaller tiles keep their operands in registers."""
+    accumulators, so 64 x 64. fp32 and fp64 (ieee precision) run on the FMA units, whose operands
+    live in registers (``fma_rows``, ``fma_warps``): 32 keys a block; the forward's queries 64 up to
+    head_dim 32, the backward's 32; both halved each time head_dim doubles beyond."""
     wide = head_dim > 64
     if dtype in (torch.float16, torch.bfloat16):
         if backward:
             tiles = AttentionTiles(64, 64, 8 if wide else 4, 2)
         else:
             tiles = AttentionTiles(128, 64, 8 if wide else 4, 2 if wide else 3)
-    elif dtype == torch.float32:
-        tiles = AttentionTiles(32, 32, 4, 1) if backward else AttentionTiles(64, 32, 4, 2)
     else:
-        tiles = AttentionTiles(32, 32, 4, 1)
+        block_d = next_pow2(head_dim)
+        if backward:
+            rows = fma_rows(block_d)
+            tiles = AttentionTiles(rows, rows, fma_warps(rows, block_d), 1)
+        else:
+            rows = fma_rows(block_d, 64)
+            tiles = AttentionTiles(rows, 32, fma_warps(rows, block_d), 2)
     return AttentionTiles(_block(tiles.block_m, tokens), _block(tiles.block_n, keys), tiles.num_warps, tiles.num_stages)
 
 

@@ -80,6 +80,8 @@ from .common import (
     cuda_ops,
     dot_precision,
     empty_output,
+    fma_rows,
+    fma_warps,
     launch_device,
     next_pow2,
     scalar_arg,
@@ -457,12 +459,6 @@ class LsaTiles:
     num_stages: int
 
 
-# Bytes of one (block x head_dim) operand tile. The kernels stage q, k, v (and in the backward dO and
-# the dK, dV accumulators) through shared memory, several tiles at once; at 16 KiB a tile, every kernel
-# fits one thread block of an A100 (163 KiB) and an H100 (227 KiB): tests/triton_aot.py checks it.
-MAX_TILE_BYTES = 16 * 1024
-
-
 def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> LsaTiles:
     """H100 tiles. Twins runs ws = 7 (49 slots in a 64-slot tile) at head_dim 32 in every stage: the
     window is one 64 x 64 block, so a program does one window-head in one pass (forward: QK^T, PV;
@@ -474,16 +470,21 @@ def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Lsa
     4 query x 4 key blocks), so the score tile never exceeds 64 x 64. 4 warps; 8 where the head_dim
     doubles the operands (above 64 in the forward, above 32 in the backward, which holds q, k, v, dO,
     dK, dV); 2 for 16-slot windows (ws <= 4). The loops run once for windows of one block (no stages
-    to pipeline), so num_stages is 1 there and 2 for ws > 8. Wide fp32 and fp64 rows (4 and 8 bytes
-    an element) take fewer slots per block, so a tile stays within MAX_TILE_BYTES: 16-bit tiles are
-    64 slots up to head_dim 128, fp32 tiles from head_dim 128 and fp64 tiles from 64 are smaller."""
+    to pipeline), so num_stages is 1 there and 2 for ws > 8. fp32 and fp64 dots run on the FMA units,
+    whose operands live in registers: their blocks are 32 slots (16 at head_dim 128; ``fma_rows``) on
+    4 or 8 warps (``fma_warps``), which also keeps every kernel within an A100's and an H100's shared
+    memory (tests/triton_aot.py)."""
     slots = max(16, next_pow2(ws * ws))
     block_d = max(16, next_pow2(head_dim))
-    block = min(slots, 64, max(16, MAX_TILE_BYTES // (block_d * dtype.itemsize)))
-    if block <= 16:
-        num_warps = 2
+    if dtype.itemsize == 2:
+        block = min(slots, 64)
+        if block <= 16:
+            num_warps = 2
+        else:
+            num_warps = 8 if block_d > (32 if backward else 64) else 4
     else:
-        num_warps = 8 if block_d > (32 if backward else 64) else 4
+        block = min(slots, fma_rows(block_d))
+        num_warps = fma_warps(block, block_d)
     return LsaTiles(slots, block, block, block_d, num_warps, 1 if slots == block else 2)
 
 
