@@ -12,7 +12,7 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST
 # A machine with a toolkit must build the extension: its registration test fails instead of skipping.
 REQUIRE_EXTENSION := $(if $(CUDA_HOME),1,0)
 
-.PHONY: demo test bench extension clean
+.PHONY: demo test bench kernel-report extension clean
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -32,6 +32,11 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PYTHON) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json
+
+# Every Triton kernel compiled for sm_90 and sm_80 without a GPU: shared memory, registers, spills, MMA
+kernel-report: $(VENV)/.installed
+	env -u TRITON_INTERPRET $(PYTHON) tests/triton_aot.py --arch 90 --arch 80 \
+		--json benchmarks/results/triton_kernels.json --markdown benchmarks/results/triton_kernels.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info twins_kernels/_C*.so

@@ -1,0 +1,111 @@
+"""Every Triton kernel compiles for the GPUs the package targets, and fits them, checked without a GPU.
+
+tests/triton_aot.py runs the real launchers with a compile-only Triton driver (see its docstring).
+Each architecture runs in its own subprocess, concurrently: the kernels must be JIT functions, and
+this process has them interpreted (TRITON_INTERPRET=1) when there is no GPU.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HAS_GPU
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHS = (90, 80)  # TORCH_CUDA_ARCH_LIST's default: H100 and A100
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    if HAS_GPU:
+        pytest.skip("a GPU is present: the GPU tests compile and launch every kernel for real")
+    pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas ships with it)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    folder = tmp_path_factory.mktemp("aot")
+    runs = {}
+    for arch in ARCHS:
+        report = folder / f"sm_{arch}.json"
+        command = [sys.executable, os.path.join(ROOT, "tests", "triton_aot.py"), "--quick", "--arch", str(arch),
+                   "--json", str(report)]
+        runs[arch] = (report, subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                               stderr=subprocess.STDOUT, text=True))
+    results = []
+    for arch, (report, process) in runs.items():
+        output, _ = process.communicate(timeout=1800)
+        assert report.exists(), f"sm_{arch}: the compile check produced no report:\n{output[-4000:]}"
+        results.extend(json.loads(report.read_text())["builds"])
+    return results
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+def test_every_kernel_compiles_and_fits(builds, arch):
+    ours = [b for b in builds if b["arch"] == arch]
+    kernels = {b["kernel"] for b in ours}
+    assert {"peg_conv3x3_kernel", "lsa_forward_kernel", "lsa_backward_dq_kernel", "gsa_attention_dkdv_kernel",
+            "gsa_subsample_input_grad_kernel"} <= kernels, f"launch cases missing: only {sorted(kernels)}"
+    failed = [f"{b['kernel']} ({b['case']}): {'; '.join(b['problems'])}" for b in ours if b["problems"]]
+    assert not failed, f"{len(failed)} of {len(ours)} builds for sm_{arch} fail:\n" + "\n".join(failed)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+def test_16bit_dots_run_on_tensor_cores(builds, arch):
+    """A 16-bit tl.dot that lowered to FMA (a layout or shape the MMA path refuses) would be correct and
+    several times slower: every bf16 kernel with dots must issue tensor-core MMAs. On sm_90, Twins' own
+    attention tiles (LSA ws 7, GSA on 49 keys: 64-row blocks, 4 warps) must use Hopper's wgmma; smaller
+    blocks (ws 4, one key, the launch cases' few patches) may use mma.sync."""
+    from triton_aot import NO_DOT_KERNELS
+
+    bf16 = [b for b in builds if b["arch"] == arch and "-bf16-" in b["case"] and b["kernel"] not in NO_DOT_KERNELS]
+    assert bf16, "no bf16 builds"
+    on_fma = [f"{b['kernel']} ({b['case']})" for b in bf16 if not b["tensor_cores"]]
+    assert not on_fma, "bf16 dots on the FMA units:\n" + "\n".join(on_fma)
+    if arch == 90:
+        twins_tiles = [b for b in bf16 if "-ws7-" in b["case"] or (b["case"].startswith("gsa-") and b["case"].endswith("-M49"))]
+        assert twins_tiles
+        no_wgmma = [f"{b['kernel']} ({b['case']}): {b['tensor_cores']}" for b in twins_tiles if b["tensor_cores"] != "wgmma"]
+        assert not no_wgmma, "Twins' tiles without wgmma on sm_90:\n" + "\n".join(no_wgmma)
+
+
+# A kernel the interpreter runs happily and the GPU compiler rejects: a loop unrolled at compile time
+# (tl.static_range) over a bound known only at run time.
+BROKEN_KERNEL = """
+import sys, torch, triton, triton.language as tl
+sys.path.insert(0, "tests")
+from triton_aot import LaunchCase, compile_all
+
+@triton.jit
+def runtime_unroll_kernel(a_ptr, n):
+    total = 0.0
+    for i in tl.static_range(n):
+        total += tl.load(a_ptr + i)
+    tl.store(a_ptr, total)
+
+def launch():
+    runtime_unroll_kernel[(1,)](torch.randn(4), 4)
+
+builds = compile_all([90], [LaunchCase("runtime-unroll", launch)])
+print("PROBLEMS:", [p for b in builds for p in b.problems])
+"""
+
+
+def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):
+    script = tmp_path / "broken_kernel.py"  # Triton reads a kernel's source from its file
+    script.write_text(BROKEN_KERNEL)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert "PROBLEMS: [" in result.stdout, result.stdout + result.stderr
+    problems = result.stdout.split("PROBLEMS:", 1)[1]
+    assert "CompilationError" in problems and "static_range" in problems, problems
+
+
+def test_shared_memory_beyond_the_architecture_is_a_problem():
+    from triton_aot import SHARED_MEMORY_LIMIT, KernelBuild
+
+    fits = KernelBuild(90, "k", "case", shared=SHARED_MEMORY_LIMIT[90])
+    too_big = KernelBuild(80, "k", "case", shared=SHARED_MEMORY_LIMIT[80] + 1)
+    assert fits.problems == []
+    assert "sm_80 allows" in too_big.problems[0]
+    assert KernelBuild(90, "k", "case", error="CompilationError: x").problems == ["CompilationError: x"]

@@ -1,0 +1,391 @@
+"""Compile every Triton kernel the ops launch for NVIDIA GPUs, on a machine without one.
+
+The interpreter (how the CPU tests run the kernels) is permissive where the GPU compiler is not: it
+never lowers ``tl.dot`` to MMA, never allocates shared memory and never meets a register limit, so
+a kernel can pass every CPU test and still fail to compile, or fail to launch ("out of resources:
+shared memory"), on the first GPU it meets. This script runs the real launchers (``*_triton`` in
+``twins_kernels.ops``) on CPU tensors with a compile-only Triton driver: each launch is specialized
+exactly as on a GPU (dtypes, constexprs, tile choice, 16-byte alignment and divisibility of the
+arguments) and compiled through TTGIR, PTX and ptxas to a cubin for each requested architecture,
+but never run. For every distinct kernel it records the shared memory, registers, stack bytes
+(spills; cuobjdump's resource usage), the tensor-core instructions and the compile time, and it
+fails a kernel that does not compile or needs more shared memory than one block of that
+architecture may have.
+
+    python tests/triton_aot.py --arch 90 --arch 80 --markdown report.md --json report.json
+
+Run it without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones);
+tests/test_triton_aot.py runs it in a subprocess. It needs Triton's NVIDIA backend, which ships
+ptxas and cuobjdump in the wheel, and no CUDA driver or GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# Bytes of shared memory one block may use (the opt-in maximum Triton launches with): the CUDA
+# programming guide's "maximum amount of shared memory per thread block" per compute capability.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+# Kernels with no tl.dot: the summary does not ask whether their dots use tensor cores.
+NO_DOT_KERNELS = ("peg_conv3x3_kernel", "peg_weight_grad_kernel", "gsa_subsample_norm_backward_kernel")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+QUICK_DTYPES = ("fp32", "bf16", "fp64")  # fp16 takes bf16's tiles and tensor-core path
+HEAD_DIMS = (16, 32, 64, 128)  # the kernels' range, Twins' 32 and 64 within it
+WINDOW_SIZES = (4, 7, 12)  # LSA's 16-slot tiles, one 64-slot block (Twins' 7), and 4 x 4 blocks
+
+
+@dataclass
+class KernelBuild:
+    """One compiled specialization of one kernel for one architecture, or why it failed."""
+    arch: int
+    kernel: str
+    case: str  # the first launch case that needed this specialization
+    num_warps: int = 0
+    num_stages: int = 0
+    shared: int = 0  # bytes of shared memory per block
+    registers: int = 0  # per thread
+    stack: int = 0  # stack-frame bytes per thread: spilled registers
+    seconds: float = 0.0  # compile time, through ptxas
+    tensor_cores: str = ""  # the MMA instructions in the PTX: "wgmma" (sm_90), "mma" or "" (FMA only)
+    constexprs: dict = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def problems(self) -> list[str]:
+        found = [self.error] if self.error else []
+        limit = SHARED_MEMORY_LIMIT[self.arch]
+        if not self.error and self.shared > limit:
+            found.append(f"needs {self.shared} bytes of shared memory; sm_{self.arch} allows {limit} per block")
+        return found
+
+
+# ----------------------------------------------------------------------------------------------
+# A Triton driver that compiles for a chosen GPU and launches nothing
+# ----------------------------------------------------------------------------------------------
+def compile_only_driver(arch: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+
+    class CompileOnlyDriver(DriverBase):
+        """Triton's JIT asks the active driver for the device, its stream and its target. The device
+        id is the architecture, so each architecture gets its own JIT cache."""
+
+        @classmethod
+        def is_active(cls):
+            return True
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return arch
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def map_python_to_cpp_type(self, ty):
+            raise NotImplementedError("compile-only driver: nothing is launched")
+
+        def get_benchmarker(self):
+            raise NotImplementedError("compile-only driver: nothing is launched")
+
+    return CompileOnlyDriver()
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack-frame bytes) per thread of a cubin's one kernel, from cuobjdump. The stack
+    frame holds what did not fit the registers: spills (and arrays indexed at run time)."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name],
+                                capture_output=True, text=True, check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    if match is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's report:\n{report}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def mma_instructions(ptx: str) -> str:
+    """Which tensor-core instructions a kernel's PTX issues: "wgmma" (Hopper's warpgroup MMA), "mma"
+    (mma.sync) or "" when its dots run on the FMA units."""
+    if re.search(r"\bwgmma\.mma_async", ptx):
+        return "wgmma"
+    return "mma" if re.search(r"\bmma\.sync", ptx) else ""
+
+
+class CompileRecorder:
+    """Replaces JITFunction.run: compile (``warmup=True``: no launch) and record each new kernel."""
+
+    def __init__(self):
+        self.builds: dict[tuple, KernelBuild] = {}
+        self.arch = 0
+        self.case = ""
+
+    def __enter__(self):
+        from triton.runtime.jit import JITFunction
+
+        self._original_run = JITFunction.run
+        recorder = self
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            return recorder.compile(fn, args, kwargs)
+
+        JITFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        from triton.runtime.jit import JITFunction
+
+        JITFunction.run = self._original_run
+
+    def compile(self, fn, args, kwargs):
+        constexprs = {p.name: _describe(value) for p, value in zip(fn.params, args) if p.is_constexpr}
+        constexprs.update({k: _describe(v) for k, v in kwargs.items() if k not in ("num_warps", "num_stages")})
+        start = time.perf_counter()
+        try:
+            kernel = self._original_run(fn, *args, grid=None, warmup=True, **kwargs)
+        except Exception as exc:  # a compile error is a result to report, not a crash of the check
+            key = (self.arch, fn.__name__, self.case)
+            message = f"{type(exc).__name__}: {exc}".strip().splitlines()
+            self.builds[key] = KernelBuild(self.arch, fn.__name__, self.case, kwargs.get("num_warps", 0),
+                                           kwargs.get("num_stages", 0), constexprs=constexprs,
+                                           error=" | ".join(message[:6]))
+            return None
+        key = (self.arch, fn.__name__, kernel.metadata.hash)
+        if key not in self.builds:
+            registers, stack = resource_usage(kernel.asm["cubin"])
+            self.builds[key] = KernelBuild(self.arch, fn.__name__, self.case, kernel.metadata.num_warps,
+                                           kernel.metadata.num_stages, kernel.metadata.shared, registers, stack,
+                                           time.perf_counter() - start, mma_instructions(kernel.asm["ptx"]),
+                                           constexprs)
+        return kernel
+
+
+def _describe(value):
+    return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch cases: every tile and dtype specialization the ops choose, on small CPU tensors
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LaunchCase:
+    name: str
+    launch: Callable[[], None]
+
+
+def _ops():
+    # the op modules by their full names: twins_kernels.ops.peg etc. are also the names of functions
+    return (sys.modules["twins_kernels.ops.peg"], sys.modules["twins_kernels.ops.lsa"],
+            sys.modules["twins_kernels.ops.gsa"])
+
+
+def peg_cases(dtypes) -> Iterator[LaunchCase]:
+    peg, _, _ = _ops()
+    # (C, H, W): Twins' stage-1 map (64-channel blocks, 64-token rows), a late stage (128-channel
+    # blocks, short rows), and an odd C on a strided view (no divisibility to specialize on)
+    shapes = [(64, 56, 56, True), (512, 7, 7, True), (100, 1, 31, False)]
+    for (name, dtype), (chans, height, width, contiguous) in itertools.product(dtypes.items(), shapes):
+        def launch(dtype=dtype, chans=chans, height=height, width=width, contiguous=contiguous):
+            wide = torch.randn(2, height * width, 2 * chans).to(dtype)
+            x = wide[..., :chans].contiguous() if contiguous else wide[..., ::2]
+            weight, bias = torch.randn(chans, 1, 3, 3), torch.randn(chans)
+            peg.peg_conv3x3_triton(x, weight, bias, height, width)
+            peg.peg_conv3x3_triton(x, weight, None, height, width, flip_weight=True)
+            peg.peg_weight_grad_triton(x, x, height, width)
+        yield LaunchCase(f"peg-{name}-C{chans}-{height}x{width}", launch)
+
+
+def lsa_cases(dtypes, head_dims, window_sizes, quick: bool) -> Iterator[LaunchCase]:
+    _, lsa, _ = _ops()
+    for (name, dtype), head_dim, ws in itertools.product(dtypes.items(), head_dims, window_sizes):
+        # a padded map (padded keys hold the bias), an exact one (no padding) and mask padding; the
+        # last two only change flags, so quick runs them for Twins' own ws 7 at head_dim 32 and 64
+        pads = (("zero", (2 * ws - 1, ws + 3), False), ("exact", (2 * ws, 2 * ws), False),
+                ("mask", (2 * ws - 1, ws + 3), True))
+        if quick and not (ws == 7 and head_dim in (32, 64)):
+            pads = pads[:1]
+        for pad, (height, width), mask in pads:
+            def launch(dtype=dtype, head_dim=head_dim, ws=ws, height=height, width=width, mask=mask):
+                heads = 2
+                chans = heads * head_dim
+                qkv = torch.randn(2, height * width, 3 * chans).to(dtype)
+                bias = torch.randn(3 * chans).to(dtype)
+                scale = head_dim ** -0.5
+                out, lse = lsa.lsa_forward_triton(qkv, bias, height, width, ws, heads, scale, mask)
+                lsa.lsa_backward_triton(torch.randn_like(out), qkv, bias, out, lse, height, width, ws, heads, scale, mask)
+            yield LaunchCase(f"lsa-{name}-hd{head_dim}-ws{ws}-{pad}", launch)
+
+
+def gsa_cases(dtypes, head_dims, quick: bool) -> Iterator[LaunchCase]:
+    _, _, gsa = _ops()
+    # keys: 1 (sr 8 on a 14x14 map: the smallest key block), 49 (sr 8 at 56x56), 300 (several blocks:
+    # the same tiles as 49, so not in quick); enough queries for the largest query block
+    key_counts = (1, 49) if quick else (1, 49, 300)
+    for (name, dtype), head_dim, keys in itertools.product(dtypes.items(), head_dims, key_counts):
+        def launch(dtype=dtype, head_dim=head_dim, keys=keys):
+            heads, tokens = 2, 259
+            chans = heads * head_dim
+            q = torch.randn(2, tokens, chans).to(dtype)
+            kv = torch.randn(2, keys, 2 * chans).to(dtype)
+            out, lse = gsa.gsa_attention_forward_triton(q, kv, heads, head_dim ** -0.5)
+            gsa.gsa_attention_backward_triton(torch.randn_like(out), q, kv, out, lse, heads, head_dim ** -0.5)
+        yield LaunchCase(f"gsa-{name}-hd{head_dim}-M{keys}", launch)
+    # sub-sampling: C = 64 (one output-channel block) and 320 (PCPVT stage 2: blocks that do not divide C)
+    for (name, dtype), (chans, sr) in itertools.product(dtypes.items(), ((64, 8), (320, 2))):
+        def launch(dtype=dtype, chans=chans, sr=sr):
+            height, width = 3 * sr + 1, 2 * sr
+            x = torch.randn(2, height * width, chans).to(dtype)
+            weight, bias = torch.randn(chans, chans, sr, sr), torch.randn(chans)
+            norm_weight, norm_bias = torch.randn(chans), torch.randn(chans)
+            out, y, mean, rstd = gsa.gsa_subsample_forward_triton(x, weight, bias, norm_weight, norm_bias,
+                                                                  height, width, sr, 1e-5)
+            gsa.gsa_subsample_backward_triton(torch.randn_like(out), x, weight, norm_weight, y, mean, rstd,
+                                              height, width, sr)
+        yield LaunchCase(f"gsa_subsample-{name}-C{chans}-sr{sr}", launch)
+
+
+def all_cases(dtypes=DTYPES, head_dims=HEAD_DIMS, window_sizes=WINDOW_SIZES, quick: bool = False) -> list[LaunchCase]:
+    """Launch cases over dtypes x head_dims (x window sizes for LSA). ``quick`` leaves out cases that
+    only repeat another's tiles with other flags (about half the builds: what CI runs)."""
+    return [*peg_cases(dtypes), *lsa_cases(dtypes, head_dims, window_sizes, quick),
+            *gsa_cases(dtypes, head_dims, quick)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Running and reporting
+# ----------------------------------------------------------------------------------------------
+def compile_all(archs, cases, log=None) -> list[KernelBuild]:
+    """Compile what ``cases`` launch for each of ``archs``. The process's Triton driver stays the
+    compile-only one afterwards: this is for a process that launches nothing."""
+    from triton.runtime.driver import driver
+
+    with CompileRecorder() as recorder:
+        for arch in archs:
+            driver.set_active(compile_only_driver(arch))
+            recorder.arch = arch
+            for case in cases:
+                recorder.case = case.name
+                try:
+                    case.launch()
+                except Exception:  # a launcher failing outside the compiler is a result too
+                    message = traceback.format_exc(limit=3).strip().splitlines()[-1]
+                    recorder.builds[(arch, "launcher", case.name)] = KernelBuild(arch, "launcher", case.name,
+                                                                                 error=message)
+                if log:
+                    log(f"sm_{arch} {case.name}: {len(recorder.builds)} kernels so far")
+    return list(recorder.builds.values())
+
+
+def markdown(builds: list[KernelBuild], header: str) -> str:
+    """A summary per architecture, op and dtype (worst case over its builds), then every build."""
+    groups: dict[tuple, list[KernelBuild]] = {}
+    for b in builds:
+        op, dtype = b.case.split("-")[:2]
+        groups.setdefault((b.arch, op, dtype), []).append(b)
+    lines = [header, "",
+             "| arch | op | dtype | builds | max shared KiB | max regs | max stack B | dots on tensor cores | problems |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|"]
+    for (arch, op, dtype), group in sorted(groups.items()):
+        mma = sorted({b.tensor_cores or "FMA" for b in group if b.kernel not in NO_DOT_KERNELS})
+        lines.append(f"| sm_{arch} | {op} | {dtype} | {len(group)} | {max(b.shared for b in group) / 1024:.1f} | "
+                     f"{max(b.registers for b in group)} | {max(b.stack for b in group)} | {', '.join(mma) or 'no dots'} | "
+                     f"{sum(len(b.problems) for b in group)} |")
+    lines += ["", "Every build (the first launch case that needed each specialization):", "",
+              "| arch | kernel | first case | warps | stages | shared KiB | regs | stack B | MMA | problem |",
+              "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for b in sorted(builds, key=lambda b: (b.arch, b.kernel, b.case)):
+        problem = "; ".join(b.problems).replace("|", "/")
+        lines.append(f"| sm_{b.arch} | {b.kernel} | {b.case} | {b.num_warps} | {b.num_stages} | "
+                     f"{b.shared / 1024:.1f} | {b.registers} | {b.stack} | {b.tensor_cores or '-'} | {problem} |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(builds: list[KernelBuild], header: str) -> int:
+    """Print the header, every problem and every spill; 1 if any build has a problem."""
+    failed = [b for b in builds if b.problems]
+    print(header)
+    for b in failed:
+        print(f"FAILED sm_{b.arch} {b.kernel} ({b.case}): {'; '.join(b.problems)}")
+    for b in sorted((b for b in builds if b.stack), key=lambda b: (b.arch, b.kernel, b.case)):
+        print(f"spills sm_{b.arch} {b.kernel} ({b.case}): {b.registers} registers and {b.stack} stack bytes per thread")
+    print(f"{len(builds) - len(failed)} of {len(builds)} kernel builds compile and fit")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_MEMORY_LIMIT),
+                        help="compute capability as an int (90 = sm_90); repeatable; default 90 and 80")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default all")
+    parser.add_argument("--head-dim", type=int, action="append", help=f"repeatable; default {HEAD_DIMS}")
+    parser.add_argument("--ws", type=int, action="append", help=f"LSA window sizes; default {WINDOW_SIZES}")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"leave out cases that repeat another's tiles; dtypes default to {QUICK_DTYPES}")
+    parser.add_argument("-k", dest="select", default="", help="only cases whose name contains this")
+    parser.add_argument("--json", help="write every build as JSON here")
+    parser.add_argument("--markdown", help="write the summary and every build as markdown here")
+    parser.add_argument("--from-json", help="compile nothing: report the builds of an earlier --json")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        fields = {f.name for f in dataclasses.fields(KernelBuild)}
+        header = saved["header"]
+        builds = [KernelBuild(**{k: v for k, v in b.items() if k in fields}) for b in saved["builds"]]
+    else:
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            parser.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+        import triton
+        from triton import knobs
+
+        import twins_kernels  # noqa: F401  (defines the kernels as JIT functions)
+
+        archs = args.arch or [90, 80]
+        dtypes = {name: DTYPES[name] for name in args.dtype or (QUICK_DTYPES if args.quick else DTYPES)}
+        cases = [c for c in all_cases(dtypes, tuple(args.head_dim or HEAD_DIMS), tuple(args.ws or WINDOW_SIZES),
+                                      args.quick) if args.select in c.name]
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
+        builds = compile_all(archs, cases, log)
+        ptxas = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True).stdout
+        ptxas_version = re.search(r"release (\S+),", ptxas)
+        header = (f"{datetime.date.today()}, compiled on a machine without a GPU (nothing launched): Triton "
+                  f"{triton.__version__}, torch {torch.__version__}, ptxas "
+                  f"{ptxas_version.group(1) if ptxas_version else '?'}; {len(cases)} launch cases, "
+                  f"{len(builds)} kernel builds for " + ", ".join(f"sm_{a}" for a in archs))
+    if args.json and not args.from_json:
+        rows = ",\n".join(json.dumps({**asdict(b), "problems": b.problems}) for b in builds)
+        with open(args.json, "w") as f:
+            f.write(f'{{"header": {json.dumps(header)},\n"builds": [\n{rows}\n]}}\n')  # a build a line
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(builds, header))
+    return summarize(builds, header)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
