@@ -19,8 +19,8 @@ requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=GPU_REASON)
 # The device the kernels are checked on: the GPU when there is one, else the CPU via the interpreter.
 KERNEL_DEVICE = "cuda" if HAS_GPU else "cpu"
 
-# bf16 tl.dot returns garbage under the Triton interpreter (triton 3.8), so bf16 is a GPU-only dtype.
-KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+# bf16 runs through the interpreter too: twins_kernels.ops.interpreter_bf16 makes it compute bf16 by value.
+KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def pytest_configure(config):

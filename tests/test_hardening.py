@@ -28,7 +28,7 @@ from parity import TOLERANCE, make_tokens, rel_err
 # CPU examples run in the Triton interpreter: keep the budget to seconds per property
 FUZZ = settings(max_examples=60 if HAS_GPU else 10, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-FUZZ_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+FUZZ_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FUZZ_BACKENDS = ["triton"] + (["cuda"] if HAS_GPU and twins_kernels.cuda_extension_built() else [])
 
 

@@ -61,34 +61,49 @@ def test_checkpoints_load_both_ways():
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), source.state_dict().values()))
 
 
-def model_parity(name, backend, dtype, device, image=(96, 128), batch=1):
-    """Logits, intermediate features and every parameter gradient: patched vs the float64 timm model."""
+def run_model(model, x, grad):
+    """Logits, forward_intermediates features and parameter gradients of one forward and backward."""
+    x = x.to(next(model.parameters()).dtype)
+    with twins_kernels.ops.poisoned_outputs():
+        out = model(x)
+        out.backward(grad.to(out.dtype))
+        with torch.no_grad():
+            feats = model.forward_intermediates(x, intermediates_only=True)
+    results = {"logits": out}
+    results.update({f"stage{i}": feat for i, feat in enumerate(feats)})
+    results.update({f"grad {name}": param.grad for name, param in model.named_parameters()})
+    return results
+
+
+def model_parity(name, backend, dtype, device, image=(64, 96), batch=1, **model_kwargs):
+    """Logits, intermediate features and every parameter gradient of the patched model in ``dtype``
+    against the timm model in float64 with the same (rounded) parameters, input and output gradient.
+
+    A model's error is many ops' rounding added up. In fp32 each quantity may be ten times the op
+    tolerance off. In fp16/bf16 it may be the op tolerance or twice the unpatched timm model's own
+    error in that dtype, whichever is larger: timm in bf16 is itself about 1e-2 off on the logits and
+    up to 7e-2 on LayerNorm weight gradients.
+
+    The default image, 64x96, is no multiple of 32: Twins-SVT's first map (16x24) is padded to LSA's
+    7x7 windows, and the last stage's GSA / PCPVT's sr=8 stage see a handful of keys."""
     torch.manual_seed(0)
-    reference = small_model(name).to(device, torch.float64)
-    model = copy.deepcopy(reference).to(device, dtype)
+    plain = small_model(name, **model_kwargs).to(device, dtype)
+    reference = copy.deepcopy(plain).to(torch.float64)
+    model = copy.deepcopy(plain)
     report = patch_model(model, backend=backend)
     assert sum(report.replaced.values()) > 0
-    x = torch.randn(batch, 3, *image, device=device)
-    out_ref = reference(x.double())
-    with twins_kernels.ops.poisoned_outputs():
-        out = model(x.to(dtype))
-    grad = torch.randn_like(out_ref)
-    out_ref.backward(grad)
-    with twins_kernels.ops.poisoned_outputs():
-        out.backward(grad.to(dtype))
+    x = torch.randn(batch, 3, *image, device=device).to(dtype)
+    grad = torch.randn(batch, reference.num_classes, device=device).to(dtype)
+    expected = run_model(reference, x, grad)
+    errors = {key: rel_err(value, expected[key]) for key, value in run_model(model, x, grad).items()}
     tol = TOLERANCE[dtype]
-    errors = {"logits": rel_err(out, out_ref)}
-    with torch.no_grad():
-        feats_ref = reference.forward_intermediates(x.double(), intermediates_only=True)
-        feats = model.forward_intermediates(x.to(dtype), intermediates_only=True)
-    errors.update({f"stage{i}": rel_err(a, b) for i, (a, b) in enumerate(zip(feats, feats_ref))})
-    ref_params = dict(reference.named_parameters())
-    for pname, param in model.named_parameters():
-        errors[f"grad {pname}"] = rel_err(param.grad, ref_params[pname].grad)
-    # a model-level error is a sum of many ops' errors: allow a depth's worth of rounding in fp32
-    model_tol = tol * (10 if dtype == torch.float32 else 1)
-    failed = {k: v for k, v in errors.items() if not v <= model_tol}
-    assert not failed, f"{name} {DTYPE_IDS[dtype]}: errors above {model_tol:.0e}: {failed}"
+    if dtype == torch.float32:
+        allowed = {key: 10 * tol for key in errors}
+    else:
+        plain_errors = {key: rel_err(value, expected[key]) for key, value in run_model(plain, x, grad).items()}
+        allowed = {key: max(tol, 2 * plain_errors[key]) for key in errors}
+    failed = {key: f"{err:.2e} > {allowed[key]:.2e}" for key, err in errors.items() if not err <= allowed[key]}
+    assert not failed, f"{name} {DTYPE_IDS[dtype]}: {failed}"
 
 
 @pytest.mark.parametrize("name", ["twins_svt_small", "twins_pcpvt_small"])
@@ -96,9 +111,15 @@ def test_model_parity_triton_kernels(name):
     model_parity(name, "triton", torch.float32, KERNEL_DEVICE)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_model_parity_16bit_triton_kernels(dtype):
+    """Twins-SVT-S with two blocks a stage (all three ops in every stage) in fp16 and bf16."""
+    model_parity("twins_svt_small", "triton", dtype, KERNEL_DEVICE, depths=(2, 2, 2, 2))
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_model_parity_every_variant_reference_backend(name):
-    model_parity(name, "torch", torch.float32, "cpu", image=(64, 96))
+    model_parity(name, "torch", torch.float32, "cpu")
 
 
 @requires_gpu
@@ -215,15 +236,21 @@ def test_register_patch_rejects_bad_arguments():
 
 @requires_gpu
 def test_cuda_graph_capture_with_reduce_overhead():
+    """The captured graph, replayed on a new input, is as close to the float64 model as eager is. Not
+    equal to eager: inductor fuses the ops between the kernels and rounds to bf16 in other places, and
+    a whole model in bf16 is about 1e-2 off (see model_parity)."""
     model = small_model("twins_svt_small").cuda().to(torch.bfloat16)
+    reference = copy.deepcopy(model).to(torch.float64)
     patch_model(model)
-    x = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
-        expected = model(x)
-        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
-        for _ in range(3):  # warm-up runs, then replays of the captured graph
-            actual = compiled(x)
-    assert rel_err(actual, expected) <= TOLERANCE[torch.bfloat16]
+        for _ in range(3):  # warm-up runs, then the capture
+            compiled(torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16))
+        x = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+        replayed = compiled(x).clone()
+        eager = model(x)
+        expected = reference(x.double())
+    assert rel_err(replayed, expected) <= max(TOLERANCE[torch.bfloat16], 2 * rel_err(eager, expected))
 
 
 @requires_gpu
