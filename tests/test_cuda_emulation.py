@@ -2,9 +2,11 @@
 
 tests/cuda_emulation/emulate.h stands in for CUDA's execution model (blocks in turn, a block's threads as
 std::threads meeting at a barrier in __syncthreads, __shared__ arrays as statics), so g++ builds the very
-kernel code nvcc builds; the harness runs forward, dq and dk/dv on fp32 data and the results are
-compared with the PyTorch references in float64. This checks index arithmetic, padding and masking,
-shared-memory staging and the math on machines with no GPU; GPU-only behaviour is the GPU tests' job.
+kernel code nvcc builds; the harnesses run forward and backward in fp32, fp16 and bf16 (c10::Half and
+c10::BFloat16, the types the extension dispatches to) and the results are compared with the PyTorch
+references in float64 on the same (rounded) inputs. This checks index arithmetic, padding and masking,
+shared-memory staging, the math and the 16-bit loads and stores on machines with no GPU; GPU-only
+behaviour is the GPU tests' job.
 """
 import os
 import shutil
@@ -16,18 +18,21 @@ import torch
 
 from twins_kernels.ops import gsa_attention_reference, lsa_reference, peg_reference
 
-from parity import TOLERANCE, rel_err
+from parity import DTYPE_IDS, TOLERANCE, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOL = TOLERANCE[torch.float32]
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 
 
 def build(tmp_path_factory, name: str):
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.skip("needs g++ (C++20) to build the emulated kernels")
+    from torch.utils.cpp_extension import include_paths
+
     binary = tmp_path_factory.mktemp("emulation") / name
-    subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", "-I", os.path.join(ROOT, "csrc"), "-o", str(binary),
+    includes = [flag for path in [os.path.join(ROOT, "csrc"), *include_paths()] for flag in ("-I", path)]
+    subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", *includes, "-o", str(binary),
                     os.path.join(ROOT, "tests", "cuda_emulation", f"{name}.cpp")], check=True)
     return binary
 
@@ -43,14 +48,20 @@ def peg_harness(tmp_path_factory):
 
 
 def run_harness(harness, tmp_path, inputs, args, sizes):
-    """Run ``harness [mode] IN OUT args...`` on ``inputs``; returns its outputs split by ``sizes``."""
+    """Run ``harness [mode] DTYPE IN OUT args...`` (``args`` starts with the mode, if any, and the dtype
+    name) on ``inputs``; returns its fp32 outputs split by ``sizes``."""
     (tmp_path / "in.bin").write_bytes(b"".join(t.float().contiguous().numpy().tobytes() for t in inputs))
-    mode, args = (args[:1], args[1:]) if args and isinstance(args[0], str) else ([], args)
-    subprocess.run([str(harness), *mode, tmp_path / "in.bin", tmp_path / "out.bin", *map(str, args)],
+    split = 2 if args[0] in ("lsa", "gsa") else 1
+    subprocess.run([str(harness), *args[:split], tmp_path / "in.bin", tmp_path / "out.bin", *map(str, args[split:])],
                    check=True, timeout=600)
     flat = np.fromfile(tmp_path / "out.bin", dtype=np.float32)
     assert flat.size == sum(sizes)
     return [torch.from_numpy(part.copy()) for part in np.split(flat, np.cumsum(sizes)[:-1])]
+
+
+def randn(*shape, dtype):
+    """fp32 values that ``dtype`` holds exactly: the kernels and the float64 reference see the same numbers."""
+    return torch.randn(*shape).to(dtype).float()
 
 
 @pytest.mark.parametrize("batch,height,width,heads,head_dim,ws", [
@@ -60,31 +71,33 @@ def run_harness(harness, tmp_path, inputs, args, sizes):
     pytest.param(1, 5, 3, 1, 128, 4, id="5x3-ws4-hd128"),
 ])
 @pytest.mark.parametrize("pad_mode", ["zero", "mask"])
+@DTYPES
 def test_emulated_lsa_kernels_match_the_reference(harness, tmp_path, batch, height, width, heads, head_dim, ws,
-                                                  pad_mode):
+                                                  pad_mode, dtype):
+    tol = TOLERANCE[dtype]
     chans = heads * head_dim
     tokens = height * width
-    qkv = torch.randn(batch, tokens, 3 * chans)
-    bias = torch.randn(3 * chans)
-    grad_out = torch.randn(batch, tokens, chans)
+    qkv = randn(batch, tokens, 3 * chans, dtype=dtype)
+    bias = randn(3 * chans, dtype=dtype)
+    grad_out = randn(batch, tokens, chans, dtype=dtype)
     scale = head_dim ** -0.5
     windows = -(-height // ws) * -(-width // ws)
     blocks = batch * windows * heads
     out, lse, grad_qkv, pad_grad = run_harness(
         harness, tmp_path, [qkv, bias, grad_out],
-        ["lsa", batch, height, width, chans, heads, ws, repr(scale), int(pad_mode == "mask")],
+        ["lsa", DTYPE_IDS[dtype], batch, height, width, chans, heads, ws, repr(scale), int(pad_mode == "mask")],
         [batch * tokens * chans, batch * heads * tokens, batch * tokens * 3 * chans, blocks * ws * ws * 2 * head_dim])
 
     qkv64, bias64 = qkv.double().requires_grad_(), bias.double().requires_grad_()
     expected = lsa_reference(qkv64, bias64, (height, width), heads, ws, scale, pad_mode)
     expected.backward(grad_out.double())
-    assert rel_err(out.view(batch, tokens, chans), expected) <= TOL
-    assert rel_err(grad_qkv.view(batch, tokens, 3 * chans), qkv64.grad) <= TOL
+    assert rel_err(out.view(batch, tokens, chans), expected) <= tol
+    assert rel_err(grad_qkv.view(batch, tokens, 3 * chans), qkv64.grad) <= tol
     # the host code's reduction of the padded keys' share: per head, k and v halves of the bias
     share = pad_grad.view(-1, heads, ws * ws, 2, head_dim).sum((0, 2)).permute(1, 0, 2).reshape(-1)
     grad_bias = torch.cat([torch.zeros(chans), share])
     if bias64.grad.norm() > 0:
-        assert rel_err(grad_bias, bias64.grad) <= TOL
+        assert rel_err(grad_bias, bias64.grad) <= tol
     else:
         assert grad_bias.abs().max() == 0
     assert torch.isfinite(lse).all()
@@ -96,28 +109,31 @@ def test_emulated_lsa_kernels_match_the_reference(harness, tmp_path, batch, heig
     pytest.param(1, 130, 130, 1, 16, id="sr1-N130"),
     pytest.param(1, 33, 7, 2, 128, id="hd128"),
 ])
-def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, batch, tokens, keys, heads, head_dim):
+@DTYPES
+def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, batch, tokens, keys, heads, head_dim, dtype):
+    tol = TOLERANCE[dtype]
     chans = heads * head_dim
-    q = torch.randn(batch, tokens, chans)
-    kv = torch.randn(batch, keys, 2 * chans)
-    grad_out = torch.randn(batch, tokens, chans)
+    q = randn(batch, tokens, chans, dtype=dtype)
+    kv = randn(batch, keys, 2 * chans, dtype=dtype)
+    grad_out = randn(batch, tokens, chans, dtype=dtype)
     scale = head_dim ** -0.5
     out, lse, grad_q, grad_kv = run_harness(
-        harness, tmp_path, [q, kv, grad_out], ["gsa", batch, tokens, keys, chans, heads, repr(scale)],
+        harness, tmp_path, [q, kv, grad_out],
+        ["gsa", DTYPE_IDS[dtype], batch, tokens, keys, chans, heads, repr(scale)],
         [batch * tokens * chans, batch * heads * tokens, batch * tokens * chans, batch * keys * 2 * chans])
 
     q64, kv64 = q.double().requires_grad_(), kv.double().requires_grad_()
     expected = gsa_attention_reference(q64, kv64, heads, scale)
     expected.backward(grad_out.double())
-    assert rel_err(out.view(batch, tokens, chans), expected) <= TOL
-    assert rel_err(grad_kv.view(batch, keys, 2 * chans), kv64.grad) <= TOL
-    if keys > 1:  # with one key the output does not depend on q: its gradient is rounding noise
-        assert rel_err(grad_q.view(batch, tokens, chans), q64.grad) <= TOL
-    else:
-        assert grad_q.abs().max() <= TOL
+    assert rel_err(out.view(batch, tokens, chans), expected) <= tol
+    assert rel_err(grad_kv.view(batch, keys, 2 * chans), kv64.grad) <= tol
+    if keys > 1:
+        assert rel_err(grad_q.view(batch, tokens, chans), q64.grad) <= tol
+    else:  # with one key the output does not depend on q: its gradient is rounding noise (of out, in 16 bits)
+        assert torch.isfinite(grad_q).all() and grad_q.norm() <= tol * grad_kv.norm()
     expected_lse = torch.logsumexp(scale * torch.einsum("bnhd,bmhd->bhnm", q64.view(batch, tokens, heads, -1),
                                                         kv64[..., :chans].reshape(batch, keys, heads, -1)), -1)
-    assert rel_err(lse.view(batch, heads, tokens), expected_lse) <= TOL
+    assert rel_err(lse.view(batch, heads, tokens), expected_lse) <= tol
 
 
 @pytest.mark.parametrize("batch,height,width,chans", [
@@ -125,19 +141,22 @@ def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, batch, toke
     pytest.param(1, 1, 9, 300, id="1x9-C300-two-blocks"),
     pytest.param(3, 4, 1, 33, id="W1"),
 ])
-def test_emulated_peg_kernels_match_the_reference(peg_harness, tmp_path, batch, height, width, chans):
+@DTYPES
+def test_emulated_peg_kernels_match_the_reference(peg_harness, tmp_path, batch, height, width, chans, dtype):
+    tol = TOLERANCE[dtype]
     tokens = height * width
-    x = torch.randn(batch, tokens, chans)
-    weight = torch.randn(chans, 1, 3, 3)
-    bias = torch.randn(chans)
-    grad_out = torch.randn(batch, tokens, chans)
+    x = randn(batch, tokens, chans, dtype=dtype)
+    weight = randn(chans, 1, 3, 3, dtype=dtype)  # a module's parameters in dtype, widened by peg.cu
+    bias = randn(chans, dtype=dtype)
+    grad_out = randn(batch, tokens, chans, dtype=dtype)
     out, grad_x, sums = run_harness(peg_harness, tmp_path, [x, weight.reshape(chans, 9), bias, grad_out],
-                                    [batch, height, width, chans], [batch * tokens * chans] * 2 + [10 * chans])
+                                    [DTYPE_IDS[dtype], batch, height, width, chans],
+                                    [batch * tokens * chans] * 2 + [10 * chans])
     x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
     expected = peg_reference(x64, w64, b64, (height, width))
     expected.backward(grad_out.double())
-    assert rel_err(out.view(batch, tokens, chans), expected) <= TOL
-    assert rel_err(grad_x.view(batch, tokens, chans), x64.grad) <= TOL
+    assert rel_err(out.view(batch, tokens, chans), expected) <= tol
+    assert rel_err(grad_x.view(batch, tokens, chans), x64.grad) <= tol
     sums = sums.view(10, chans)
-    assert rel_err(sums[:9].t().reshape(chans, 1, 3, 3), w64.grad) <= TOL
-    assert rel_err(sums[9], b64.grad) <= TOL
+    assert rel_err(sums[:9].t().reshape(chans, 1, 3, 3), w64.grad) <= tol
+    assert rel_err(sums[9], b64.grad) <= tol

@@ -1,8 +1,14 @@
-// Raw fp32 arrays in and out of the emulation harnesses.
+// The emulation harnesses' data: fp32 arrays in and out of files, converted to and from the dtype the
+// kernels run in: float, or c10::Half / c10::BFloat16, the very types the extension's AT_DISPATCH
+// hands its kernels (header-only, so g++ builds them without linking torch).
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 inline std::vector<float> read_floats(FILE* f, size_t n) {
@@ -14,4 +20,35 @@ inline std::vector<float> read_floats(FILE* f, size_t n) {
   return v;
 }
 
-inline void write_floats(FILE* f, const std::vector<float>& v) { fwrite(v.data(), sizeof(float), v.size(), f); }
+template <typename scalar_t>
+std::vector<scalar_t> read_as(FILE* f, size_t n) {
+  const auto floats = read_floats(f, n);
+  return std::vector<scalar_t>(floats.begin(), floats.end());
+}
+
+template <typename scalar_t>
+void write_as_floats(FILE* f, const std::vector<scalar_t>& v) {
+  std::vector<float> floats(v.size());
+  for (size_t i = 0; i < v.size(); ++i) floats[i] = static_cast<float>(v[i]);
+  fwrite(floats.data(), sizeof(float), floats.size(), f);
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// fn(TypeTag<scalar_t>{}) for DTYPE "fp32", "fp16" or "bf16"
+template <typename Fn>
+void dispatch_dtype(const char* dtype, Fn fn) {
+  if (!strcmp(dtype, "fp32")) {
+    fn(TypeTag<float>{});
+  } else if (!strcmp(dtype, "fp16")) {
+    fn(TypeTag<c10::Half>{});
+  } else if (!strcmp(dtype, "bf16")) {
+    fn(TypeTag<c10::BFloat16>{});
+  } else {
+    fprintf(stderr, "dtype %s: expected fp32, fp16 or bf16\n", dtype);
+    exit(2);
+  }
+}

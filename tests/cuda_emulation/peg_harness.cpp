@@ -1,9 +1,9 @@
-// Runs csrc/peg_kernels.cuh on the CPU under emulate.h, on fp32 inputs from a file, for
-// tests/test_cuda_emulation.py.
-//   peg_harness IN OUT B H W C      IN: x (B,N,C), weight (C,9), bias (C), grad_out (B,N,C)
-//   OUT: out = x + bias + conv(x); grad_x = g + conv(g, flipped weight); sums (10, C) over the partials
+// Runs csrc/peg_kernels.cuh on the CPU under emulate.h, in fp32, fp16 or bf16 tokens with fp32 weights
+// and accumulation (as peg.cu launches them), on inputs from a file, for tests/test_cuda_emulation.py.
+//   peg_harness DTYPE IN OUT B H W C      IN: x (B,N,C), weight (C,9), bias (C), grad_out (B,N,C)
+//   OUT (fp32): out = x + bias + conv(x); grad_x = g + conv(g, flipped weight); sums (10, C) over the partials
+#include "harness_io.h"  // before emulate.h: c10's headers must not see its __device__ stand-ins
 #include "emulate.h"
-#include "harness_io.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -13,27 +13,26 @@
 
 using namespace twins_kernels::peg;
 
-int main(int argc, char** argv) {
-  FILE* in = fopen(argv[1], "rb");
-  FILE* out_file = fopen(argv[2], "wb");
-  const int batch = atoi(argv[3]), height = atoi(argv[4]), width = atoi(argv[5]), chans = atoi(argv[6]);
+template <typename scalar_t>
+static void run(FILE* in, FILE* out_file, char** argv) {
+  const int batch = atoi(argv[0]), height = atoi(argv[1]), width = atoi(argv[2]), chans = atoi(argv[3]);
   const long elements = static_cast<long>(batch) * height * width * chans;
-  const auto x = read_floats(in, elements);
+  const auto x = read_as<scalar_t>(in, elements);
   const auto weight = read_floats(in, static_cast<size_t>(chans) * kTaps);
   const auto bias = read_floats(in, chans);
-  const auto grad = read_floats(in, elements);
+  const auto grad = read_as<scalar_t>(in, elements);
   const TokenStrides strides{static_cast<int64_t>(height) * width * chans, chans, 1};
 
-  std::vector<float> out(elements, NAN), grad_x(elements, NAN);
+  std::vector<scalar_t> out(elements, scalar_t(NAN)), grad_x(elements, scalar_t(NAN));
   const EmulatedDim3 grid{static_cast<unsigned>(batch * height),
                           static_cast<unsigned>((width * chans + kConvThreads - 1) / kConvThreads), 0};
   emulated_launch(grid, {kConvThreads, 1, 0}, [&] {
-    peg_conv3x3_kernel<float, float, false, true>(x.data(), weight.data(), bias.data(), out.data(), height, width,
-                                                  chans, strides);
+    peg_conv3x3_kernel<scalar_t, float, false, true>(x.data(), weight.data(), bias.data(), out.data(), height, width,
+                                                     chans, strides);
   });
   emulated_launch(grid, {kConvThreads, 1, 0}, [&] {
-    peg_conv3x3_kernel<float, float, true, false>(grad.data(), weight.data(), nullptr, grad_x.data(), height, width,
-                                                  chans, strides);
+    peg_conv3x3_kernel<scalar_t, float, true, false>(grad.data(), weight.data(), nullptr, grad_x.data(), height,
+                                                     width, chans, strides);
   });
 
   const int64_t rows = static_cast<int64_t>(batch) * height;
@@ -42,14 +41,22 @@ int main(int argc, char** argv) {
   std::vector<float> partial(programs * kPartialSlots * chans, NAN);
   emulated_launch({static_cast<unsigned>(programs), static_cast<unsigned>((chans + kGradChannels - 1) / kGradChannels), 0},
                   {kGradChannels, kGradLanes, 0}, [&] {
-                    peg_weight_grad_kernel<float, float>(grad.data(), x.data(), partial.data(), height, width, chans,
-                                                         rows, rows_per_program, strides, strides);
+                    peg_weight_grad_kernel<scalar_t, float>(grad.data(), x.data(), partial.data(), height, width,
+                                                            chans, rows, rows_per_program, strides, strides);
                   });
   std::vector<float> sums(kPartialSlots * chans, 0.f);
   for (int64_t p = 0; p < programs; ++p)
     for (int64_t i = 0; i < kPartialSlots * chans; ++i) sums[i] += partial[p * kPartialSlots * chans + i];
 
-  for (const auto* v : {&out, &grad_x, &sums}) write_floats(out_file, *v);
+  write_as_floats(out_file, out);
+  write_as_floats(out_file, grad_x);
+  write_as_floats(out_file, sums);
+}
+
+int main(int argc, char** argv) {
+  FILE* in = fopen(argv[2], "rb");
+  FILE* out_file = fopen(argv[3], "wb");
+  dispatch_dtype(argv[1], [&](auto type) { run<typename decltype(type)::type>(in, out_file, argv + 4); });
   fclose(in);
   fclose(out_file);
   return 0;
