@@ -9,7 +9,7 @@ from twins_kernels import FusedLSA
 from twins_kernels.ops import lsa, lsa_reference
 
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu, skip_unless_available
-from parity import DTYPE_IDS, assert_rel_close, check_module_parity, make_tokens
+from parity import DTYPE_IDS, assert_rel_close, check_module_parity, make_tokens, rel_err
 
 
 class MmsegMaskedAttn(LocallyGroupedAttn):
@@ -260,7 +260,9 @@ def test_torch_compile_inductor_on_gpu():
     x = make_tokens(2, 30, 30, 64, torch.float16, "cuda").requires_grad_()
     module.half()
     compiled = torch.compile(lambda t: module(t, (30, 30)), fullgraph=True, backend="inductor")
-    torch.testing.assert_close(compiled(x), module(x, (30, 30)))
+    # inductor may add the Linears' biases in its own kernels: fp16 rounding (an ulp is 1e-3), not
+    # another result, so elementwise rtol=1e-3 could fail on a correct kernel
+    assert rel_err(compiled(x), module(x, (30, 30))) <= 1e-3
 
 
 @pytest.mark.parametrize("pad_mode,timm_class", [("zero", LocallyGroupedAttn), ("mask", MmsegMaskedAttn)])
