@@ -22,6 +22,10 @@ KERNEL_DEVICE = "cuda" if HAS_GPU else "cpu"
 # bf16 runs through the interpreter too: twins_kernels.ops.interpreter_bf16 makes it compute bf16 by value.
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
+# Twins-SVT-S with two blocks a stage (LSA, then GSA; the PEG after the first): every op in every stage,
+# at a fraction of the interpreter time of its (2, 2, 10, 4) blocks
+SHALLOW = (2, 2, 2, 2)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")

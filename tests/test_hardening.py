@@ -22,19 +22,13 @@ from twins_kernels.ops import (
     peg_reference,
 )
 
-from conftest import HAS_GPU, KERNEL_DEVICE, requires_gpu, skip_unless_available
+from conftest import HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, SHALLOW, requires_gpu, skip_unless_available
 from parity import TOLERANCE, make_tokens, rel_err
 
 # CPU examples run in the Triton interpreter: keep the budget to seconds per property
 FUZZ = settings(max_examples=60 if HAS_GPU else 10, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-FUZZ_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FUZZ_BACKENDS = ["triton"] + (["cuda"] if HAS_GPU and twins_kernels.cuda_extension_built() else [])
-
-
-# Twins-SVT-S with two blocks a stage (LSA, then GSA; the PEG after the first): every op in every stage,
-# at a fraction of the interpreter time of its (2, 2, 10, 4) blocks
-SHALLOW = (2, 2, 2, 2)
 
 
 def check_op_against_reference(op, reference, inputs, dtype, zero_grad_inputs=()):
@@ -60,7 +54,7 @@ def check_op_against_reference(op, reference, inputs, dtype, zero_grad_inputs=()
 
 @FUZZ
 @given(batch=st.integers(1, 3), height=st.integers(1, 12), width=st.integers(1, 12), chans=st.integers(1, 80),
-       dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans(), backend=st.sampled_from(FUZZ_BACKENDS))
+       dtype=st.sampled_from(KERNEL_DTYPES), contiguous=st.booleans(), backend=st.sampled_from(FUZZ_BACKENDS))
 def test_fuzzed_peg_matches_reference(batch, height, width, chans, dtype, contiguous, backend):
     x = make_tokens(batch, height, width, chans, dtype, KERNEL_DEVICE, contiguous=contiguous)
     weight = torch.randn(chans, 1, 3, 3, device=KERNEL_DEVICE, dtype=dtype)
@@ -73,7 +67,7 @@ def test_fuzzed_peg_matches_reference(batch, height, width, chans, dtype, contig
 @FUZZ
 @given(batch=st.integers(1, 2), height=st.integers(1, 11), width=st.integers(1, 11), ws=st.integers(2, 8),
        heads=st.integers(1, 2), head_dim=st.sampled_from([16, 32]), pad_mode=st.sampled_from(["zero", "mask"]),
-       dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans(), backend=st.sampled_from(FUZZ_BACKENDS))
+       dtype=st.sampled_from(KERNEL_DTYPES), contiguous=st.booleans(), backend=st.sampled_from(FUZZ_BACKENDS))
 def test_fuzzed_lsa_matches_reference(batch, height, width, ws, heads, head_dim, pad_mode, dtype, contiguous,
                                       backend):
     chans = heads * head_dim
@@ -87,7 +81,7 @@ def test_fuzzed_lsa_matches_reference(batch, height, width, ws, heads, head_dim,
 
 @FUZZ
 @given(batch=st.integers(1, 2), tokens=st.integers(1, 70), keys=st.integers(1, 40), heads=st.integers(1, 2),
-       head_dim=st.sampled_from([16, 32, 64]), dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans(),
+       head_dim=st.sampled_from([16, 32, 64]), dtype=st.sampled_from(KERNEL_DTYPES), contiguous=st.booleans(),
        backend=st.sampled_from(FUZZ_BACKENDS))
 def test_fuzzed_gsa_attention_matches_reference(batch, tokens, keys, heads, head_dim, dtype, contiguous, backend):
     chans = heads * head_dim
@@ -100,7 +94,7 @@ def test_fuzzed_gsa_attention_matches_reference(batch, tokens, keys, heads, head
 
 @FUZZ
 @given(batch=st.integers(1, 2), height=st.integers(1, 13), width=st.integers(1, 13), sr=st.integers(1, 5),
-       chans=st.integers(4, 48), dtype=st.sampled_from(FUZZ_DTYPES), contiguous=st.booleans())
+       chans=st.integers(4, 48), dtype=st.sampled_from(KERNEL_DTYPES), contiguous=st.booleans())
 def test_fuzzed_gsa_subsample_matches_reference(batch, height, width, sr, chans, dtype, contiguous):
     # C >= 4: over 1 or 2 channels a LayerNorm's output is (nearly) constant and its input gradient is
     # rounding noise on both sides

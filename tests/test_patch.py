@@ -12,7 +12,7 @@ import twins_kernels
 from twins_kernels import FusedPEG, PatchSkip, patch_model, patched, register_patch, unpatch_model
 from twins_kernels.patch import KINDS, _register_builtins, _registry
 
-from conftest import HAS_GPU, KERNEL_DEVICE, requires_gpu
+from conftest import HAS_GPU, KERNEL_DEVICE, SHALLOW, requires_gpu
 from parity import DTYPE_IDS, TOLERANCE, rel_err
 from twins_kernels.testing import model_error_allowed
 
@@ -96,11 +96,8 @@ def model_parity(name, backend, dtype, device, image=(64, 96), batch=1, **model_
     grad = torch.randn(batch, reference.num_classes, device=device).to(dtype)
     expected = run_model(reference, x, grad)
     errors = {key: rel_err(value, expected[key]) for key, value in run_model(model, x, grad).items()}
-    if dtype == torch.float32:
-        allowed = {key: model_error_allowed(dtype, 0.0) for key in errors}
-    else:
-        plain_errors = {key: rel_err(value, expected[key]) for key, value in run_model(plain, x, grad).items()}
-        allowed = {key: model_error_allowed(dtype, plain_errors[key]) for key in errors}
+    plain_errors = {key: rel_err(value, expected[key]) for key, value in run_model(plain, x, grad).items()}
+    allowed = {key: model_error_allowed(dtype, plain_errors[key]) for key in errors}
     failed = {key: f"{err:.2e} > {allowed[key]:.2e}" for key, err in errors.items() if not err <= allowed[key]}
     assert not failed, f"{name} {DTYPE_IDS[dtype]}: {failed}"
 
@@ -113,7 +110,7 @@ def test_model_parity_triton_kernels(name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 def test_model_parity_16bit_triton_kernels(dtype):
     """Twins-SVT-S with two blocks a stage (all three ops in every stage) in fp16 and bf16."""
-    model_parity("twins_svt_small", "triton", dtype, KERNEL_DEVICE, depths=(2, 2, 2, 2))
+    model_parity("twins_svt_small", "triton", dtype, KERNEL_DEVICE, depths=SHALLOW)
 
 
 @pytest.mark.parametrize("name", VARIANTS)

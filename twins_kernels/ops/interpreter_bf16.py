@@ -2,8 +2,9 @@
 
 The interpreter stores a bf16 tensor as its uint16 bit pattern and, in Triton 3.6-3.8, runs
 ``tl.dot``, elementwise arithmetic, comparisons, casts to and from other types and min/max/sum
-reductions on that storage (and has no bf16 constants at all), so a bf16 kernel returns values around 1e10 on CPU while the same kernel
-is right on a GPU (triton-lang/triton#11584 and #10945; upstream does not support bf16 there yet).
+reductions on that storage (and has no bf16 constants at all), so a bf16 kernel returns values around
+1e10 on CPU while the same kernel is right on a GPU (triton-lang/triton#11584 and #10945; upstream
+does not support bf16 there yet).
 That left bf16, the dtype Twins trains in, checkable only on a GPU.
 
 ``enable()`` wraps those builder operations: a bf16 operand is widened to fp32 exactly, the operation
@@ -37,26 +38,6 @@ def fp32_to_bf16(values: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(values), nan, rounded)
 
 
-def _is_bf16(handle) -> bool:
-    import triton.language as tl
-
-    return handle.dtype.scalar == tl.bfloat16
-
-
-def _values(handle) -> np.ndarray:
-    return bf16_to_fp32(handle.data) if _is_bf16(handle) else handle.data
-
-
-def _bf16_result(TensorHandle, output: np.ndarray):
-    """Round a float result back to bf16; a comparison's booleans are int1 (the interpreter would label
-    them bf16, and a later cast would then read them as bf16 bit patterns)."""
-    import triton.language as tl
-
-    if output.dtype == np.bool_:
-        return TensorHandle(output, tl.int1)
-    return TensorHandle(fp32_to_bf16(output), tl.bfloat16)
-
-
 def enable() -> bool:
     """Patch the interpreter's builder and reductions; False when this Triton has no interpreter to patch."""
     try:
@@ -73,39 +54,52 @@ def enable() -> bool:
         return True
     TensorHandle = interpreter.TensorHandle
 
+    def is_bf16(handle) -> bool:
+        return handle.dtype.scalar == tl.bfloat16
+
+    def values(handle) -> np.ndarray:
+        return bf16_to_fp32(handle.data) if is_bf16(handle) else handle.data
+
+    def bf16_result(output: np.ndarray):
+        """Round a float result back to bf16; a comparison's booleans are int1 (the interpreter would
+        label them bf16, and a later cast would then read them as bf16 bit patterns)."""
+        if output.dtype == np.bool_:
+            return TensorHandle(output, tl.int1)
+        return TensorHandle(fp32_to_bf16(output), tl.bfloat16)
+
     def by_value(original, compute):
         @functools.wraps(original)
         def patched(self, *handles, **kwargs):
-            if not any(_is_bf16(h) for h in handles if isinstance(h, TensorHandle)):
+            if not any(is_bf16(h) for h in handles if isinstance(h, TensorHandle)):
                 return original(self, *handles, **kwargs)
             return compute(self, *handles, **kwargs)
         return patched
 
     def binary_op(self, lhs, rhs, op):
-        return _bf16_result(TensorHandle, op(_values(lhs), _values(rhs)))
+        return bf16_result(op(values(lhs), values(rhs)))
 
     def unary_op(self, arg, op):
-        return _bf16_result(TensorHandle, op(_values(arg)))
+        return bf16_result(op(values(arg)))
 
     def create_fma(self, x, y, z):
-        output = _values(x) * _values(y) + _values(z)
-        return _bf16_result(TensorHandle, output) if _is_bf16(z) else TensorHandle(output, z.dtype.scalar)
+        output = values(x) * values(y) + values(z)
+        return bf16_result(output) if is_bf16(z) else TensorHandle(output, z.dtype.scalar)
 
     def create_rsqrt(self, arg):
-        return _bf16_result(TensorHandle, 1 / np.sqrt(_values(arg)))
+        return bf16_result(1 / np.sqrt(values(arg)))
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         # Tensor cores multiply bf16 exactly and accumulate in fp32, as this matmul does.
-        accumulator = _values(d).astype(np.float32)
-        output = np.matmul(_values(a), _values(b), dtype=np.float32) + accumulator
-        return _bf16_result(TensorHandle, output) if _is_bf16(d) else TensorHandle(output, d.dtype.scalar)
+        accumulator = values(d).astype(np.float32)
+        output = np.matmul(values(a), values(b), dtype=np.float32) + accumulator
+        return bf16_result(output) if is_bf16(d) else TensorHandle(output, d.dtype.scalar)
 
     original_cast = builder.cast_impl
 
     @functools.wraps(original_cast)
     def cast_impl(self, src, dst_type):
-        src_bf16, dst_bf16 = _is_bf16(src), dst_type.scalar == tl.bfloat16
-        if not (src_bf16 or dst_bf16) or (src_bf16 and dst_bf16):
+        src_bf16, dst_bf16 = is_bf16(src), dst_type.scalar == tl.bfloat16
+        if src_bf16 == dst_bf16:  # no bf16 on either side, or bf16 to bf16
             return original_cast(self, src, dst_type)
         if dst_bf16:
             return TensorHandle(fp32_to_bf16(src.data.astype(np.float32)), tl.bfloat16)
@@ -135,6 +129,7 @@ def enable() -> bool:
             return original_min_max(self, input, val_reduce_op, idx_reduce_op)
         widened = self.to_tensor(bf16_to_fp32(value.handle.data), tl.float32)
         result = original_min_max(self, widened, val_reduce_op, idx_reduce_op)
+
         def narrow(t):  # min/max pick an element, so narrowing back is exact
             data = fp32_to_bf16(t.handle.data)
             return self.to_tensor(data if t.type.is_block() else data.reshape(()), tl.bfloat16)
