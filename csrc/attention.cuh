@@ -1,8 +1,11 @@
 // Attention kernels shared by LSA (windows) and GSA (global, sub-sampled keys): forward with an
 // online softmax, and a backward that recomputes the probabilities from the saved log-sum-exp.
+// These are the scalar kernels (fp32 math on the FMA units), which the fp32 path runs: its dots must be
+// exact fp32, not tf32. fp16 and bf16 on compute capability 8.0+ run attention_mma.cuh's tensor-core
+// kernels on the same geometries.
 //
 // A Geometry says which queries and keys a thread block works on and where they live in memory;
-// the kernels do the math. Two block kinds:
+// the kernels do the math. Two block kinds, each of up to block_rows rows:
 //   query blocks (forward, dq): one thread per query of the block, looping over the block's keys;
 //   key blocks (dk, dv):       one thread per key of the block, looping over the block's queries.
 // Keys and queries are staged through shared memory in fp32 tiles; each thread keeps its own
@@ -10,11 +13,12 @@
 //
 // A Geometry provides, for block index g:
 //   QueryBlock query_block(g) / KeyBlock key_block(g)       what the block covers
-//   int num_keys(QueryBlock) / int num_queries(KeyBlock)    how many keys (queries) to loop over
-//   bool query(QueryBlock, i, Row&) / bool key(QueryBlock, j, KeyRow&)  slot i's row (false: none)
-//   bool key_of(KeyBlock, j, KeyRow&) / bool query_of(KeyBlock, i, Row&) the same for key blocks
-//   out_row(block, query) / grad_out_row(block, query) / lse_index(block, query)  a query's outputs
-//   store_dq(block, query, dq) / store_dkdv(block, slot, key, dk, dv)             where gradients go
+//   int num_keys(QueryBlock) / int num_queries(KeyBlock)    how many keys (queries) it loops over
+//   bool query(QueryBlock, i, Row&) / bool key(QueryBlock, j, KeyRow&)  the block's i-th query, its j-th
+//                                                                       key (false: none, or excluded)
+//   bool key_of(KeyBlock, i, KeyRow&) / bool query_of(KeyBlock, j, Row&) the same for key blocks
+//   out_row / grad_out_row / dq_row(block, query), lse_index(block, query)  where a query's results go
+//   KeyGradRow<scalar_t> key_grad(KeyBlock, i, key)                        where a key's dk, dv go
 // and the fields head_dim, lse (written by the forward) and delta (read by the backward).
 #pragma once
 
@@ -44,6 +48,26 @@ struct KeyRow {
   const scalar_t* v = nullptr;
   int64_t stride = 1;
   int64_t token = -1;  // -1: a padded key standing in with the bias
+};
+
+// Where a key's gradients go: rows of the gradient tensor, or fp32 rows of a share the host sums (a
+// padded key's share of the qkv bias in LSA's zero mode; a query split's share in GSA).
+template <typename scalar_t>
+struct KeyGradRow {
+  scalar_t* dk = nullptr;  // element d at dk[d], dv[d]; null: the partial rows instead
+  scalar_t* dv = nullptr;
+  float* partial_dk = nullptr;
+  float* partial_dv = nullptr;
+
+  __device__ __forceinline__ void store(int d, float dk_value, float dv_value) const {
+    if (dk != nullptr) {
+      dk[d] = static_cast<scalar_t>(dk_value);
+      dv[d] = static_cast<scalar_t>(dv_value);
+    } else {
+      partial_dk[d] = dk_value;
+      partial_dv[d] = dv_value;
+    }
+  }
 };
 
 template <typename scalar_t>
@@ -170,9 +194,11 @@ __global__ void attention_dq_kernel(Geometry geo, float scale) {
     }
   }
   if (!active) return;
+  scalar_t* dst = geo.dq_row(block, query);
 #pragma unroll
-  for (int d = 0; d < kMaxHeadDim; ++d) dq[d] *= scale;
-  geo.store_dq(block, query, dq);
+  for (int d = 0; d < kMaxHeadDim; ++d) {
+    if (d < head_dim) dst[d] = static_cast<scalar_t>(dq[d] * scale);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,7 +258,12 @@ __global__ void attention_dkdv_kernel(Geometry geo, float scale) {
       }
     }
   }
-  if (active) geo.store_dkdv(block, threadIdx.x, key, dk, dv);
+  if (!active) return;
+  const auto grad = geo.key_grad(block, threadIdx.x, key);
+#pragma unroll
+  for (int d = 0; d < kMaxHeadDim; ++d) {
+    if (d < head_dim) grad.store(d, dk[d], dv[d]);
+  }
 }
 
 // The head dimension's register tile: 16..128 -> 32, 64 or 128 (masked past head_dim).

@@ -1,22 +1,24 @@
 // GSA (timm GlobalSubSampleAttn) attention core: queries (B, N, C) from the q Linear, keys and values
 // (B, M, 2C) from the kv Linear on the sub-sampled tokens, read by head strides; out (B, N, C) in token
 // order, ready for proj. Nothing of size N x M is stored: the backward recomputes from the log-sum-exp.
-#include "attention.cuh"
+#include "attention_launch.cuh"
 #include "gsa_geometry.cuh"
 #include "twins_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
 
 namespace twins_kernels {
 namespace {
 
 template <typename scalar_t>
-GsaGeometry<scalar_t> make_geometry(const at::Tensor& q, const at::Tensor& kv, int64_t heads) {
+GsaGeometry<scalar_t> make_geometry(const at::Tensor& q, const at::Tensor& kv, int64_t heads, bool tensor_cores) {
   GsaGeometry<scalar_t> geo{};
+  geo.set_shape(q.size(1), kv.size(1), q.size(2), heads, attention::block_rows(tensor_cores, kGsaScalarRows));
   geo.q = q.data_ptr<scalar_t>();
   geo.q_stride_b = q.stride(0);
   geo.q_stride_n = q.stride(1);
@@ -25,14 +27,16 @@ GsaGeometry<scalar_t> make_geometry(const at::Tensor& q, const at::Tensor& kv, i
   geo.kv_stride_b = kv.stride(0);
   geo.kv_stride_m = kv.stride(1);
   geo.kv_stride_c = kv.stride(2);
-  geo.tokens = q.size(1);
-  geo.keys = kv.size(1);
-  geo.chans = static_cast<int>(q.size(2));
-  geo.heads = static_cast<int>(heads);
-  geo.head_dim = static_cast<int>(q.size(2) / heads);
-  geo.query_tiles = (geo.tokens + kRowsPerBlock - 1) / kRowsPerBlock;
-  geo.key_tiles = (geo.keys + kRowsPerBlock - 1) / kRowsPerBlock;
   return geo;
+}
+
+// How many key blocks share one key tile's loop over the queries: enough for about two blocks an SM when
+// the key tiles alone are few (M = 49 keys is one key tile a batch element and head). The Triton
+// backward splits the same way.
+int64_t dkdv_query_splits(const at::Tensor& q, int64_t key_blocks, int64_t query_tiles) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+  return std::max<int64_t>(1, std::min<int64_t>(query_tiles, 2 * sms / key_blocks));
 }
 
 void check_gsa(const at::Tensor& q, const at::Tensor& kv, int64_t heads) {
@@ -57,16 +61,13 @@ std::tuple<at::Tensor, at::Tensor> gsa_attention_forward(const at::Tensor& q, co
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({q.size(0), num_heads, q.size(1)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
+  const bool tensor_cores = attention::use_tensor_cores(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gsa_attention_forward", [&] {
-    auto geo = make_geometry<scalar_t>(q, kv, num_heads);
+    auto geo = make_geometry<scalar_t>(q, kv, num_heads, tensor_cores);
     geo.out = out.data_ptr<scalar_t>();
     geo.lse = lse.data_ptr<float>();
-    const int64_t blocks = q.size(0) * num_heads * geo.query_tiles;
-    attention::dispatch_head_dim(geo.head_dim, [&](auto max_head_dim) {
-      attention::attention_forward_kernel<scalar_t, decltype(max_head_dim)::value>
-          <<<blocks, kRowsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(geo, static_cast<float>(scale));
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    attention::launch_forward<scalar_t>(geo, tensor_cores, geo.query_blocks(q.size(0)), kGsaScalarRows,
+                                        static_cast<float>(scale), c10::cuda::getCurrentCUDAStream());
   });
   return {out, lse};
 }
@@ -89,25 +90,26 @@ std::tuple<at::Tensor, at::Tensor> gsa_attention_backward(const at::Tensor& grad
                          .permute({0, 2, 1})
                          .contiguous();
   const auto lse_c = lse.contiguous();
+  const bool tensor_cores = attention::use_tensor_cores(q);
+  at::Tensor grad_kv_partial;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gsa_attention_backward", [&] {
-    auto geo = make_geometry<scalar_t>(q, kv, num_heads);
+    auto geo = make_geometry<scalar_t>(q, kv, num_heads, tensor_cores);
     geo.lse = const_cast<float*>(lse_c.data_ptr<float>());
     geo.delta = delta.data_ptr<float>();
     geo.grad_out = grad.data_ptr<scalar_t>();
     geo.grad_q = grad_q.data_ptr<scalar_t>();
     geo.grad_kv = grad_kv.data_ptr<scalar_t>();
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    const int64_t query_blocks = q.size(0) * num_heads * geo.query_tiles;
-    const int64_t key_blocks = q.size(0) * num_heads * geo.key_tiles;
-    attention::dispatch_head_dim(geo.head_dim, [&](auto max_head_dim) {
-      constexpr int kMax = decltype(max_head_dim)::value;
-      attention::attention_dq_kernel<scalar_t, kMax>
-          <<<query_blocks, kRowsPerBlock, 0, stream>>>(geo, static_cast<float>(scale));
-      attention::attention_dkdv_kernel<scalar_t, kMax>
-          <<<key_blocks, kRowsPerBlock, 0, stream>>>(geo, static_cast<float>(scale));
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    geo.split_queries(q.size(0), dkdv_query_splits(q, geo.key_blocks(q.size(0)), geo.query_tiles),
+                      attention::kMmaRows);
+    if (geo.query_splits > 1) {
+      grad_kv_partial =
+          at::empty({geo.query_splits, kv.size(0), kv.size(1), kv.size(2)}, q.options().dtype(at::kFloat));
+      geo.grad_kv_partial = grad_kv_partial.data_ptr<float>();
+    }
+    attention::launch_backward<scalar_t>(geo, tensor_cores, geo.query_blocks(q.size(0)), geo.key_blocks(q.size(0)),
+                                         kGsaScalarRows, static_cast<float>(scale), c10::cuda::getCurrentCUDAStream());
   });
+  if (grad_kv_partial.defined()) grad_kv.copy_(grad_kv_partial.sum(0));  // fixed order: deterministic
   return {grad_q, grad_kv};
 }
 

@@ -1,14 +1,13 @@
 // LSA (timm LocallyGroupedAttn) attention core on the qkv GEMM's output, by index arithmetic: no pad,
 // no window reshapes. Positions past the map's right/bottom edge are either keys holding the qkv bias
 // (timm's zero padding) or excluded (mmseg's masking); queries there are cropped, so never computed.
-#include "attention.cuh"
+#include "attention_launch.cuh"
 #include "lsa_geometry.cuh"
 #include "twins_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -16,8 +15,7 @@ namespace twins_kernels {
 namespace {
 
 struct LsaShape {
-  int64_t batch, tokens, chans, head_dim, windows_h, windows_w, blocks;
-  int threads;
+  int64_t batch, tokens, chans, head_dim;
 };
 
 LsaShape check_lsa(const at::Tensor& qkv, const at::Tensor& bias, int64_t height, int64_t width, int64_t ws,
@@ -32,29 +30,24 @@ LsaShape check_lsa(const at::Tensor& qkv, const at::Tensor& bias, int64_t height
   TORCH_CHECK(head_dim >= 1 && head_dim <= 128, "head_dim must be <= 128, got ", head_dim);
   TORCH_CHECK(bias.numel() == 3 * chans, "qkv_bias must have 3C=", 3 * chans, " elements, got ", bias.numel());
   TORCH_CHECK(qkv.scalar_type() != at::kDouble, "the cuda backend supports fp32, fp16 and bf16");
-  LsaShape shape{qkv.size(0), qkv.size(1), chans, head_dim, (height + ws - 1) / ws, (width + ws - 1) / ws, 0, 0};
-  shape.blocks = shape.batch * shape.windows_h * shape.windows_w * heads;
-  shape.threads = static_cast<int>((ws * ws + 31) / 32 * 32);
-  return shape;
+  return {qkv.size(0), qkv.size(1), chans, head_dim};
 }
+
+// The scalar kernels: a block a window and head, a thread a window slot.
+int scalar_threads(int64_t ws) { return static_cast<int>((ws * ws + 31) / 32 * 32); }
 
 template <typename scalar_t>
 LsaGeometry<scalar_t> make_geometry(const at::Tensor& qkv, const at::Tensor& bias, const LsaShape& shape,
-                                    int64_t height, int64_t width, int64_t ws, int64_t heads, bool mask_padding) {
+                                    int64_t height, int64_t width, int64_t ws, int64_t heads, bool mask_padding,
+                                    bool tensor_cores) {
   LsaGeometry<scalar_t> geo{};
+  geo.set_shape(height, width, shape.chans, heads, ws,
+                attention::block_rows(tensor_cores, static_cast<int>(ws * ws)));
   geo.qkv = qkv.data_ptr<scalar_t>();
   geo.bias = bias.data_ptr<scalar_t>();
   geo.stride_b = qkv.stride(0);
   geo.stride_n = qkv.stride(1);
   geo.stride_c = qkv.stride(2);
-  geo.height = static_cast<int>(height);
-  geo.width = static_cast<int>(width);
-  geo.chans = static_cast<int>(shape.chans);
-  geo.heads = static_cast<int>(heads);
-  geo.head_dim = static_cast<int>(shape.head_dim);
-  geo.ws = static_cast<int>(ws);
-  geo.windows_h = static_cast<int>(shape.windows_h);
-  geo.windows_w = static_cast<int>(shape.windows_w);
   geo.mask_padding = mask_padding;
   return geo;
 }
@@ -70,15 +63,13 @@ std::tuple<at::Tensor, at::Tensor> lsa_forward(const at::Tensor& qkv, const at::
   auto lse = at::empty({shape.batch, num_heads, shape.tokens}, qkv.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const auto bias = qkv_bias.to(qkv.scalar_type()).contiguous();
+  const bool tensor_cores = attention::use_tensor_cores(qkv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "lsa_forward", [&] {
-    auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding);
+    auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding, tensor_cores);
     geo.out = out.data_ptr<scalar_t>();
     geo.lse = lse.data_ptr<float>();
-    attention::dispatch_head_dim(geo.head_dim, [&](auto max_head_dim) {
-      attention::attention_forward_kernel<scalar_t, decltype(max_head_dim)::value>
-          <<<shape.blocks, shape.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(geo, static_cast<float>(scale));
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    attention::launch_forward<scalar_t>(geo, tensor_cores, geo.blocks(shape.batch), scalar_threads(ws),
+                                        static_cast<float>(scale), c10::cuda::getCurrentCUDAStream());
   });
   return {out, lse};
 }
@@ -101,26 +92,23 @@ std::tuple<at::Tensor, at::Tensor> lsa_backward(const at::Tensor& grad_out, cons
                          .permute({0, 2, 1})
                          .contiguous();
   const bool has_padding = !mask_padding && (height % ws != 0 || width % ws != 0);
-  auto pad_grad = has_padding ? at::zeros({shape.blocks, ws * ws, 2, shape.head_dim}, grad_bias.options())
-                              : at::Tensor();
+  at::Tensor pad_grad;  // (windows * heads, ws*ws, 2, head_dim): the padded keys' dk, dv
   const auto bias = qkv_bias.to(qkv.scalar_type()).contiguous();
   const auto lse_c = lse.contiguous();
+  const bool tensor_cores = attention::use_tensor_cores(qkv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "lsa_backward", [&] {
-    auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding);
+    auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding, tensor_cores);
     geo.lse = const_cast<float*>(lse_c.data_ptr<float>());
     geo.delta = delta.data_ptr<float>();
     geo.grad_out = grad.data_ptr<scalar_t>();
     geo.grad_qkv = grad_qkv.data_ptr<scalar_t>();
-    geo.pad_grad = has_padding ? pad_grad.data_ptr<float>() : nullptr;
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    attention::dispatch_head_dim(geo.head_dim, [&](auto max_head_dim) {
-      constexpr int kMax = decltype(max_head_dim)::value;
-      attention::attention_dq_kernel<scalar_t, kMax>
-          <<<shape.blocks, shape.threads, 0, stream>>>(geo, static_cast<float>(scale));
-      attention::attention_dkdv_kernel<scalar_t, kMax>
-          <<<shape.blocks, shape.threads, 0, stream>>>(geo, static_cast<float>(scale));
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (has_padding) {
+      pad_grad = at::zeros({geo.window_heads(shape.batch), ws * ws, 2, shape.head_dim}, grad_bias.options());
+      geo.pad_grad = pad_grad.data_ptr<float>();
+    }
+    const int64_t blocks = geo.blocks(shape.batch);
+    attention::launch_backward<scalar_t>(geo, tensor_cores, blocks, blocks, scalar_threads(ws),
+                                         static_cast<float>(scale), c10::cuda::getCurrentCUDAStream());
   });
   if (has_padding) {
     // the padded keys stand in with the bias: their dk, dv are the bias's share, summed per head

@@ -1,15 +1,19 @@
 // Which queries and keys an LSA thread block covers, and where they live: the geometry that
-// attention.cuh's kernels run on (see there). Device code only, so the CPU emulation test can build it.
+// attention.cuh's and attention_mma.cuh's kernels run on (see attention.cuh). Device code and plain
+// host set-up only, so the CPU emulation test builds it with g++.
 #pragma once
 
 #include "attention.cuh"
 
 namespace twins_kernels {
 
+using attention::KeyGradRow;
 using attention::KeyRow;
 using attention::Row;
 
-// One block per (batch, window, head); one thread per window slot, for queries and keys alike.
+// One block per (batch, window, head, tile of block_rows window slots): the block's queries (or, for a
+// key block, its keys) are those slots; the keys a query sees (the queries a key is seen by) are all
+// ws * ws slots of its window.
 template <typename scalar_t>
 struct LsaGeometry {
   const scalar_t* qkv;
@@ -20,20 +24,41 @@ struct LsaGeometry {
   const float* delta;         // (B, heads, N)
   const scalar_t* grad_out;   // (B, N, C) contiguous
   scalar_t* grad_qkv;         // (B, N, 3C)
-  float* pad_grad;            // (blocks, ws*ws, 2, head_dim): padded keys' dk, dv (zero mode)
+  float* pad_grad;            // (windows * heads, ws*ws, 2, head_dim): padded keys' dk, dv (zero mode)
   int height, width, chans, heads, head_dim, ws, windows_h, windows_w;
+  int block_rows, slot_tiles;  // window slots a block covers; blocks a window and head
   bool mask_padding;
 
+  // Sets the shape and the block size; the pointers are the caller's to fill.
+  __host__ void set_shape(int64_t h, int64_t w, int64_t c, int64_t num_heads, int64_t window, int rows) {
+    height = static_cast<int>(h);
+    width = static_cast<int>(w);
+    chans = static_cast<int>(c);
+    heads = static_cast<int>(num_heads);
+    head_dim = static_cast<int>(c / num_heads);
+    ws = static_cast<int>(window);
+    windows_h = static_cast<int>((h + window - 1) / window);
+    windows_w = static_cast<int>((w + window - 1) / window);
+    block_rows = rows;
+    slot_tiles = (ws * ws + rows - 1) / rows;
+  }
+  // (window, head) pairs of a batch of `batch` images, and thread blocks for them
+  __host__ int64_t window_heads(int64_t batch) const {
+    return batch * windows_h * windows_w * heads;
+  }
+  __host__ int64_t blocks(int64_t batch) const { return window_heads(batch) * slot_tiles; }
+
   struct Block {
-    int64_t index, b;
-    int h, y0, x0;
+    int64_t window_head, b;
+    int h, y0, x0, start;  // start: the block's first slot
   };
 
   __device__ Block query_block(int64_t g) const {
     Block blk;
-    blk.index = g;
-    blk.h = static_cast<int>(g % heads);
-    int64_t rest = g / heads;
+    blk.start = static_cast<int>(g % slot_tiles) * block_rows;
+    blk.window_head = g / slot_tiles;
+    blk.h = static_cast<int>(blk.window_head % heads);
+    int64_t rest = blk.window_head / heads;
     blk.x0 = static_cast<int>(rest % windows_w) * ws;
     rest /= windows_w;
     blk.y0 = static_cast<int>(rest % windows_h) * ws;
@@ -51,7 +76,7 @@ struct LsaGeometry {
     token = static_cast<int64_t>(y) * width + x;
     return true;
   }
-  __device__ bool query(const Block& blk, int slot, Row<scalar_t>& row) const {
+  __device__ bool query_at(const Block& blk, int slot, Row<scalar_t>& row) const {
     int64_t token;
     if (!inside(blk, slot, token)) return false;
     row.ptr = qkv + blk.b * stride_b + token * stride_n + static_cast<int64_t>(blk.h) * head_dim * stride_c;
@@ -59,8 +84,7 @@ struct LsaGeometry {
     row.token = token;
     return true;
   }
-  __device__ bool query_of(const Block& blk, int slot, Row<scalar_t>& row) const { return query(blk, slot, row); }
-  __device__ bool key(const Block& blk, int slot, KeyRow<scalar_t>& key) const {
+  __device__ bool key_at(const Block& blk, int slot, KeyRow<scalar_t>& key) const {
     if (slot >= ws * ws) return false;
     const int64_t k_channel = chans + blk.h * head_dim, v_channel = 2 * chans + blk.h * head_dim;
     int64_t token;
@@ -79,7 +103,14 @@ struct LsaGeometry {
     key.token = -1;
     return true;
   }
-  __device__ bool key_of(const Block& blk, int slot, KeyRow<scalar_t>& k) const { return key(blk, slot, k); }
+  __device__ bool query(const Block& blk, int i, Row<scalar_t>& row) const {
+    return i < block_rows && query_at(blk, blk.start + i, row);
+  }
+  __device__ bool key(const Block& blk, int slot, KeyRow<scalar_t>& key) const { return key_at(blk, slot, key); }
+  __device__ bool key_of(const Block& blk, int i, KeyRow<scalar_t>& key) const {
+    return i < block_rows && key_at(blk, blk.start + i, key);
+  }
+  __device__ bool query_of(const Block& blk, int slot, Row<scalar_t>& row) const { return query_at(blk, slot, row); }
 
   __device__ int64_t token_offset(const Block& blk, const Row<scalar_t>& row) const {
     return (blk.b * tokens() + row.token) * chans + blk.h * head_dim;
@@ -93,37 +124,19 @@ struct LsaGeometry {
   __device__ int64_t lse_index(const Block& blk, const Row<scalar_t>& row) const {
     return (blk.b * heads + blk.h) * tokens() + row.token;
   }
-
-  template <int kMax>
-  __device__ void store_dq(const Block& blk, const Row<scalar_t>& row, const float (&dq)[kMax]) const {
-    scalar_t* dst = grad_qkv + (blk.b * tokens() + row.token) * 3 * chans + blk.h * head_dim;
-#pragma unroll
-    for (int d = 0; d < kMax; ++d) {
-      if (d < head_dim) dst[d] = static_cast<scalar_t>(dq[d]);
-    }
+  __device__ scalar_t* dq_row(const Block& blk, const Row<scalar_t>& row) const {
+    return grad_qkv + (blk.b * tokens() + row.token) * 3 * chans + blk.h * head_dim;
   }
-  template <int kMax>
-  __device__ void store_dkdv(const Block& blk, int slot, const KeyRow<scalar_t>& key, const float (&dk)[kMax],
-                             const float (&dv)[kMax]) const {
+  __device__ KeyGradRow<scalar_t> key_grad(const Block& blk, int i, const KeyRow<scalar_t>& key) const {
+    KeyGradRow<scalar_t> grad;
     if (key.token >= 0) {
-      scalar_t* dst = grad_qkv + (blk.b * tokens() + key.token) * 3 * chans + chans + blk.h * head_dim;
-#pragma unroll
-      for (int d = 0; d < kMax; ++d) {
-        if (d < head_dim) {
-          dst[d] = static_cast<scalar_t>(dk[d]);
-          dst[d + chans] = static_cast<scalar_t>(dv[d]);
-        }
-      }
-      return;
+      grad.dk = grad_qkv + (blk.b * tokens() + key.token) * 3 * chans + chans + blk.h * head_dim;
+      grad.dv = grad.dk + chans;
+    } else {
+      grad.partial_dk = pad_grad + (blk.window_head * ws * ws + blk.start + i) * 2 * head_dim;
+      grad.partial_dv = grad.partial_dk + head_dim;
     }
-    float* dst = pad_grad + (blk.index * ws * ws + slot) * 2 * head_dim;
-#pragma unroll
-    for (int d = 0; d < kMax; ++d) {
-      if (d < head_dim) {
-        dst[d] = dk[d];
-        dst[d + head_dim] = dv[d];
-      }
-    }
+    return grad;
   }
 };
 

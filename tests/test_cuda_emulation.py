@@ -1,12 +1,14 @@
-"""The CUDA kernels (csrc/attention.cuh with the LSA and GSA geometries, csrc/peg_kernels.cuh) run on the CPU.
+"""The CUDA kernels (csrc/attention.cuh and attention_mma.cuh with the LSA and GSA geometries,
+csrc/peg_kernels.cuh) run on the CPU.
 
 tests/cuda_emulation/emulate.h stands in for CUDA's execution model (blocks in turn, a block's threads as
-std::threads meeting at a barrier in __syncthreads, __shared__ arrays as statics), so g++ builds the very
-kernel code nvcc builds; the harnesses run forward and backward in fp32, fp16 and bf16 (c10::Half and
-c10::BFloat16, the types the extension dispatches to) and the results are compared with the PyTorch
-references in float64 on the same (rounded) inputs. This checks index arithmetic, padding and masking,
-shared-memory staging, the math and the 16-bit loads and stores on machines with no GPU; GPU-only
-behaviour is the GPU tests' job.
+std::threads meeting at a barrier in __syncthreads, __shared__ arrays as statics, warps exchanging
+registers for __shfl_xor_sync and mma.sync), so g++ builds the very kernel code nvcc builds; the harnesses
+run forward and backward in fp32, fp16 and bf16 (c10::Half and c10::BFloat16, the types the extension
+dispatches to), the attention with both kernel families (scalar: every dtype; mma, the tensor-core kernels:
+fp16 and bf16), and the results are compared with the PyTorch references in float64 on the same (rounded)
+inputs. This checks index arithmetic, padding and masking, shared-memory staging, the mma fragment layouts,
+the math and the 16-bit loads and stores on machines with no GPU; GPU-only behaviour is the GPU tests' job.
 """
 import os
 import shutil
@@ -22,6 +24,12 @@ from parity import DTYPE_IDS, TOLERANCE, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+# the attention kernels the extension runs per dtype: scalar for every dtype (fp32's only path), mma for
+# fp16/bf16 on compute capability 8.0+
+KERNELS_AND_DTYPES = pytest.mark.parametrize("kernels,dtype", [
+    pytest.param(kernels, dtype, id=f"{kernels}-{DTYPE_IDS[dtype]}")
+    for kernels, dtype in [("scalar", torch.float32), ("scalar", torch.float16), ("scalar", torch.bfloat16),
+                           ("mma", torch.float16), ("mma", torch.bfloat16)]])
 
 
 def build(tmp_path_factory, name: str):
@@ -47,12 +55,11 @@ def peg_harness(tmp_path_factory):
     return build(tmp_path_factory, "peg_harness")
 
 
-def run_harness(harness, tmp_path, inputs, args, sizes):
-    """Run ``harness [mode] DTYPE IN OUT args...`` (``args`` starts with the mode, if any, and the dtype
-    name) on ``inputs``; returns its fp32 outputs split by ``sizes``."""
+def run_harness(harness, tmp_path, inputs, mode, args, sizes):
+    """Run ``harness MODE... IN OUT ARGS...`` on ``inputs`` (``mode``: what comes before the files, ending
+    with the dtype name, or the kernel family); returns its fp32 outputs split by ``sizes``."""
     (tmp_path / "in.bin").write_bytes(b"".join(t.float().contiguous().numpy().tobytes() for t in inputs))
-    split = 2 if args[0] in ("lsa", "gsa") else 1
-    subprocess.run([str(harness), *args[:split], tmp_path / "in.bin", tmp_path / "out.bin", *map(str, args[split:])],
+    subprocess.run([str(harness), *mode, tmp_path / "in.bin", tmp_path / "out.bin", *map(str, args)],
                    check=True, timeout=600)
     flat = np.fromfile(tmp_path / "out.bin", dtype=np.float32)
     assert flat.size == sum(sizes)
@@ -69,11 +76,13 @@ def randn(*shape, dtype):
     pytest.param(1, 14, 14, 1, 64, 7, id="14x14-ws7-exact"),
     pytest.param(1, 9, 10, 2, 16, 9, id="9x10-ws9-81-slots"),
     pytest.param(1, 5, 3, 1, 128, 4, id="5x3-ws4-hd128"),
+    # 256 slots, 4 query blocks of the mma kernels; rows 10..15 padded: in mask mode a whole key tile is excluded
+    pytest.param(1, 10, 16, 1, 48, 16, id="10x16-ws16-hd48"),
 ])
 @pytest.mark.parametrize("pad_mode", ["zero", "mask"])
-@DTYPES
+@KERNELS_AND_DTYPES
 def test_emulated_lsa_kernels_match_the_reference(harness, tmp_path, batch, height, width, heads, head_dim, ws,
-                                                  pad_mode, dtype):
+                                                  pad_mode, kernels, dtype):
     tol = TOLERANCE[dtype]
     chans = heads * head_dim
     tokens = height * width
@@ -81,12 +90,12 @@ def test_emulated_lsa_kernels_match_the_reference(harness, tmp_path, batch, heig
     bias = randn(3 * chans, dtype=dtype)
     grad_out = randn(batch, tokens, chans, dtype=dtype)
     scale = head_dim ** -0.5
-    windows = -(-height // ws) * -(-width // ws)
-    blocks = batch * windows * heads
+    window_heads = batch * -(-height // ws) * -(-width // ws) * heads
     out, lse, grad_qkv, pad_grad = run_harness(
-        harness, tmp_path, [qkv, bias, grad_out],
-        ["lsa", DTYPE_IDS[dtype], batch, height, width, chans, heads, ws, repr(scale), int(pad_mode == "mask")],
-        [batch * tokens * chans, batch * heads * tokens, batch * tokens * 3 * chans, blocks * ws * ws * 2 * head_dim])
+        harness, tmp_path, [qkv, bias, grad_out], ["lsa", DTYPE_IDS[dtype], kernels],
+        [batch, height, width, chans, heads, ws, repr(scale), int(pad_mode == "mask")],
+        [batch * tokens * chans, batch * heads * tokens, batch * tokens * 3 * chans,
+         window_heads * ws * ws * 2 * head_dim])
 
     qkv64, bias64 = qkv.double().requires_grad_(), bias.double().requires_grad_()
     expected = lsa_reference(qkv64, bias64, (height, width), heads, ws, scale, pad_mode)
@@ -103,14 +112,17 @@ def test_emulated_lsa_kernels_match_the_reference(harness, tmp_path, batch, heig
     assert torch.isfinite(lse).all()
 
 
-@pytest.mark.parametrize("batch,tokens,keys,heads,head_dim", [
-    pytest.param(2, 150, 40, 2, 32, id="N150-M40"),  # two query tiles, keys past one staging tile
-    pytest.param(1, 20, 1, 1, 64, id="M1"),
-    pytest.param(1, 130, 130, 1, 16, id="sr1-N130"),
-    pytest.param(1, 33, 7, 2, 128, id="hd128"),
+# query_splits: key blocks sharing a key tile's queries (gsa.cu picks it from the GPU's SM count)
+@pytest.mark.parametrize("batch,tokens,keys,heads,head_dim,query_splits", [
+    pytest.param(2, 150, 40, 2, 32, 1, id="N150-M40"),  # several query blocks, keys past one staging tile
+    pytest.param(2, 150, 40, 2, 32, 2, id="N150-M40-2-splits"),  # splits of 128 and 22 queries
+    pytest.param(1, 20, 1, 1, 64, 1, id="M1"),
+    pytest.param(1, 130, 130, 1, 16, 3, id="sr1-N130-3-splits"),  # online softmax over 3 key tiles
+    pytest.param(1, 33, 7, 2, 128, 1, id="hd128"),
 ])
-@DTYPES
-def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, batch, tokens, keys, heads, head_dim, dtype):
+@KERNELS_AND_DTYPES
+def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, batch, tokens, keys, heads, head_dim,
+                                                  query_splits, kernels, dtype):
     tol = TOLERANCE[dtype]
     chans = heads * head_dim
     q = randn(batch, tokens, chans, dtype=dtype)
@@ -118,8 +130,8 @@ def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, batch, toke
     grad_out = randn(batch, tokens, chans, dtype=dtype)
     scale = head_dim ** -0.5
     out, lse, grad_q, grad_kv = run_harness(
-        harness, tmp_path, [q, kv, grad_out],
-        ["gsa", DTYPE_IDS[dtype], batch, tokens, keys, chans, heads, repr(scale)],
+        harness, tmp_path, [q, kv, grad_out], ["gsa", DTYPE_IDS[dtype], kernels],
+        [batch, tokens, keys, chans, heads, repr(scale), query_splits],
         [batch * tokens * chans, batch * heads * tokens, batch * tokens * chans, batch * keys * 2 * chans])
 
     q64, kv64 = q.double().requires_grad_(), kv.double().requires_grad_()
@@ -150,7 +162,7 @@ def test_emulated_peg_kernels_match_the_reference(peg_harness, tmp_path, batch, 
     bias = randn(chans, dtype=dtype)
     grad_out = randn(batch, tokens, chans, dtype=dtype)
     out, grad_x, sums = run_harness(peg_harness, tmp_path, [x, weight.reshape(chans, 9), bias, grad_out],
-                                    [DTYPE_IDS[dtype], batch, height, width, chans],
+                                    [DTYPE_IDS[dtype]], [batch, height, width, chans],
                                     [batch * tokens * chans] * 2 + [10 * chans])
     x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
     expected = peg_reference(x64, w64, b64, (height, width))

@@ -341,6 +341,7 @@ def test_device_mix_raises():
     pytest.param(4, 56, 56, 64, 1, 8, id="pcpvt-s-224-stage1"),
     pytest.param(2, 28, 28, 128, 2, 4, id="pcpvt-s-224-stage2"),
     pytest.param(2, 32, 32, 320, 5, 2, id="pcpvt-s-512-stage3"),
+    pytest.param(2, 64, 64, 64, 2, 1, id="sr1-N4096"),  # the online softmax over 64 key tiles
 ])
 def test_cuda_backend_matches_timm(batch, height, width, dim, heads, sr, dtype):
     skip_unless_available("cuda")

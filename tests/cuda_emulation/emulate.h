@@ -1,20 +1,30 @@
 // Just enough of CUDA's execution model to run csrc/'s kernels on a CPU, for tests: blocks run
 // one after another, a block's threads run as std::threads meeting at a std::barrier in
 // __syncthreads(), and __shared__ arrays are function statics (one block at a time uses them).
-// It checks the kernels' index arithmetic, masking, staging and math, not GPU-only behaviour.
+// Warps of 32 consecutive threads exchange registers for the warp-wide instructions the kernels use
+// (__shfl_xor_sync and mma.sync m16n8k16 through warp_mma.cuh), meeting at a barrier of their own.
+// It checks the kernels' index arithmetic, masking, staging, fragment layouts and math, not GPU-only
+// behaviour (timing, bank conflicts, the tensor cores' internal summation order).
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <cstdint>
+#include <deque>
 #include <thread>
 #include <vector>
 
+#define TWINS_KERNELS_CUDA_EMULATION 1
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __launch_bounds__(...)
 
 struct EmulatedDim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -26,6 +36,59 @@ inline EmulatedDim3 blockDim;
 inline std::barrier<>* emulated_block_barrier = nullptr;
 
 inline void __syncthreads() { emulated_block_barrier->arrive_and_wait(); }
+
+// What a warp's lanes hand each other in a warp-wide instruction.
+struct EmulatedWarp {
+  explicit EmulatedWarp(int lanes) : barrier(lanes) {}
+  std::barrier<> barrier;
+  uint32_t a[32][4];
+  uint32_t b[32][2];
+  float value[32];
+};
+
+inline thread_local EmulatedWarp* emulated_warp = nullptr;
+inline thread_local int emulated_lane = 0;
+
+inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+  EmulatedWarp& warp = *emulated_warp;
+  warp.value[emulated_lane] = value;
+  warp.barrier.arrive_and_wait();
+  const float other = warp.value[emulated_lane ^ lane_mask];
+  warp.barrier.arrive_and_wait();
+  return other;
+}
+
+// One 16-bit value of a fragment register: the lower index in the low half.
+template <typename scalar_t>
+float emulated_fragment_value(uint32_t reg, int half) {
+  return static_cast<float>(scalar_t(static_cast<uint16_t>(reg >> (16 * half)), scalar_t::from_bits()));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: each lane hands in its fragments, then computes its
+// own four elements of D = A B + C from the whole A and B, each element found where the PTX ISA puts it:
+//   A (16x16) element (m, k): lane 4 (m % 8) + (k % 8) / 2, register m / 8 + 2 (k / 8), half k % 2
+//   B (16x8)  element (k, n): lane 4 n + (k % 8) / 2,       register k / 8,             half k % 2
+//   C, D (16x8) element (m, n): lane 4 (m % 8) + n / 2,     value 2 (m / 8) + n % 2
+template <typename scalar_t>
+void emulated_mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  EmulatedWarp& warp = *emulated_warp;
+  std::copy(a, a + 4, warp.a[emulated_lane]);
+  std::copy(b, b + 2, warp.b[emulated_lane]);
+  warp.barrier.arrive_and_wait();
+  for (int m = 0; m < 16; ++m) {
+    for (int n = 0; n < 8; ++n) {
+      if (4 * (m % 8) + n / 2 != emulated_lane) continue;
+      float sum = 0.f;
+      for (int k = 0; k < 16; ++k) {
+        const uint32_t a_reg = warp.a[4 * (m % 8) + (k % 8) / 2][m / 8 + 2 * (k / 8)];
+        const uint32_t b_reg = warp.b[4 * n + (k % 8) / 2][k / 8];
+        sum += emulated_fragment_value<scalar_t>(a_reg, k % 2) * emulated_fragment_value<scalar_t>(b_reg, k % 2);
+      }
+      d[2 * (m / 8) + n % 2] += sum;
+    }
+  }
+  warp.barrier.arrive_and_wait();
+}
 
 using std::max;  // CUDA's device min/max overloads
 using std::min;
@@ -40,10 +103,14 @@ void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, Kernel kernel) {
       blockIdx = {bx, by, 0};
       std::barrier<> barrier(threads);
       emulated_block_barrier = &barrier;
+      std::deque<EmulatedWarp> warps;  // 32 consecutive threads a warp, the last one possibly partial
+      for (unsigned first = 0; first < threads; first += 32) warps.emplace_back(std::min(32u, threads - first));
       std::vector<std::thread> workers;
       for (unsigned t = 0; t < threads; ++t) {
-        workers.emplace_back([t, &block, &kernel] {
+        workers.emplace_back([t, &block, &kernel, &warps] {
           threadIdx = {t % block.x, t / block.x, 0};
+          emulated_warp = &warps[t / 32];
+          emulated_lane = static_cast<int>(t % 32);
           kernel();
         });
       }
