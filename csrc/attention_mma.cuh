@@ -22,7 +22,6 @@ constexpr int kMmaRows = 64;  // queries of a query block, keys of a key block: 
 template <int kHeadDim>
 struct MmaTiles {
   static constexpr int kThreads = kMmaRows / 16 * warp::kSize;
-  static constexpr int kWarps = kThreads / warp::kSize;
   static constexpr int kKeyTile = 64;  // keys staged per step of the forward and dq
   // Queries staged per step of dk/dv: at head_dim 128, 16 keep shared memory under the 48 KiB of a
   // static allocation and registers (K, V fragments and dk, dv accumulators: 192) under 255.
@@ -35,48 +34,61 @@ struct MmaTiles {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// A lane's two rows of its warp's 16 (rows g and g + 8 of the mma layouts); element d of row r at
-// ptr[r][d * stride[r]], zero where the row is missing or d is past head_dim.
-template <typename scalar_t>
-struct LaneRows {
-  const scalar_t* ptr[2] = {nullptr, nullptr};
-  int64_t stride[2] = {1, 1};
-  bool valid[2] = {false, false};
-
-  __device__ __forceinline__ uint16_t bits(int r, int d, int head_dim) const {
-    return valid[r] && d < head_dim ? warp::bits(ptr[r][d * stride[r]]) : uint16_t{0};
-  }
-
-  // the rows as A fragments over the head dimension, one per k-step of 16
-  template <int kSteps>
-  __device__ __forceinline__ void fragments(uint32_t (&a)[kSteps][4], int head_dim) const {
-    const int c = 2 * warp::lane_in_group();
-#pragma unroll
-    for (int kk = 0; kk < kSteps; ++kk) {
-      const int d = 16 * kk + c;
-      a[kk][0] = warp::pack(bits(0, d, head_dim), bits(0, d + 1, head_dim));
-      a[kk][1] = warp::pack(bits(1, d, head_dim), bits(1, d + 1, head_dim));
-      a[kk][2] = warp::pack(bits(0, d + 8, head_dim), bits(0, d + 9, head_dim));
-      a[kk][3] = warp::pack(bits(1, d + 8, head_dim), bits(1, d + 9, head_dim));
-    }
-  }
-};
-
 // The first of this lane's two rows in its block: warp w covers rows 16 w .. 16 w + 15.
 __device__ __forceinline__ int lane_row() { return threadIdx.x / warp::kSize * 16 + warp::lane_group(); }
 
-// Stages kRows rows of head_dim elements into a padded shared tile: stage_row(i, lane) for each row,
-// a warp a row, its lanes along the row (coalesced reads).
-template <int kRows, int kWarps, typename StageRow>
-__device__ __forceinline__ void stage_rows(StageRow stage_row) {
-  const int lane = threadIdx.x % warp::kSize;
-  for (int i = threadIdx.x / warp::kSize; i < kRows; i += kWarps) stage_row(i, lane);
+// Staging copies rows of 16-bit values into shared tiles (rows padded to kStride) in chunks of 8
+// elements: the block's threads take consecutive chunks, so a row's chunks are read together
+// (coalesced), a thread's chunks are independent loads in flight together (the loop is unrolled), and
+// a chunk of a contiguous, 16-byte aligned row is one 16-byte load. Zeros where a row is missing (null)
+// or past head_dim.
+__device__ __forceinline__ void copy_16_bytes(uint16_t* dst, const void* src) {
+#ifndef TWINS_KERNELS_CUDA_EMULATION
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#else
+  emulated_aligned_copy(dst, src, 16);
+#endif
 }
 
-// A staged tile of keys and values (bits, zeros past the end or where excluded) and which keys count.
+// Elements d0 .. d0 + 7 of a row (element d at row[d * stride]) into dst.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_chunk(uint16_t* dst, const scalar_t* row, int64_t stride, int d0,
+                                            int head_dim) {
+  if (row != nullptr && stride == 1 && d0 + 8 <= head_dim && reinterpret_cast<uintptr_t>(row + d0) % 16 == 0) {
+    copy_16_bytes(dst, row + d0);
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int d = d0 + e;
+    dst[e] = row != nullptr && d < head_dim ? warp::bits(row[d * stride]) : uint16_t{0};
+  }
+}
+
+// stage(i, d0) for the chunk at element d0 of each row i of a kRows-row tile.
+template <int kRows, int kHeadDim, typename StageChunk>
+__device__ __forceinline__ void for_each_chunk(StageChunk stage) {
+  constexpr int kRowChunks = kHeadDim / 8, kThreads = MmaTiles<kHeadDim>::kThreads;
+  static_assert(kRows * kRowChunks % kThreads == 0, "every thread stages as many chunks");
+#pragma unroll
+  for (int n = 0; n < kRows * kRowChunks / kThreads; ++n) {
+    const int chunk = n * kThreads + static_cast<int>(threadIdx.x);
+    stage(chunk / kRowChunks, chunk % kRowChunks * 8);
+  }
+}
+
+// This warp's 16 rows of a staged tile (from row r0) as A fragments over the head dimension.
+template <int kHeadDim>
+__device__ __forceinline__ void row_fragments(uint32_t (&a)[kHeadDim / 16][4], const uint16_t* tile, int r0) {
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) warp::load_a<MmaTiles<kHeadDim>::kStride>(a[kk], tile, r0, 16 * kk);
+}
+
+// A staged tile of keys and values and which of its keys count.
 template <int kHeadDim>
 struct KeyTile {
   static constexpr int kKeys = MmaTiles<kHeadDim>::kKeyTile, kStride = MmaTiles<kHeadDim>::kStride;
+  static_assert(kKeys >= kMmaRows, "query blocks stage their queries through k (and dO through v)");
   alignas(16) uint16_t k[kKeys * kStride];
   alignas(16) uint16_t v[kKeys * kStride];
   bool valid[kKeys];
@@ -85,32 +97,43 @@ struct KeyTile {
   template <typename scalar_t, typename Geometry, typename Block>
   __device__ __forceinline__ void stage(const Geometry& geo, const Block& block, int j0, int keys) {
     __syncthreads();
-    stage_rows<kKeys, MmaTiles<kHeadDim>::kWarps>([&](int j, int lane) {
+    for_each_chunk<kKeys, kHeadDim>([&](int j, int d0) {
       KeyRow<scalar_t> key;
       const bool is_key = j0 + j < keys && geo.key(block, j0 + j, key);
-      for (int d = lane; d < kHeadDim; d += warp::kSize) {
-        const bool load = is_key && d < geo.head_dim;
-        k[j * kStride + d] = load ? warp::bits(key.k[d * key.stride]) : uint16_t{0};
-        v[j * kStride + d] = load ? warp::bits(key.v[d * key.stride]) : uint16_t{0};
-      }
-      if (lane == 0) valid[j] = is_key;
+      stage_chunk(k + j * kStride + d0, is_key ? key.k : nullptr, key.stride, d0, geo.head_dim);
+      stage_chunk(v + j * kStride + d0, is_key ? key.v : nullptr, key.stride, d0, geo.head_dim);
+      if (d0 == 0) valid[j] = is_key;
     });
     __syncthreads();
   }
+
+  // A query block's queries into k (kWithGrad: their output gradients into v), then this warp's rows of
+  // them as A fragments; the tile is free again for keys (stage() starts with a barrier).
+  template <typename scalar_t, bool kWithGrad, typename Geometry, typename Block>
+  __device__ __forceinline__ void query_fragments(const Geometry& geo, const Block& block,
+                                                  uint32_t (&q_frag)[kHeadDim / 16][4],
+                                                  uint32_t (&grad_frag)[kHeadDim / 16][4]) {
+    for_each_chunk<kMmaRows, kHeadDim>([&](int i, int d0) {
+      Row<scalar_t> query;
+      const bool is_query = geo.query(block, i, query);
+      stage_chunk(k + i * kStride + d0, is_query ? query.ptr : nullptr, query.stride, d0, geo.head_dim);
+      if constexpr (kWithGrad) {
+        stage_chunk(v + i * kStride + d0, is_query ? geo.grad_out_row(block, query) : nullptr, 1, d0, geo.head_dim);
+      }
+    });
+    __syncthreads();
+    const int r0 = lane_row() - warp::lane_group();
+    row_fragments<kHeadDim>(q_frag, k, r0);
+    if constexpr (kWithGrad) row_fragments<kHeadDim>(grad_frag, v, r0);
+  }
 };
 
-// This lane's two queries of a query block (query[r]: false where the block has none there).
+// This lane's two queries of a query block; false where the block has none there.
 template <typename scalar_t, typename Geometry, typename Block>
-__device__ __forceinline__ LaneRows<scalar_t> lane_queries(const Geometry& geo, const Block& block,
-                                                           Row<scalar_t> (&query)[2]) {
-  LaneRows<scalar_t> rows;
+__device__ __forceinline__ void lane_queries(const Geometry& geo, const Block& block, Row<scalar_t> (&query)[2],
+                                             bool (&valid)[2]) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    rows.valid[r] = geo.query(block, lane_row() + 8 * r, query[r]);
-    rows.ptr[r] = query[r].ptr;
-    rows.stride[r] = query[r].stride;
-  }
-  return rows;
+  for (int r = 0; r < 2; ++r) valid[r] = geo.query(block, lane_row() + 8 * r, query[r]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -125,10 +148,11 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   const int head_dim = geo.head_dim, col = 2 * warp::lane_in_group();
   const auto block = geo.query_block(blockIdx.x);
 
-  Row<scalar_t> query[2];
-  const auto rows = lane_queries(geo, block, query);
   uint32_t q_frag[Tiles::kSteps][4];
-  rows.fragments(q_frag, head_dim);
+  tile.template query_fragments<scalar_t, false>(geo, block, q_frag, q_frag);
+  Row<scalar_t> query[2];
+  bool active[2];
+  lane_queries(geo, block, query, active);
 
   float acc[Tiles::kDimTiles][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: this lane's share
@@ -175,7 +199,7 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = warp::group_sum(row_sum[r]);
-    if (!rows.valid[r]) continue;
+    if (!active[r]) continue;
     scalar_t* out = geo.out_row(block, query[r]);
 #pragma unroll
     for (int n = 0; n < Tiles::kDimTiles; ++n) {
@@ -202,21 +226,18 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   const int head_dim = geo.head_dim, col = 2 * warp::lane_in_group();
   const auto block = geo.query_block(blockIdx.x);
 
+  uint32_t q_frag[Tiles::kSteps][4], grad_frag[Tiles::kSteps][4];
+  tile.template query_fragments<scalar_t, true>(geo, block, q_frag, grad_frag);
   Row<scalar_t> query[2];
-  const auto rows = lane_queries(geo, block, query);
-  LaneRows<scalar_t> grad_rows;  // their output gradients
+  bool active[2];
+  lane_queries(geo, block, query, active);
   float lse_log2[2] = {0.f, 0.f}, delta[2] = {0.f, 0.f};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    grad_rows.valid[r] = rows.valid[r];
-    if (!rows.valid[r]) continue;
-    grad_rows.ptr[r] = geo.grad_out_row(block, query[r]);
+    if (!active[r]) continue;
     lse_log2[r] = geo.lse[geo.lse_index(block, query[r])] * kLog2e;
     delta[r] = geo.delta[geo.lse_index(block, query[r])];
   }
-  uint32_t q_frag[Tiles::kSteps][4], grad_frag[Tiles::kSteps][4];
-  rows.fragments(q_frag, head_dim);
-  grad_rows.fragments(grad_frag, head_dim);
 
   float dq[Tiles::kDimTiles][4] = {};
   const float scale_log2 = scale * kLog2e;
@@ -238,7 +259,7 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (!rows.valid[r]) continue;
+    if (!active[r]) continue;
     scalar_t* dst = geo.dq_row(block, query[r]);
 #pragma unroll
     for (int n = 0; n < Tiles::kDimTiles; ++n) {
@@ -268,37 +289,42 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   const int head_dim = geo.head_dim, row = lane_row(), col = 2 * warp::lane_in_group();
   const auto block = geo.key_block(blockIdx.x);
 
-  KeyRow<scalar_t> key[2];
-  LaneRows<scalar_t> k_rows, v_rows;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    k_rows.valid[r] = v_rows.valid[r] = geo.key_of(block, row + 8 * r, key[r]);
-    k_rows.ptr[r] = key[r].k;
-    v_rows.ptr[r] = key[r].v;
-    k_rows.stride[r] = v_rows.stride[r] = key[r].stride;
-  }
+  // the block's keys and values as A fragments, staged through the query tiles, kQueryTile rows a round
   uint32_t k_frag[Tiles::kSteps][4], v_frag[Tiles::kSteps][4];
-  k_rows.fragments(k_frag, head_dim);
-  v_rows.fragments(v_frag, head_dim);
+  const int warp_row = row - warp::lane_group();
+  for (int r0 = 0; r0 < kMmaRows; r0 += kQueryTile) {
+    for_each_chunk<kQueryTile, kHeadDim>([&](int i, int d0) {
+      KeyRow<scalar_t> key;
+      const bool is_key = geo.key_of(block, r0 + i, key);
+      stage_chunk(q_tile + i * kStride + d0, is_key ? key.k : nullptr, key.stride, d0, head_dim);
+      stage_chunk(grad_tile + i * kStride + d0, is_key ? key.v : nullptr, key.stride, d0, head_dim);
+    });
+    __syncthreads();
+    if (warp_row >= r0 && warp_row < r0 + kQueryTile) {
+      row_fragments<kHeadDim>(k_frag, q_tile, warp_row - r0);
+      row_fragments<kHeadDim>(v_frag, grad_tile, warp_row - r0);
+    }
+    __syncthreads();
+  }
+  KeyRow<scalar_t> key[2];
+  bool active[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) active[r] = geo.key_of(block, row + 8 * r, key[r]);
 
   float dk[Tiles::kDimTiles][4] = {}, dv[Tiles::kDimTiles][4] = {};
   const float scale_log2 = scale * kLog2e;
   const int queries = geo.num_queries(block);
   for (int i0 = 0; i0 < queries; i0 += kQueryTile) {
     __syncthreads();
-    stage_rows<kQueryTile, Tiles::kWarps>([&](int i, int lane) {
+    for_each_chunk<kQueryTile, kHeadDim>([&](int i, int d0) {
       Row<scalar_t> query;
-      const bool valid = i0 + i < queries && geo.query_of(block, i0 + i, query);
-      const scalar_t* grad = valid ? geo.grad_out_row(block, query) : nullptr;
-      for (int d = lane; d < kHeadDim; d += warp::kSize) {
-        const bool load = valid && d < head_dim;
-        q_tile[i * kStride + d] = load ? warp::bits(query.ptr[d * query.stride]) : uint16_t{0};
-        grad_tile[i * kStride + d] = load ? warp::bits(grad[d]) : uint16_t{0};
-      }
-      if (lane == 0) {
-        q_valid[i] = valid;
-        lse_tile[i] = valid ? geo.lse[geo.lse_index(block, query)] * kLog2e : 0.f;
-        delta_tile[i] = valid ? geo.delta[geo.lse_index(block, query)] : 0.f;
+      const bool is_query = i0 + i < queries && geo.query_of(block, i0 + i, query);
+      stage_chunk(q_tile + i * kStride + d0, is_query ? query.ptr : nullptr, query.stride, d0, head_dim);
+      stage_chunk(grad_tile + i * kStride + d0, is_query ? geo.grad_out_row(block, query) : nullptr, 1, d0, head_dim);
+      if (d0 == 0) {
+        q_valid[i] = is_query;
+        lse_tile[i] = is_query ? geo.lse[geo.lse_index(block, query)] * kLog2e : 0.f;
+        delta_tile[i] = is_query ? geo.delta[geo.lse_index(block, query)] : 0.f;
       }
     });
     __syncthreads();
@@ -320,7 +346,7 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (!k_rows.valid[r]) continue;
+    if (!active[r]) continue;
     const auto grad = geo.key_grad(block, row + 8 * r, key[r]);
 #pragma unroll
     for (int n = 0; n < Tiles::kDimTiles; ++n) {

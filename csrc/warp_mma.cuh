@@ -56,12 +56,22 @@ __device__ __forceinline__ uint32_t load_pair(const uint16_t* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 #else
   uint32_t value;
-  std::memcpy(&value, p, sizeof(value));
+  emulated_aligned_copy(&value, p, sizeof(value));
   return value;
 #endif
 }
 
 // Fragment loads from a row-major tile t with kStride elements a row (kStride even).
+// A: rows m0.., columns k0.. of t.
+template <int kStride>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t* t, int m0, int k0) {
+  const uint16_t* p = t + (m0 + lane_group()) * kStride + k0 + 2 * lane_in_group();
+  a[0] = load_pair(p);
+  a[1] = load_pair(p + 8 * kStride);
+  a[2] = load_pair(p + 8);
+  a[3] = load_pair(p + 8 * kStride + 8);
+}
+
 // B whose element (k, n) is t[n0 + n][k0 + k]: t holds B transposed (K for S = Q K^T).
 template <int kStride>
 __device__ __forceinline__ void load_b_transposed(uint32_t (&b)[2], const uint16_t* t, int n0, int k0) {

@@ -78,6 +78,8 @@ def randn(*shape, dtype):
     pytest.param(1, 5, 3, 1, 128, 4, id="5x3-ws4-hd128"),
     # 256 slots, 4 query blocks of the mma kernels; rows 10..15 padded: in mask mode a whole key tile is excluded
     pytest.param(1, 10, 16, 1, 48, 16, id="10x16-ws16-hd48"),
+    # rows of 3C = 120 values: every other token's row is not 16-byte aligned (element-wise staging)
+    pytest.param(1, 6, 5, 2, 20, 3, id="6x5-ws3-hd20-unaligned"),
 ])
 @pytest.mark.parametrize("pad_mode", ["zero", "mask"])
 @KERNELS_AND_DTYPES
@@ -119,6 +121,7 @@ def test_emulated_lsa_kernels_match_the_reference(harness, tmp_path, batch, heig
     pytest.param(1, 20, 1, 1, 64, 1, id="M1"),
     pytest.param(1, 130, 130, 1, 16, 3, id="sr1-N130-3-splits"),  # online softmax over 3 key tiles
     pytest.param(1, 33, 7, 2, 128, 1, id="hd128"),
+    pytest.param(1, 70, 9, 1, 36, 1, id="hd36-unaligned"),  # rows of 36 (q) and 72 (kv) values
 ])
 @KERNELS_AND_DTYPES
 def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, batch, tokens, keys, heads, head_dim,

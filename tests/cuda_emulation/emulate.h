@@ -14,6 +14,9 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <thread>
 #include <vector>
@@ -56,6 +59,15 @@ inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
   const float other = warp.value[emulated_lane ^ lane_mask];
   warp.barrier.arrive_and_wait();
   return other;
+}
+
+// A vector access of `bytes` bytes (4 or 16), which the GPU faults on unless both sides are aligned to it.
+inline void emulated_aligned_copy(void* dst, const void* src, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+    fprintf(stderr, "misaligned %zu-byte access: %p <- %p\n", bytes, dst, src);
+    std::abort();
+  }
+  std::memcpy(dst, src, bytes);
 }
 
 // One 16-bit value of a fragment register: the lower index in the low half.
