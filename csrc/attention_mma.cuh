@@ -34,8 +34,9 @@ struct MmaTiles {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// The first of this lane's two rows in its block: warp w covers rows 16 w .. 16 w + 15.
-__device__ __forceinline__ int lane_row() { return threadIdx.x / warp::kSize * 16 + warp::lane_group(); }
+// Warp w covers rows 16 w .. 16 w + 15 of its block; a lane, two of them: lane_row() and 8 below.
+__device__ __forceinline__ int warp_row() { return threadIdx.x / warp::kSize * 16; }
+__device__ __forceinline__ int lane_row() { return warp_row() + warp::lane_group(); }
 
 // Staging copies rows of 16-bit values into shared tiles (rows padded to kStride) in chunks of 8
 // elements: the block's threads take consecutive chunks, so a row's chunks are read together
@@ -107,12 +108,10 @@ struct KeyTile {
     __syncthreads();
   }
 
-  // A query block's queries into k (kWithGrad: their output gradients into v), then this warp's rows of
-  // them as A fragments; the tile is free again for keys (stage() starts with a barrier).
+  // A query block's queries into k (kWithGrad: their output gradients into v); a barrier after. The
+  // tile is free again for keys once they are in registers (stage() starts with a barrier).
   template <typename scalar_t, bool kWithGrad, typename Geometry, typename Block>
-  __device__ __forceinline__ void query_fragments(const Geometry& geo, const Block& block,
-                                                  uint32_t (&q_frag)[kHeadDim / 16][4],
-                                                  uint32_t (&grad_frag)[kHeadDim / 16][4]) {
+  __device__ __forceinline__ void stage_queries(const Geometry& geo, const Block& block) {
     for_each_chunk<kMmaRows, kHeadDim>([&](int i, int d0) {
       Row<scalar_t> query;
       const bool is_query = geo.query(block, i, query);
@@ -122,9 +121,6 @@ struct KeyTile {
       }
     });
     __syncthreads();
-    const int r0 = lane_row() - warp::lane_group();
-    row_fragments<kHeadDim>(q_frag, k, r0);
-    if constexpr (kWithGrad) row_fragments<kHeadDim>(grad_frag, v, r0);
   }
 };
 
@@ -148,8 +144,9 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   const int head_dim = geo.head_dim, col = 2 * warp::lane_in_group();
   const auto block = geo.query_block(blockIdx.x);
 
+  tile.template stage_queries<scalar_t, false>(geo, block);
   uint32_t q_frag[Tiles::kSteps][4];
-  tile.template query_fragments<scalar_t, false>(geo, block, q_frag, q_frag);
+  row_fragments<kHeadDim>(q_frag, tile.k, warp_row());
   Row<scalar_t> query[2];
   bool active[2];
   lane_queries(geo, block, query, active);
@@ -226,8 +223,10 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   const int head_dim = geo.head_dim, col = 2 * warp::lane_in_group();
   const auto block = geo.query_block(blockIdx.x);
 
+  tile.template stage_queries<scalar_t, true>(geo, block);
   uint32_t q_frag[Tiles::kSteps][4], grad_frag[Tiles::kSteps][4];
-  tile.template query_fragments<scalar_t, true>(geo, block, q_frag, grad_frag);
+  row_fragments<kHeadDim>(q_frag, tile.k, warp_row());
+  row_fragments<kHeadDim>(grad_frag, tile.v, warp_row());
   Row<scalar_t> query[2];
   bool active[2];
   lane_queries(geo, block, query, active);
@@ -291,7 +290,7 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
 
   // the block's keys and values as A fragments, staged through the query tiles, kQueryTile rows a round
   uint32_t k_frag[Tiles::kSteps][4], v_frag[Tiles::kSteps][4];
-  const int warp_row = row - warp::lane_group();
+  const int first_row = warp_row();
   for (int r0 = 0; r0 < kMmaRows; r0 += kQueryTile) {
     for_each_chunk<kQueryTile, kHeadDim>([&](int i, int d0) {
       KeyRow<scalar_t> key;
@@ -300,9 +299,9 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
       stage_chunk(grad_tile + i * kStride + d0, is_key ? key.v : nullptr, key.stride, d0, head_dim);
     });
     __syncthreads();
-    if (warp_row >= r0 && warp_row < r0 + kQueryTile) {
-      row_fragments<kHeadDim>(k_frag, q_tile, warp_row - r0);
-      row_fragments<kHeadDim>(v_frag, grad_tile, warp_row - r0);
+    if (first_row >= r0 && first_row < r0 + kQueryTile) {
+      row_fragments<kHeadDim>(k_frag, q_tile, first_row - r0);
+      row_fragments<kHeadDim>(v_frag, grad_tile, first_row - r0);
     }
     __syncthreads();
   }

@@ -13,7 +13,7 @@
 //
 // 16-bit tiles in shared memory are raw bits (uint16_t), the bits the fp16/bf16 tensors hold.
 // Under the CPU emulation (tests/cuda_emulation/emulate.h, which defines TWINS_KERNELS_CUDA_EMULATION)
-// the mma and the shuffle are emulated functions.
+// the mma, the shuffle and the vector accesses are emulate.h's functions.
 #pragma once
 
 #ifdef __CUDACC__
@@ -25,7 +25,6 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 namespace twins_kernels {
