@@ -8,16 +8,18 @@ PYTHON      := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.14.1
 CUDA_HOME   ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# pytest-xdist workers: the Triton interpreter runs a test on one core, so two workers use CI's two
+TEST_WORKERS ?= 2
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 # A machine with a toolkit must build the extension: its registration test fails instead of skipping.
 REQUIRE_EXTENSION := $(if $(CUDA_HOME),1,0)
 
 .PHONY: demo test bench kernel-report extension clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py Makefile
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)" ninja timm pytest pytest-benchmark hypothesis matplotlib
+	$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)" ninja timm pytest pytest-benchmark pytest-xdist hypothesis matplotlib
 	$(MAKE) extension
 	touch $@
 
@@ -28,7 +30,7 @@ demo: $(VENV)/.installed
 	$(PYTHON) -m twins_kernels
 
 test: $(VENV)/.installed
-	TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PYTHON) -m pytest tests/ -q
+	TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PYTHON) -m pytest tests/ -q -n $(TEST_WORKERS)
 
 bench: $(VENV)/.installed
 	$(PYTHON) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json

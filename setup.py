@@ -64,7 +64,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require={
-        "test": ["timm>=1.0", "pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["timm>=1.0", "pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"],
         "bench": ["timm>=1.0", "pytest", "pytest-benchmark", "matplotlib"],
     },
     ext_modules=ext_modules,
