@@ -9,6 +9,7 @@
 #pragma once
 
 #include "attention.cuh"
+#include "vector_access.cuh"
 #include "warp_mma.cuh"
 
 namespace twins_kernels {
@@ -43,19 +44,11 @@ __device__ __forceinline__ int lane_row() { return warp_row() + warp::lane_group
 // (coalesced), a thread's chunks are independent loads in flight together (the loop is unrolled), and
 // a chunk of a contiguous, 16-byte aligned row is one 16-byte load. Zeros where a row is missing (null)
 // or past head_dim.
-__device__ __forceinline__ void copy_16_bytes(uint16_t* dst, const void* src) {
-#ifndef TWINS_KERNELS_CUDA_EMULATION
-  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-#else
-  emulated_aligned_copy(dst, src, 16);
-#endif
-}
-
 // Elements d0 .. d0 + 7 of a row (element d at row[d * stride]) into dst.
 template <typename scalar_t>
 __device__ __forceinline__ void stage_chunk(uint16_t* dst, const scalar_t* row, int64_t stride, int d0,
                                             int head_dim) {
-  if (row != nullptr && stride == 1 && d0 + 8 <= head_dim && reinterpret_cast<uintptr_t>(row + d0) % 16 == 0) {
+  if (row != nullptr && stride == 1 && d0 + 8 <= head_dim && aligned_16(row + d0)) {
     copy_16_bytes(dst, row + d0);
     return;
   }

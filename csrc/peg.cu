@@ -18,7 +18,6 @@ using peg::kGradChannels;
 using peg::kGradLanes;
 using peg::kPartialSlots;
 using peg::kTaps;
-using peg::peg_conv3x3_kernel;
 using peg::peg_weight_grad_kernel;
 using peg::TokenStrides;
 
@@ -51,20 +50,24 @@ at::Tensor peg_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peg_conv3x3", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const auto w9 = weight.reshape({chans, kTaps}).to(acc_options).contiguous();
-    const auto bias_acc = bias.has_value() ? bias->to(acc_options).contiguous() : w9;
-    const dim3 grid(x.size(0) * height, (width * chans + kConvThreads - 1) / kConvThreads);
+    const auto w9t = weight.reshape({chans, kTaps}).t().to(acc_options).contiguous();  // (9, C)
+    const auto bias_acc = bias.has_value() ? bias->to(acc_options).contiguous() : w9t;
+    const int vec = peg::conv_vector_width(x.data_ptr<scalar_t>(), w9t.data_ptr<acc_t>(),
+                                           bias.has_value() ? bias_acc.data_ptr<acc_t>() : nullptr,
+                                           static_cast<int>(chans), strides_of(x));
+    const dim3 grid(x.size(0) * height, peg::conv_blocks_per_row(static_cast<int>(width), static_cast<int>(chans), vec));
     auto launch = [&](auto kernel) {
-      kernel<<<grid, kConvThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w9.data_ptr<acc_t>(), bias_acc.data_ptr<acc_t>(),
-                                                out.data_ptr<scalar_t>(), static_cast<int>(height),
-                                                static_cast<int>(width), static_cast<int>(chans), strides_of(x));
+      kernel<<<grid, kConvThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w9t.data_ptr<acc_t>(),
+                                                bias_acc.data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
+                                                static_cast<int>(height), static_cast<int>(width),
+                                                static_cast<int>(chans), strides_of(x));
     };
     if (flip_weight) {
-      bias.has_value() ? launch(peg_conv3x3_kernel<scalar_t, acc_t, true, true>)
-                       : launch(peg_conv3x3_kernel<scalar_t, acc_t, true, false>);
+      bias.has_value() ? peg::with_conv_kernel<scalar_t, acc_t, true, true>(vec, launch)
+                       : peg::with_conv_kernel<scalar_t, acc_t, true, false>(vec, launch);
     } else {
-      bias.has_value() ? launch(peg_conv3x3_kernel<scalar_t, acc_t, false, true>)
-                       : launch(peg_conv3x3_kernel<scalar_t, acc_t, false, false>);
+      bias.has_value() ? peg::with_conv_kernel<scalar_t, acc_t, false, true>(vec, launch)
+                       : peg::with_conv_kernel<scalar_t, acc_t, false, false>(vec, launch);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,6 +1,8 @@
 // PEG's device kernels: the depthwise 3x3 conv on (B, N, C) tokens and the weight/bias gradient
-// reduction. Device code only, so the CPU emulation test can build it.
+// reduction. Device code and plain host helpers only, so the CPU emulation test builds it with g++.
 #pragma once
+
+#include "vector_access.cuh"
 
 #include <cstdint>
 
@@ -17,23 +19,46 @@ struct TokenStrides {
   int64_t batch, token, channel;
 };
 
-// One thread per (token, channel) of one map row; blockIdx.x is the row (b * H + h), so the row index
-// has 2^31 of room while blockIdx.y covers the W * C elements of the row.
-template <typename scalar_t, typename acc_t, bool kFlip, bool kHasBias>
-__global__ void peg_conv3x3_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ w9,
+// Channels a thread of the conv handles: 16 bytes of them where every token's channels are contiguous
+// and 16-byte aligned (16-byte loads for each tap's values and weights, a 16-byte store), else one.
+template <typename scalar_t, typename acc_t>
+__host__ int conv_vector_width(const scalar_t* x, const acc_t* w9t, const acc_t* bias, int chans, TokenStrides s) {
+  constexpr int kVector = 16 / sizeof(scalar_t);
+  const bool vector = s.channel == 1 && chans % kVector == 0 && s.token * sizeof(scalar_t) % 16 == 0 &&
+                      s.batch * sizeof(scalar_t) % 16 == 0 && aligned_16(x) && aligned_16(w9t) &&
+                      (bias == nullptr || aligned_16(bias));
+  return vector ? kVector : 1;
+}
+
+// The conv's grid is (B * H, conv_blocks_per_row): blockIdx.x a map row, so that index has 2^31 of room;
+// blockIdx.y covers the row's W * C elements, vec a thread.
+__host__ inline unsigned conv_blocks_per_row(int width, int chans, int vec) {
+  return static_cast<unsigned>((static_cast<int64_t>(width) * chans / vec + kConvThreads - 1) / kConvThreads);
+}
+
+// out = x + bias + conv3x3(x), kVec channels of one token a thread (chans % kVec == 0); w9t holds the
+// taps as (9, C), a tap's weights for neighbouring channels side by side.
+template <typename scalar_t, typename acc_t, int kVec, bool kFlip, bool kHasBias>
+__global__ void peg_conv3x3_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ w9t,
                                    const acc_t* __restrict__ bias, scalar_t* __restrict__ out, int height,
                                    int width, int chans, TokenStrides s) {
   const int64_t row = blockIdx.x;
-  const int element = blockIdx.y * blockDim.x + threadIdx.x;
+  const int element = (blockIdx.y * blockDim.x + threadIdx.x) * kVec;
   if (element >= width * chans) return;
   const int b = static_cast<int>(row / height);
   const int h = static_cast<int>(row % height);
   const int w = element / chans;
   const int c = element % chans;
   const scalar_t* x_bc = x + b * s.batch + c * s.channel;
+  auto token = [&](int hh, int ww) { return x_bc + (static_cast<int64_t>(hh) * width + ww) * s.token; };
 
-  acc_t acc = static_cast<acc_t>(x_bc[(static_cast<int64_t>(h) * width + w) * s.token]);
-  if (kHasBias) acc += bias[c];
+  alignas(16) scalar_t values[kVec];
+  alignas(16) acc_t weights[kVec];
+  acc_t acc[kVec];
+  copy_values<kVec>(values, token(h, w));
+  if constexpr (kHasBias) copy_values<kVec>(weights, bias + c);
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) acc[e] = static_cast<acc_t>(values[e]) + (kHasBias ? weights[e] : acc_t(0));
 #pragma unroll
   for (int i = 0; i < 3; ++i) {
     const int hh = h + i - 1;
@@ -43,10 +68,25 @@ __global__ void peg_conv3x3_kernel(const scalar_t* __restrict__ x, const acc_t* 
       const int ww = w + j - 1;
       if (ww < 0 || ww >= width) continue;
       const int tap = kFlip ? (kTaps - 1) - (i * 3 + j) : i * 3 + j;
-      acc += w9[c * kTaps + tap] * static_cast<acc_t>(x_bc[(static_cast<int64_t>(hh) * width + ww) * s.token]);
+      copy_values<kVec>(values, token(hh, ww));
+      copy_values<kVec>(weights, w9t + tap * chans + c);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[e] += weights[e] * static_cast<acc_t>(values[e]);
     }
   }
-  out[row * width * chans + element] = static_cast<scalar_t>(acc);
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) values[e] = static_cast<scalar_t>(acc[e]);
+  copy_values<kVec>(out + row * width * chans + element, values);
+}
+
+// Calls launch(kernel) with the conv kernel for vec (1, or the 16 bytes conv_vector_width may give).
+template <typename scalar_t, typename acc_t, bool kFlip, bool kHasBias, typename Launch>
+__host__ void with_conv_kernel(int vec, Launch launch) {
+  if (vec == 1) {
+    launch(peg_conv3x3_kernel<scalar_t, acc_t, 1, kFlip, kHasBias>);
+  } else {
+    launch(peg_conv3x3_kernel<scalar_t, acc_t, 16 / sizeof(scalar_t), kFlip, kHasBias>);
+  }
 }
 
 // partial[p, slot, c]: block p's sums over its rows of g * shifted x (9 slots) and of g (slot 9).

@@ -23,17 +23,25 @@ static void run(FILE* in, FILE* out_file, char** argv) {
   const auto grad = read_as<scalar_t>(in, elements);
   const TokenStrides strides{static_cast<int64_t>(height) * width * chans, chans, 1};
 
+  std::vector<float> w9t(kTaps * chans);  // the (9, C) taps peg.cu hands the conv
+  for (int c = 0; c < chans; ++c)
+    for (int tap = 0; tap < kTaps; ++tap) w9t[tap * chans + c] = weight[c * kTaps + tap];
+
   std::vector<scalar_t> out(elements, scalar_t(NAN)), grad_x(elements, scalar_t(NAN));
-  const EmulatedDim3 grid{static_cast<unsigned>(batch * height),
-                          static_cast<unsigned>((width * chans + kConvThreads - 1) / kConvThreads), 0};
-  emulated_launch(grid, {kConvThreads, 1, 0}, [&] {
-    peg_conv3x3_kernel<scalar_t, float, false, true>(x.data(), weight.data(), bias.data(), out.data(), height, width,
-                                                     chans, strides);
-  });
-  emulated_launch(grid, {kConvThreads, 1, 0}, [&] {
-    peg_conv3x3_kernel<scalar_t, float, true, false>(grad.data(), weight.data(), nullptr, grad_x.data(), height,
-                                                     width, chans, strides);
-  });
+  // the conv kernel peg.cu picks: 16 bytes of channels a thread where the tokens allow it
+  auto conv = [&](const std::vector<scalar_t>& input, const float* conv_bias, std::vector<scalar_t>& output,
+                  auto launch_flags) {
+    const int vec = conv_vector_width(input.data(), w9t.data(), conv_bias, chans, strides);
+    const EmulatedDim3 grid{static_cast<unsigned>(batch * height), conv_blocks_per_row(width, chans, vec), 0};
+    launch_flags(vec, [&](auto kernel) {
+      emulated_launch(grid, {kConvThreads, 1, 0}, [&] {
+        kernel(input.data(), w9t.data(), conv_bias, output.data(), height, width, chans, strides);
+      });
+    });
+  };
+  conv(x, bias.data(), out, [](int vec, auto launch) { with_conv_kernel<scalar_t, float, false, true>(vec, launch); });
+  conv(grad, nullptr, grad_x,
+       [](int vec, auto launch) { with_conv_kernel<scalar_t, float, true, false>(vec, launch); });
 
   const int64_t rows = static_cast<int64_t>(batch) * height;
   const int64_t rows_per_program = (rows + 511) / 512;  // peg.cu's partition
