@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a GPU session runs, in as few device calls as the 10-minute limit allows. Each phase writes
 # under ${OUT:-benchmarks/results/run} (the device tool brings $OUT back):
-#   bash benchmarks/run_gpu.sh tests        build the CUDA extension, main job, the whole test suite
+#   bash benchmarks/run_gpu.sh tests [-k EXPR]   build the CUDA extension, main job, the test suite (a subset with -k)
 #   bash benchmarks/run_gpu.sh bench [-k EXPR]   build, pytest benchmarks/ --benchmark-only (a subset with -k), report
 #   bash benchmarks/run_gpu.sh all          both
 set -uo pipefail
@@ -21,7 +21,7 @@ PY="${PYTHON:-python3}"
 $PY -m pip install --quiet --no-build-isolation -e . > "$OUT/build.log" 2>&1 || echo "extension build FAILED" >> "$OUT/env.txt"
 if [ "$PHASE" = tests ] || [ "$PHASE" = all ]; then
   $PY -m twins_kernels > "$OUT/main_job.txt" 2>&1
-  TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q --durations=15 > "$OUT/tests.txt" 2>&1
+  TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q --durations=15 "$@" > "$OUT/tests.txt" 2>&1
   tail -3 "$OUT/main_job.txt" "$OUT/tests.txt"
 fi
 if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
