@@ -44,6 +44,7 @@ __device__ __forceinline__ int lane_row() { return warp_row() + warp::lane_group
 // (coalesced), a thread's chunks are independent loads in flight together (the loop is unrolled), and
 // a chunk of a contiguous, 16-byte aligned row is one 16-byte load. Zeros where a row is missing (null)
 // or past head_dim.
+
 // Elements d0 .. d0 + 7 of a row (element d at row[d * stride]) into dst.
 template <typename scalar_t>
 __device__ __forceinline__ void stage_chunk(uint16_t* dst, const scalar_t* row, int64_t stride, int d0,
@@ -116,6 +117,20 @@ struct KeyTile {
     __syncthreads();
   }
 };
+
+// fn(d, n, e) for each column d < head_dim that this lane holds of its rows: accumulator tiles of 8
+// columns hold column d = 8 n + 2 t + e of the lane's row r at [n][2 r + e].
+template <int kDimTiles, typename Fn>
+__device__ __forceinline__ void for_each_lane_column(int head_dim, Fn fn) {
+  const int col = 2 * warp::lane_in_group();
+#pragma unroll
+  for (int n = 0; n < kDimTiles; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if (8 * n + col + e < head_dim) fn(8 * n + col + e, n, e);
+    }
+  }
+}
 
 // This lane's two queries of a query block; false where the block has none there.
 template <typename scalar_t, typename Geometry, typename Block>
@@ -191,14 +206,9 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
     const float sum = warp::group_sum(row_sum[r]);
     if (!active[r]) continue;
     scalar_t* out = geo.out_row(block, query[r]);
-#pragma unroll
-    for (int n = 0; n < Tiles::kDimTiles; ++n) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = 8 * n + col + e;
-        if (d < head_dim) out[d] = static_cast<scalar_t>(acc[n][2 * r + e] / sum);
-      }
-    }
+    for_each_lane_column<Tiles::kDimTiles>(head_dim, [&](int d, int n, int e) {
+      out[d] = static_cast<scalar_t>(acc[n][2 * r + e] / sum);
+    });
     if (col == 0) geo.lse[geo.lse_index(block, query[r])] = (row_max[r] + log2f(sum)) * kLn2;
   }
 }
@@ -227,8 +237,9 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (!active[r]) continue;
-    lse_log2[r] = geo.lse[geo.lse_index(block, query[r])] * kLog2e;
-    delta[r] = geo.delta[geo.lse_index(block, query[r])];
+    const int64_t index = geo.lse_index(block, query[r]);
+    lse_log2[r] = geo.lse[index] * kLog2e;
+    delta[r] = geo.delta[index];
   }
 
   float dq[Tiles::kDimTiles][4] = {};
@@ -253,14 +264,9 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   for (int r = 0; r < 2; ++r) {
     if (!active[r]) continue;
     scalar_t* dst = geo.dq_row(block, query[r]);
-#pragma unroll
-    for (int n = 0; n < Tiles::kDimTiles; ++n) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = 8 * n + col + e;
-        if (d < head_dim) dst[d] = static_cast<scalar_t>(dq[n][2 * r + e] * scale);
-      }
-    }
+    for_each_lane_column<Tiles::kDimTiles>(head_dim, [&](int d, int n, int e) {
+      dst[d] = static_cast<scalar_t>(dq[n][2 * r + e] * scale);
+    });
   }
 }
 
@@ -314,9 +320,10 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
       stage_chunk(q_tile + i * kStride + d0, is_query ? query.ptr : nullptr, query.stride, d0, head_dim);
       stage_chunk(grad_tile + i * kStride + d0, is_query ? geo.grad_out_row(block, query) : nullptr, 1, d0, head_dim);
       if (d0 == 0) {
+        const int64_t index = is_query ? geo.lse_index(block, query) : 0;
         q_valid[i] = is_query;
-        lse_tile[i] = is_query ? geo.lse[geo.lse_index(block, query)] * kLog2e : 0.f;
-        delta_tile[i] = is_query ? geo.delta[geo.lse_index(block, query)] : 0.f;
+        lse_tile[i] = is_query ? geo.lse[index] * kLog2e : 0.f;
+        delta_tile[i] = is_query ? geo.delta[index] : 0.f;
       }
     });
     __syncthreads();
@@ -340,14 +347,9 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   for (int r = 0; r < 2; ++r) {
     if (!active[r]) continue;
     const auto grad = geo.key_grad(block, row + 8 * r, key[r]);
-#pragma unroll
-    for (int n = 0; n < Tiles::kDimTiles; ++n) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = 8 * n + col + e;
-        if (d < head_dim) grad.store(d, dk[n][2 * r + e] * scale, dv[n][2 * r + e]);
-      }
-    }
+    for_each_lane_column<Tiles::kDimTiles>(head_dim, [&](int d, int n, int e) {
+      grad.store(d, dk[n][2 * r + e] * scale, dv[n][2 * r + e]);
+    });
   }
 }
 

@@ -33,9 +33,6 @@ LsaShape check_lsa(const at::Tensor& qkv, const at::Tensor& bias, int64_t height
   return {qkv.size(0), qkv.size(1), chans, head_dim};
 }
 
-// The scalar kernels: a block a window and head, a thread a window slot.
-int scalar_threads(int64_t ws) { return static_cast<int>((ws * ws + 31) / 32 * 32); }
-
 template <typename scalar_t>
 LsaGeometry<scalar_t> make_geometry(const at::Tensor& qkv, const at::Tensor& bias, const LsaShape& shape,
                                     int64_t height, int64_t width, int64_t ws, int64_t heads, bool mask_padding,
@@ -68,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> lsa_forward(const at::Tensor& qkv, const at::
     auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding, tensor_cores);
     geo.out = out.data_ptr<scalar_t>();
     geo.lse = lse.data_ptr<float>();
-    attention::launch_forward<scalar_t>(geo, tensor_cores, geo.blocks(shape.batch), scalar_threads(ws),
+    attention::launch_forward<scalar_t>(geo, tensor_cores, geo.blocks(shape.batch), lsa_scalar_threads(ws),
                                         static_cast<float>(scale), c10::cuda::getCurrentCUDAStream());
   });
   return {out, lse};
@@ -107,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> lsa_backward(const at::Tensor& grad_out, cons
       geo.pad_grad = pad_grad.data_ptr<float>();
     }
     const int64_t blocks = geo.blocks(shape.batch);
-    attention::launch_backward<scalar_t>(geo, tensor_cores, blocks, blocks, scalar_threads(ws),
+    attention::launch_backward<scalar_t>(geo, tensor_cores, blocks, blocks, lsa_scalar_threads(ws),
                                          static_cast<float>(scale), c10::cuda::getCurrentCUDAStream());
   });
   if (has_padding) {

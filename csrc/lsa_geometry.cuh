@@ -11,6 +11,9 @@ using attention::KeyGradRow;
 using attention::KeyRow;
 using attention::Row;
 
+// The scalar kernels' block: a window and head, a thread a window slot (in whole warps).
+inline int lsa_scalar_threads(int64_t ws) { return static_cast<int>((ws * ws + 31) / 32 * 32); }
+
 // One block per (batch, window, head, tile of block_rows window slots): the block's queries (or, for a
 // key block, its keys) are those slots; the keys a query sees (the queries a key is seen by) are all
 // ws * ws slots of its window.

@@ -85,7 +85,7 @@ static void run_lsa(FILE* in, FILE* outf, bool tensor_cores, char** argv) {
   geo.grad_out = grad_out.data();
   geo.grad_qkv = grad_qkv.data();
   geo.pad_grad = pad_grad.data();
-  run_kernels(geo, tensor_cores, blocks, blocks, (ws * ws + 31) / 32 * 32, scale, delta,
+  run_kernels(geo, tensor_cores, blocks, blocks, lsa_scalar_threads(ws), scale, delta,
               grad_out, out, batch, tokens, chans, heads);
   write_as_floats(outf, out);
   write_as_floats(outf, lse);
