@@ -9,6 +9,13 @@ dispatches to), the attention with both kernel families (scalar: every dtype; mm
 fp16 and bf16), and the results are compared with the PyTorch references in float64 on the same (rounded)
 inputs. This checks index arithmetic, padding and masking, shared-memory staging, the mma fragment layouts,
 the math and the 16-bit loads and stores on machines with no GPU; GPU-only behaviour is the GPU tests' job.
+
+A subset also runs under ThreadSanitizer: the emulated threads of a block are real threads ordered only by
+the emulated barriers, so a shared-memory access that a missing or misplaced ``__syncthreads`` leaves
+unordered (a race on the GPU, where it shows as wrong numbers once in a while) is reported, and fails the
+case, whether or not this run's timing happened to corrupt a value. And every case runs its blocks in grid
+order and in reverse, which must give the same bits: blocks that write the same element, or read what
+another block writes, race on the GPU, where blocks run in no set order.
 """
 import os
 import shutil
@@ -32,15 +39,40 @@ KERNELS_AND_DTYPES = pytest.mark.parametrize("kernels,dtype", [
                            ("mma", torch.float16), ("mma", torch.bfloat16)]])
 
 
-def build(tmp_path_factory, name: str):
-    compiler = shutil.which("g++")
-    if compiler is None:
+TSAN_FLAGS = ["-O1", "-g", "-fsanitize=thread"]
+
+
+def compiler():
+    path = shutil.which("g++")
+    if path is None:
         pytest.skip("needs g++ (C++20) to build the emulated kernels")
+    return path
+
+
+def thread_sanitizer_reason(tmp_path_factory):
+    """Why this g++ cannot build and run a ThreadSanitizer program here, or None when it can."""
+    directory = tmp_path_factory.mktemp("tsan_probe")
+    (directory / "probe.cpp").write_text("#include <thread>\nint main() { std::thread([] {}).join(); }\n")
+    built = subprocess.run([compiler(), "-std=c++20", *TSAN_FLAGS, "-pthread", "-o", str(directory / "probe"),
+                            str(directory / "probe.cpp")], capture_output=True, text=True)
+    if built.returncode != 0:
+        return f"g++ cannot build with -fsanitize=thread (libtsan missing?): {built.stderr.strip()[-300:]}"
+    ran = subprocess.run([str(directory / "probe")], capture_output=True, text=True)
+    if ran.returncode != 0:  # e.g. "unexpected memory mapping" on kernels with more ASLR bits than it knows
+        return f"ThreadSanitizer programs do not run on this machine: {ran.stderr.strip()[-300:]}"
+    return None
+
+
+def build(tmp_path_factory, name: str, race_checked: bool = False):
+    """The harness ``name`` built with g++, under ThreadSanitizer when ``race_checked``."""
     from torch.utils.cpp_extension import include_paths
 
+    if race_checked and (reason := thread_sanitizer_reason(tmp_path_factory)):
+        pytest.skip(reason)
     binary = tmp_path_factory.mktemp("emulation") / name
     includes = [flag for path in [os.path.join(ROOT, "csrc"), *include_paths()] for flag in ("-I", path)]
-    subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", *includes, "-o", str(binary),
+    optimization = TSAN_FLAGS if race_checked else ["-O2"]
+    subprocess.run([compiler(), "-std=c++20", *optimization, "-pthread", *includes, "-o", str(binary),
                     os.path.join(ROOT, "tests", "cuda_emulation", f"{name}.cpp")], check=True)
     return binary
 
@@ -55,13 +87,32 @@ def peg_harness(tmp_path_factory):
     return build(tmp_path_factory, "peg_harness")
 
 
-def run_harness(harness, tmp_path, inputs, mode, args, sizes):
+@pytest.fixture(scope="module")
+def race_checked_harness(tmp_path_factory):
+    return build(tmp_path_factory, "attention_harness", race_checked=True)
+
+
+@pytest.fixture(scope="module")
+def race_checked_peg_harness(tmp_path_factory):
+    return build(tmp_path_factory, "peg_harness", race_checked=True)
+
+
+def run_harness(harness, tmp_path, inputs, mode, args, sizes, both_orders=False):
     """Run ``harness MODE... IN OUT ARGS...`` on ``inputs`` (``mode``: what comes before the files, ending
-    with the dtype name, or the kernel family); returns its fp32 outputs split by ``sizes``."""
+    with the dtype name, or the kernel family); returns its fp32 outputs split by ``sizes``. A harness
+    that fails (an emulated fault, or a race ThreadSanitizer reports) fails the test with its stderr.
+    ``both_orders``: run the blocks in reverse too, and require the very same bits from both orders."""
     (tmp_path / "in.bin").write_bytes(b"".join(t.float().contiguous().numpy().tobytes() for t in inputs))
-    subprocess.run([str(harness), *mode, tmp_path / "in.bin", tmp_path / "out.bin", *map(str, args)],
-                   check=True, timeout=600)
-    flat = np.fromfile(tmp_path / "out.bin", dtype=np.float32)
+    results = []
+    for order in ["grid", "reversed"] if both_orders else ["grid"]:
+        out = tmp_path / f"out-{order}.bin"
+        ran = subprocess.run([str(harness), *mode, tmp_path / "in.bin", out, *map(str, args)], capture_output=True,
+                             text=True, timeout=600, env=os.environ | {"TWINS_KERNELS_EMULATION_BLOCKS": order})
+        command = f"{harness.name} {' '.join(mode)} {args}"
+        assert ran.returncode == 0, f"{command} exited {ran.returncode}:\n{ran.stderr[-6000:]}"
+        results.append(out.read_bytes())
+    assert results.count(results[0]) == len(results), "blocks run in reverse give other bits: blocks race"
+    flat = np.frombuffer(results[0], dtype=np.float32)
     assert flat.size == sum(sizes)
     return [torch.from_numpy(part.copy()) for part in np.split(flat, np.cumsum(sizes)[:-1])]
 
@@ -71,20 +122,41 @@ def randn(*shape, dtype):
     return torch.randn(*shape).to(dtype).float()
 
 
-@pytest.mark.parametrize("batch,height,width,heads,head_dim,ws", [
-    pytest.param(2, 13, 17, 2, 32, 7, id="13x17-ws7-padded"),
-    pytest.param(1, 14, 14, 1, 64, 7, id="14x14-ws7-exact"),
-    pytest.param(1, 9, 10, 2, 16, 9, id="9x10-ws9-81-slots"),
-    pytest.param(1, 5, 3, 1, 128, 4, id="5x3-ws4-hd128"),
+# (batch, height, width, heads, head_dim, ws)
+LSA_SHAPES = {
+    "13x17-ws7-padded": (2, 13, 17, 2, 32, 7),
+    "14x14-ws7-exact": (1, 14, 14, 1, 64, 7),
+    "9x10-ws9-81-slots": (1, 9, 10, 2, 16, 9),
+    "5x3-ws4-hd128": (1, 5, 3, 1, 128, 4),
     # 256 slots, 4 query blocks of the mma kernels; rows 10..15 padded: in mask mode a whole key tile is excluded
-    pytest.param(1, 10, 16, 1, 48, 16, id="10x16-ws16-hd48"),
+    "10x16-ws16-hd48": (1, 10, 16, 1, 48, 16),
     # rows of 3C = 120 values: every other token's row is not 16-byte aligned (element-wise staging)
-    pytest.param(1, 6, 5, 2, 20, 3, id="6x5-ws3-hd20-unaligned"),
-])
-@pytest.mark.parametrize("pad_mode", ["zero", "mask"])
-@KERNELS_AND_DTYPES
-def test_emulated_lsa_kernels_match_the_reference(harness, tmp_path, batch, height, width, heads, head_dim, ws,
-                                                  pad_mode, kernels, dtype):
+    "6x5-ws3-hd20-unaligned": (1, 6, 5, 2, 20, 3),
+}
+# (batch, tokens, keys, heads, head_dim, query_splits); query_splits: key blocks sharing a key tile's
+# queries (gsa.cu picks it from the GPU's SM count)
+GSA_SHAPES = {
+    "N150-M40": (2, 150, 40, 2, 32, 1),  # several query blocks, keys past one staging tile
+    "N150-M40-2-splits": (2, 150, 40, 2, 32, 2),  # splits of 128 and 22 queries
+    "M1": (1, 20, 1, 1, 64, 1),
+    "sr1-N130-3-splits": (1, 130, 130, 1, 16, 3),  # online softmax over 3 key tiles
+    "hd128": (1, 33, 7, 2, 128, 1),  # 16-row query tiles: the dk/dv kernel stages its keys in 4 rounds
+    "hd36-unaligned": (1, 70, 9, 1, 36, 1),  # rows of 36 (q) and 72 (kv) values
+}
+# (batch, height, width, chans)
+PEG_SHAPES = {
+    "5x7-C40": (2, 5, 7, 40),  # 16-byte channel vectors in every dtype
+    "1x9-C300-two-blocks": (1, 1, 9, 300),
+    "W1": (3, 4, 1, 33),  # rows of 33 channels: one channel a thread
+}
+
+
+def shapes(table):
+    return pytest.mark.parametrize("shape", [pytest.param(value, id=key) for key, value in table.items()])
+
+
+def check_lsa(harness, tmp_path, shape, pad_mode, kernels, dtype, both_orders=False):
+    batch, height, width, heads, head_dim, ws = shape
     tol = TOLERANCE[dtype]
     chans = heads * head_dim
     tokens = height * width
@@ -97,7 +169,7 @@ def test_emulated_lsa_kernels_match_the_reference(harness, tmp_path, batch, heig
         harness, tmp_path, [qkv, bias, grad_out], ["lsa", DTYPE_IDS[dtype], kernels],
         [batch, height, width, chans, heads, ws, repr(scale), int(pad_mode == "mask")],
         [batch * tokens * chans, batch * heads * tokens, batch * tokens * 3 * chans,
-         window_heads * ws * ws * 2 * head_dim])
+         window_heads * ws * ws * 2 * head_dim], both_orders)
 
     qkv64, bias64 = qkv.double().requires_grad_(), bias.double().requires_grad_()
     expected = lsa_reference(qkv64, bias64, (height, width), heads, ws, scale, pad_mode)
@@ -114,18 +186,8 @@ def test_emulated_lsa_kernels_match_the_reference(harness, tmp_path, batch, heig
     assert torch.isfinite(lse).all()
 
 
-# query_splits: key blocks sharing a key tile's queries (gsa.cu picks it from the GPU's SM count)
-@pytest.mark.parametrize("batch,tokens,keys,heads,head_dim,query_splits", [
-    pytest.param(2, 150, 40, 2, 32, 1, id="N150-M40"),  # several query blocks, keys past one staging tile
-    pytest.param(2, 150, 40, 2, 32, 2, id="N150-M40-2-splits"),  # splits of 128 and 22 queries
-    pytest.param(1, 20, 1, 1, 64, 1, id="M1"),
-    pytest.param(1, 130, 130, 1, 16, 3, id="sr1-N130-3-splits"),  # online softmax over 3 key tiles
-    pytest.param(1, 33, 7, 2, 128, 1, id="hd128"),
-    pytest.param(1, 70, 9, 1, 36, 1, id="hd36-unaligned"),  # rows of 36 (q) and 72 (kv) values
-])
-@KERNELS_AND_DTYPES
-def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, batch, tokens, keys, heads, head_dim,
-                                                  query_splits, kernels, dtype):
+def check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=False):
+    batch, tokens, keys, heads, head_dim, query_splits = shape
     tol = TOLERANCE[dtype]
     chans = heads * head_dim
     q = randn(batch, tokens, chans, dtype=dtype)
@@ -135,7 +197,7 @@ def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, batch, toke
     out, lse, grad_q, grad_kv = run_harness(
         harness, tmp_path, [q, kv, grad_out], ["gsa", DTYPE_IDS[dtype], kernels],
         [batch, tokens, keys, chans, heads, repr(scale), query_splits],
-        [batch * tokens * chans, batch * heads * tokens, batch * tokens * chans, batch * keys * 2 * chans])
+        [batch * tokens * chans, batch * heads * tokens, batch * tokens * chans, batch * keys * 2 * chans], both_orders)
 
     q64, kv64 = q.double().requires_grad_(), kv.double().requires_grad_()
     expected = gsa_attention_reference(q64, kv64, heads, scale)
@@ -151,13 +213,8 @@ def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, batch, toke
     assert rel_err(lse.view(batch, heads, tokens), expected_lse) <= tol
 
 
-@pytest.mark.parametrize("batch,height,width,chans", [
-    pytest.param(2, 5, 7, 40, id="5x7-C40"),
-    pytest.param(1, 1, 9, 300, id="1x9-C300-two-blocks"),
-    pytest.param(3, 4, 1, 33, id="W1"),
-])
-@DTYPES
-def test_emulated_peg_kernels_match_the_reference(peg_harness, tmp_path, batch, height, width, chans, dtype):
+def check_peg(peg_harness, tmp_path, shape, dtype, both_orders=False):
+    batch, height, width, chans = shape
     tol = TOLERANCE[dtype]
     tokens = height * width
     x = randn(batch, tokens, chans, dtype=dtype)
@@ -166,7 +223,7 @@ def test_emulated_peg_kernels_match_the_reference(peg_harness, tmp_path, batch, 
     grad_out = randn(batch, tokens, chans, dtype=dtype)
     out, grad_x, sums = run_harness(peg_harness, tmp_path, [x, weight.reshape(chans, 9), bias, grad_out],
                                     [DTYPE_IDS[dtype]], [batch, height, width, chans],
-                                    [batch * tokens * chans] * 2 + [10 * chans])
+                                    [batch * tokens * chans] * 2 + [10 * chans], both_orders)
     x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
     expected = peg_reference(x64, w64, b64, (height, width))
     expected.backward(grad_out.double())
@@ -175,3 +232,52 @@ def test_emulated_peg_kernels_match_the_reference(peg_harness, tmp_path, batch, 
     sums = sums.view(10, chans)
     assert rel_err(sums[:9].t().reshape(chans, 1, 3, 3), w64.grad) <= tol
     assert rel_err(sums[9], b64.grad) <= tol
+
+
+@shapes(LSA_SHAPES)
+@pytest.mark.parametrize("pad_mode", ["zero", "mask"])
+@KERNELS_AND_DTYPES
+def test_emulated_lsa_kernels_match_the_reference(harness, tmp_path, shape, pad_mode, kernels, dtype):
+    check_lsa(harness, tmp_path, shape, pad_mode, kernels, dtype, both_orders=True)
+
+
+@shapes(GSA_SHAPES)
+@KERNELS_AND_DTYPES
+def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, shape, kernels, dtype):
+    check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=True)
+
+
+@shapes(PEG_SHAPES)
+@DTYPES
+def test_emulated_peg_kernels_match_the_reference(peg_harness, tmp_path, shape, dtype):
+    check_peg(peg_harness, tmp_path, shape, dtype, both_orders=True)
+
+
+# ThreadSanitizer runs a case about 5x slower: these cover every barrier of both kernel families (each
+# removed, one of them fails): one and several query tiles and staging rounds (head_dim 128), split
+# dk/dv, several key tiles, a whole excluded key tile, 16-byte and element-wise staging, the padded keys'
+# bias-gradient shares, and both PEG paths.
+def race_checked(names, table, cases):
+    """Parametrize ``names`` ("shape", then the rest) with the cases, each a shape name of ``table`` and values."""
+    def case_id(case):
+        return "-".join([case[0], *(DTYPE_IDS[v] if isinstance(v, torch.dtype) else v for v in case[1:])])
+    return pytest.mark.parametrize(names, [pytest.param(table[case[0]], *case[1:], id=case_id(case)) for case in cases])
+
+
+@race_checked("shape,pad_mode,kernels,dtype", LSA_SHAPES, [
+    ("13x17-ws7-padded", "zero", "scalar", torch.float32), ("5x3-ws4-hd128", "zero", "mma", torch.float16),
+    ("10x16-ws16-hd48", "mask", "mma", torch.float16), ("6x5-ws3-hd20-unaligned", "mask", "mma", torch.bfloat16)])
+def test_emulated_lsa_kernels_have_no_data_races(race_checked_harness, tmp_path, shape, pad_mode, kernels, dtype):
+    check_lsa(race_checked_harness, tmp_path, shape, pad_mode, kernels, dtype)
+
+
+@race_checked("shape,kernels,dtype", GSA_SHAPES, [
+    ("N150-M40-2-splits", "scalar", torch.float32), ("N150-M40-2-splits", "mma", torch.bfloat16),
+    ("sr1-N130-3-splits", "mma", torch.float16), ("hd128", "mma", torch.bfloat16)])
+def test_emulated_gsa_kernels_have_no_data_races(race_checked_harness, tmp_path, shape, kernels, dtype):
+    check_gsa(race_checked_harness, tmp_path, shape, kernels, dtype)
+
+
+@race_checked("shape,dtype", PEG_SHAPES, [("5x7-C40", torch.bfloat16), ("W1", torch.float32)])
+def test_emulated_peg_kernels_have_no_data_races(race_checked_peg_harness, tmp_path, shape, dtype):
+    check_peg(race_checked_peg_harness, tmp_path, shape, dtype)

@@ -1,6 +1,7 @@
-// Just enough of CUDA's execution model to run csrc/'s kernels on a CPU, for tests: blocks run
-// one after another, a block's threads run as std::threads meeting at a std::barrier in
-// __syncthreads(), and __shared__ arrays are function statics (one block at a time uses them).
+// Just enough of CUDA's execution model to run csrc/'s kernels on a CPU, for tests: blocks run one
+// after another (in grid order or its reverse), a block's threads run as std::threads meeting at a
+// std::barrier in __syncthreads() (so ThreadSanitizer sees the block's races), and __shared__ arrays
+// are function statics (one block at a time uses them).
 // Warps of 32 consecutive threads exchange registers for the warp-wide instructions the kernels use
 // (__shfl_xor_sync and mma.sync m16n8k16 through warp_mma.cuh), meeting at a barrier of their own.
 // It checks the kernels' index arithmetic, masking, staging, fragment layouts and math, not GPU-only
@@ -105,29 +106,38 @@ void emulated_mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t
 using std::max;  // CUDA's device min/max overloads
 using std::min;
 
+// Blocks run in grid order, or in reverse with TWINS_KERNELS_EMULATION_BLOCKS=reversed: a GPU runs them
+// in no set order, so two blocks writing the same element, or one reading what another writes, make the
+// two orders disagree (tests/test_cuda_emulation.py compares them bit for bit).
+inline bool emulated_blocks_reversed() {
+  const char* order = std::getenv("TWINS_KERNELS_EMULATION_BLOCKS");
+  return order != nullptr && std::strcmp(order, "reversed") == 0;
+}
+
 // kernel<<<grid, block>>>(args...) as emulated_launch(grid, block, [&] { kernel(args...); }), 2-D at most
 template <typename Kernel>
 void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, Kernel kernel) {
   blockDim = block;
   const unsigned threads = block.x * block.y;
-  for (unsigned by = 0; by < grid.y; ++by) {
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      blockIdx = {bx, by, 0};
-      std::barrier<> barrier(threads);
-      emulated_block_barrier = &barrier;
-      std::deque<EmulatedWarp> warps;  // 32 consecutive threads a warp, the last one possibly partial
-      for (unsigned first = 0; first < threads; first += 32) warps.emplace_back(std::min(32u, threads - first));
-      std::vector<std::thread> workers;
-      for (unsigned t = 0; t < threads; ++t) {
-        workers.emplace_back([t, &block, &kernel, &warps] {
-          threadIdx = {t % block.x, t / block.x, 0};
-          emulated_warp = &warps[t / 32];
-          emulated_lane = static_cast<int>(t % 32);
-          kernel();
-        });
-      }
-      for (auto& worker : workers) worker.join();
+  const unsigned blocks = grid.x * grid.y;
+  const bool reversed = emulated_blocks_reversed();
+  for (unsigned step = 0; step < blocks; ++step) {
+    const unsigned linear = reversed ? blocks - 1 - step : step;
+    blockIdx = {linear % grid.x, linear / grid.x, 0};
+    std::barrier<> barrier(threads);
+    emulated_block_barrier = &barrier;
+    std::deque<EmulatedWarp> warps;  // 32 consecutive threads a warp, the last one possibly partial
+    for (unsigned first = 0; first < threads; first += 32) warps.emplace_back(std::min(32u, threads - first));
+    std::vector<std::thread> workers;
+    for (unsigned t = 0; t < threads; ++t) {
+      workers.emplace_back([t, &block, &kernel, &warps] {
+        threadIdx = {t % block.x, t / block.x, 0};
+        emulated_warp = &warps[t / 32];
+        emulated_lane = static_cast<int>(t % 32);
+        kernel();
+      });
     }
+    for (auto& worker : workers) worker.join();
   }
 }
 
