@@ -4,6 +4,10 @@
 #   bash benchmarks/run_gpu.sh tests [-k EXPR]   build the CUDA extension, main job, the test suite (a subset with -k)
 #   bash benchmarks/run_gpu.sh bench [-k EXPR]   build, pytest benchmarks/ --benchmark-only (a subset with -k), report
 #   bash benchmarks/run_gpu.sh all          both
+#   bash benchmarks/run_gpu.sh sanitize [-k EXPR]   build, the cuda backend's parity tests at small shapes (or
+#                                           the -k subset) under compute-sanitizer's memcheck (out-of-bounds
+#                                           and misaligned accesses), racecheck (shared-memory hazards) and
+#                                           synccheck (barriers in divergent code)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PHASE="${1:-all}"
@@ -28,4 +32,19 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   $PY -m pytest benchmarks/ --benchmark-only -q --benchmark-json="$OUT/benchmarks.json" "$@" > "$OUT/benchmarks.txt" 2>&1
   $PY benchmarks/report.py "$OUT/benchmarks.json" --out "$OUT" >> "$OUT/benchmarks.txt" 2>&1
   tail -5 "$OUT/benchmarks.txt"
+fi
+if [ "$PHASE" = sanitize ]; then
+  [ $# -gt 0 ] || set -- -k "cuda_backend_matches_timm and not svt and not pcpvt and not N4096"
+  SANITIZER="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
+  if [ ! -x "$SANITIZER" ]; then
+    echo "compute-sanitizer not found (PATH, $CUDA_HOME/bin): no sanitizer run" | tee "$OUT/sanitize.txt"
+  else
+    for tool in memcheck racecheck synccheck; do
+      "$SANITIZER" --tool "$tool" --error-exitcode 7 --print-limit 20 \
+        env TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q -x -p no:cacheprovider "$@" \
+        > "$OUT/sanitize_$tool.txt" 2>&1
+      echo "$tool: exit $?" | tee -a "$OUT/sanitize.txt"
+      tail -3 "$OUT/sanitize_$tool.txt"
+    done
+  fi
 fi
