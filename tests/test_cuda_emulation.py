@@ -13,9 +13,11 @@ the math and the 16-bit loads and stores on machines with no GPU; GPU-only behav
 A subset also runs under ThreadSanitizer: the emulated threads of a block are real threads ordered only by
 the emulated barriers, so a shared-memory access that a missing or misplaced ``__syncthreads`` leaves
 unordered (a race on the GPU, where it shows as wrong numbers once in a while) is reported, and fails the
-case, whether or not this run's timing happened to corrupt a value. And every case runs its blocks in grid
-order and in reverse, which must give the same bits: blocks that write the same element, or read what
-another block writes, race on the GPU, where blocks run in no set order.
+case, whether or not this run's timing happened to corrupt a value; and under AddressSanitizer, which
+reports an access outside the buffers (an illegal address, or another allocation's data, on the GPU).
+And every case runs its blocks in grid order and in reverse, which must give the same bits: blocks that
+write the same element, or read what another block writes, race on the GPU, where blocks run in no set
+order.
 """
 import os
 import shutil
@@ -39,7 +41,13 @@ KERNELS_AND_DTYPES = pytest.mark.parametrize("kernels,dtype", [
                            ("mma", torch.float16), ("mma", torch.bfloat16)]])
 
 
-TSAN_FLAGS = ["-O1", "-g", "-fsanitize=thread"]
+# g++ flags of the sanitized harness builds: ThreadSanitizer reports accesses of a block's threads that no
+# barrier orders; AddressSanitizer (with UndefinedBehaviorSanitizer) reports accesses outside the input
+# and output buffers or the shared-memory arrays, and undefined arithmetic such as overflowing int offsets
+SANITIZERS = {
+    "thread": ["-fsanitize=thread"],
+    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+}
 
 
 def compiler():
@@ -49,29 +57,29 @@ def compiler():
     return path
 
 
-def thread_sanitizer_reason(tmp_path_factory):
-    """Why this g++ cannot build and run a ThreadSanitizer program here, or None when it can."""
-    directory = tmp_path_factory.mktemp("tsan_probe")
+def sanitizer_reason(tmp_path_factory, sanitizer):
+    """Why this g++ cannot build and run a program under ``sanitizer`` here, or None when it can."""
+    directory = tmp_path_factory.mktemp(f"{sanitizer}_probe")
     (directory / "probe.cpp").write_text("#include <thread>\nint main() { std::thread([] {}).join(); }\n")
-    built = subprocess.run([compiler(), "-std=c++20", *TSAN_FLAGS, "-pthread", "-o", str(directory / "probe"),
-                            str(directory / "probe.cpp")], capture_output=True, text=True)
+    built = subprocess.run([compiler(), "-std=c++20", *SANITIZERS[sanitizer], "-pthread", "-o",
+                            str(directory / "probe"), str(directory / "probe.cpp")], capture_output=True, text=True)
     if built.returncode != 0:
-        return f"g++ cannot build with -fsanitize=thread (libtsan missing?): {built.stderr.strip()[-300:]}"
+        return f"g++ cannot build with {SANITIZERS[sanitizer][0]} (runtime library missing?): {built.stderr[-300:]}"
     ran = subprocess.run([str(directory / "probe")], capture_output=True, text=True)
-    if ran.returncode != 0:  # e.g. "unexpected memory mapping" on kernels with more ASLR bits than it knows
-        return f"ThreadSanitizer programs do not run on this machine: {ran.stderr.strip()[-300:]}"
+    if ran.returncode != 0:  # e.g. ThreadSanitizer's "unexpected memory mapping" under more ASLR bits than it knows
+        return f"{sanitizer} sanitizer programs do not run on this machine: {ran.stderr.strip()[-300:]}"
     return None
 
 
-def build(tmp_path_factory, name: str, race_checked: bool = False):
-    """The harness ``name`` built with g++, under ThreadSanitizer when ``race_checked``."""
+def build(tmp_path_factory, name: str, sanitizer: str | None = None):
+    """The harness ``name`` built with g++, under one of SANITIZERS if ``sanitizer`` names it."""
     from torch.utils.cpp_extension import include_paths
 
-    if race_checked and (reason := thread_sanitizer_reason(tmp_path_factory)):
+    if sanitizer and (reason := sanitizer_reason(tmp_path_factory, sanitizer)):
         pytest.skip(reason)
     binary = tmp_path_factory.mktemp("emulation") / name
     includes = [flag for path in [os.path.join(ROOT, "csrc"), *include_paths()] for flag in ("-I", path)]
-    optimization = TSAN_FLAGS if race_checked else ["-O2"]
+    optimization = ["-O1", "-g", *SANITIZERS[sanitizer]] if sanitizer else ["-O2"]
     subprocess.run([compiler(), "-std=c++20", *optimization, "-pthread", *includes, "-o", str(binary),
                     os.path.join(ROOT, "tests", "cuda_emulation", f"{name}.cpp")], check=True)
     return binary
@@ -87,20 +95,20 @@ def peg_harness(tmp_path_factory):
     return build(tmp_path_factory, "peg_harness")
 
 
-@pytest.fixture(scope="module")
-def race_checked_harness(tmp_path_factory):
-    return build(tmp_path_factory, "attention_harness", race_checked=True)
+@pytest.fixture(scope="module", params=list(SANITIZERS))
+def sanitized_harness(request, tmp_path_factory):
+    return build(tmp_path_factory, "attention_harness", sanitizer=request.param)
 
 
-@pytest.fixture(scope="module")
-def race_checked_peg_harness(tmp_path_factory):
-    return build(tmp_path_factory, "peg_harness", race_checked=True)
+@pytest.fixture(scope="module", params=list(SANITIZERS))
+def sanitized_peg_harness(request, tmp_path_factory):
+    return build(tmp_path_factory, "peg_harness", sanitizer=request.param)
 
 
 def run_harness(harness, tmp_path, inputs, mode, args, sizes, both_orders=False):
     """Run ``harness MODE... IN OUT ARGS...`` on ``inputs`` (``mode``: what comes before the files, ending
     with the dtype name, or the kernel family); returns its fp32 outputs split by ``sizes``. A harness
-    that fails (an emulated fault, or a race ThreadSanitizer reports) fails the test with its stderr.
+    that fails (an emulated fault, or what a sanitizer reports) fails the test with its stderr.
     ``both_orders``: run the blocks in reverse too, and require the very same bits from both orders."""
     (tmp_path / "in.bin").write_bytes(b"".join(t.float().contiguous().numpy().tobytes() for t in inputs))
     results = []
@@ -253,31 +261,31 @@ def test_emulated_peg_kernels_match_the_reference(peg_harness, tmp_path, shape, 
     check_peg(peg_harness, tmp_path, shape, dtype, both_orders=True)
 
 
-# ThreadSanitizer runs a case about 5x slower: these cover every barrier of both kernel families (each
-# removed, one of them fails): one and several query tiles and staging rounds (head_dim 128), split
+# The sanitizers run a case 2-5x slower: these cover every barrier of both kernel families (each removed,
+# ThreadSanitizer fails one of them): one and several query tiles and staging rounds (head_dim 128), split
 # dk/dv, several key tiles, a whole excluded key tile, 16-byte and element-wise staging, the padded keys'
 # bias-gradient shares, and both PEG paths.
-def race_checked(names, table, cases):
+def sanitized(names, table, cases):
     """Parametrize ``names`` ("shape", then the rest) with the cases, each a shape name of ``table`` and values."""
     def case_id(case):
         return "-".join([case[0], *(DTYPE_IDS[v] if isinstance(v, torch.dtype) else v for v in case[1:])])
     return pytest.mark.parametrize(names, [pytest.param(table[case[0]], *case[1:], id=case_id(case)) for case in cases])
 
 
-@race_checked("shape,pad_mode,kernels,dtype", LSA_SHAPES, [
+@sanitized("shape,pad_mode,kernels,dtype", LSA_SHAPES, [
     ("13x17-ws7-padded", "zero", "scalar", torch.float32), ("5x3-ws4-hd128", "zero", "mma", torch.float16),
     ("10x16-ws16-hd48", "mask", "mma", torch.float16), ("6x5-ws3-hd20-unaligned", "mask", "mma", torch.bfloat16)])
-def test_emulated_lsa_kernels_have_no_data_races(race_checked_harness, tmp_path, shape, pad_mode, kernels, dtype):
-    check_lsa(race_checked_harness, tmp_path, shape, pad_mode, kernels, dtype)
+def test_emulated_lsa_kernels_under_sanitizers(sanitized_harness, tmp_path, shape, pad_mode, kernels, dtype):
+    check_lsa(sanitized_harness, tmp_path, shape, pad_mode, kernels, dtype)
 
 
-@race_checked("shape,kernels,dtype", GSA_SHAPES, [
+@sanitized("shape,kernels,dtype", GSA_SHAPES, [
     ("N150-M40-2-splits", "scalar", torch.float32), ("N150-M40-2-splits", "mma", torch.bfloat16),
     ("sr1-N130-3-splits", "mma", torch.float16), ("hd128", "mma", torch.bfloat16)])
-def test_emulated_gsa_kernels_have_no_data_races(race_checked_harness, tmp_path, shape, kernels, dtype):
-    check_gsa(race_checked_harness, tmp_path, shape, kernels, dtype)
+def test_emulated_gsa_kernels_under_sanitizers(sanitized_harness, tmp_path, shape, kernels, dtype):
+    check_gsa(sanitized_harness, tmp_path, shape, kernels, dtype)
 
 
-@race_checked("shape,dtype", PEG_SHAPES, [("5x7-C40", torch.bfloat16), ("W1", torch.float32)])
-def test_emulated_peg_kernels_have_no_data_races(race_checked_peg_harness, tmp_path, shape, dtype):
-    check_peg(race_checked_peg_harness, tmp_path, shape, dtype)
+@sanitized("shape,dtype", PEG_SHAPES, [("5x7-C40", torch.bfloat16), ("W1", torch.float32)])
+def test_emulated_peg_kernels_under_sanitizers(sanitized_peg_harness, tmp_path, shape, dtype):
+    check_peg(sanitized_peg_harness, tmp_path, shape, dtype)
