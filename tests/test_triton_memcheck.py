@@ -97,15 +97,18 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DT
 
 @DTYPES
 @pytest.mark.parametrize("pad_mode", ["zero", "mask"])
-def test_lsa_kernels_have_no_races_or_out_of_bounds_accesses(dtype, pad_mode):
+@pytest.mark.parametrize("batch,size", [pytest.param(2, (13, 17), id="13x17-padded-B2"),
+                                        pytest.param(1, (1, 9), id="1x9-one-row")])
+def test_lsa_kernels_have_no_races_or_out_of_bounds_accesses(dtype, pad_mode, batch, size):
     module = FusedLSA(64, num_heads=2, ws=7, pad_mode=pad_mode, backend="triton").to(dtype)
     with record_accesses() as report:
-        run_module(module, torch.randn(2, 13 * 17, 64, dtype=dtype), (13, 17))  # padded windows
+        run_module(module, torch.randn(batch, size[0] * size[1], 64, dtype=dtype), size)
     assert_no_hazards(report, {"lsa_forward_kernel", "lsa_backward_kernel"})
 
 
 @DTYPES
 @pytest.mark.parametrize("sr,size", [pytest.param(2, (9, 10), id="sr2-9x10-floored"),
+                                     pytest.param(8, (14, 15), id="sr8-M1"),
                                      pytest.param(1, (12, 12), id="sr1-split-dkdv")])
 def test_gsa_kernels_have_no_races_or_out_of_bounds_accesses(dtype, sr, size):
     module = FusedGSA(64, num_heads=1, sr_ratio=sr, backend="triton").to(dtype)
