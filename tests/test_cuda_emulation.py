@@ -75,8 +75,6 @@ def build(tmp_path_factory, name: str, sanitizer: str | None = None):
     """The harness ``name`` built with g++, under one of SANITIZERS if ``sanitizer`` names it."""
     from torch.utils.cpp_extension import include_paths
 
-    if sanitizer and (reason := sanitizer_reason(tmp_path_factory, sanitizer)):
-        pytest.skip(reason)
     binary = tmp_path_factory.mktemp("emulation") / name
     includes = [flag for path in [os.path.join(ROOT, "csrc"), *include_paths()] for flag in ("-I", path)]
     optimization = ["-O1", "-g", *SANITIZERS[sanitizer]] if sanitizer else ["-O2"]
@@ -96,13 +94,21 @@ def peg_harness(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=list(SANITIZERS))
-def sanitized_harness(request, tmp_path_factory):
-    return build(tmp_path_factory, "attention_harness", sanitizer=request.param)
+def sanitizer(request, tmp_path_factory):
+    """Each of SANITIZERS, probed once for both harnesses; skips where g++ cannot use it here."""
+    if reason := sanitizer_reason(tmp_path_factory, request.param):
+        pytest.skip(reason)
+    return request.param
 
 
-@pytest.fixture(scope="module", params=list(SANITIZERS))
-def sanitized_peg_harness(request, tmp_path_factory):
-    return build(tmp_path_factory, "peg_harness", sanitizer=request.param)
+@pytest.fixture(scope="module")
+def sanitized_harness(sanitizer, tmp_path_factory):
+    return build(tmp_path_factory, "attention_harness", sanitizer)
+
+
+@pytest.fixture(scope="module")
+def sanitized_peg_harness(sanitizer, tmp_path_factory):
+    return build(tmp_path_factory, "peg_harness", sanitizer)
 
 
 def run_harness(harness, tmp_path, inputs, mode, args, sizes, both_orders=False):

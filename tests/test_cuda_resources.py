@@ -61,8 +61,9 @@ def kernels():
     pytest.importorskip("triton.backends.nvidia", reason="needs cuobjdump (from Triton's NVIDIA backend)")
     library = importlib.util.find_spec("twins_kernels._C").origin
     report = subprocess.run([cuobjdump(), "-res-usage", library], capture_output=True, text=True, check=True).stdout
+    lines = report.splitlines()
     found, arch = [], None
-    for line, following in zip(report.splitlines(), report.splitlines()[1:]):
+    for line, following in zip(lines, lines[1:]):
         if match := re.match(r"arch = sm_(\d+)", line):
             arch = int(match.group(1))
         if match := re.match(r"\s*Function (\S+):", line):
