@@ -108,8 +108,10 @@ std::tuple<at::Tensor, at::Tensor> lsa_backward(const at::Tensor& grad_out, cons
                                          static_cast<float>(scale), c10::cuda::getCurrentCUDAStream());
   });
   if (has_padding) {
-    // the padded keys stand in with the bias: their dk, dv are the bias's share, summed per head
-    const auto per_head = pad_grad.view({-1, num_heads, ws * ws, 2, shape.head_dim}).sum({0, 2});  // (h, 2, d)
+    // the padded keys stand in with the bias: their dk, dv are the bias's share, summed per head into
+    // (h, 2, d); the dims are an explicit IntArrayRef because torch 2.11's headers find a braced list
+    // ambiguous (DimnameList overload) and refuse to compile it
+    const auto per_head = pad_grad.view({-1, num_heads, ws * ws, 2, shape.head_dim}).sum(at::IntArrayRef{0, 2});
     grad_bias.narrow(0, shape.chans, 2 * shape.chans).copy_(per_head.permute({1, 0, 2}).reshape({-1}));
   }
   return {grad_qkv, grad_bias};
