@@ -1,7 +1,8 @@
 """Import Triton if it is installed, so that op modules can define kernels either way.
 
 Under ``TRITON_INTERPRET=1`` the interpreter is first taught bf16 arithmetic (``interpreter_bf16``), so
-bf16 kernels give on CPU the values they give on a GPU.
+bf16 kernels give on CPU the values they give on a GPU; on Triton 3.6 it is also mended to loop over
+bounds passed at launch (``_index_scalar_arguments``).
 
 Without Triton, ``triton.jit`` becomes a no-op decorator and ``tl.constexpr`` a plain marker:
 the kernel functions still exist as Python functions, but the backend selection
@@ -12,14 +13,35 @@ from types import SimpleNamespace
 
 import torch
 
+
+def _index_scalar_arguments(interpreter) -> None:
+    """Triton 3.6's interpreter holds a scalar kernel argument as a one-element array, and a loop over
+    it (``range(0, M, BLOCK)``) calls ``int()`` on that array, which NumPy 2.4 refuses (only 0-d arrays
+    convert), so every kernel with a loop bound set at launch failed there. Triton 3.8 squeezes the array
+    first; this does the same on versions that do not."""
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_twins_kernels_index", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor._twins_kernels_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 try:
     import triton
     import triton.language as tl
 
     if os.environ.get("TRITON_INTERPRET") == "1":
+        from triton.runtime import interpreter
+
         from . import interpreter_bf16
 
         interpreter_bf16.enable()
+        _index_scalar_arguments(interpreter)
     TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 except Exception:  # not installed, or broken: the backend status reports the reason
     triton = SimpleNamespace(jit=lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f))
