@@ -14,7 +14,7 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST
 # A machine with a toolkit must build the extension: its registration test fails instead of skipping.
 REQUIRE_EXTENSION := $(if $(CUDA_HOME),1,0)
 
-.PHONY: demo test bench kernel-report extension clean
+.PHONY: demo test bench kernel-report extension gpu-versions clean
 
 $(VENV)/.installed: setup.py Makefile
 	python3 -m venv $(VENV)
@@ -40,5 +40,28 @@ kernel-report: $(VENV)/.installed
 	env -u TRITON_INTERPRET $(PYTHON) tests/triton_aot.py --arch 90 --arch 80 \
 		--json benchmarks/results/triton_kernels.json --markdown benchmarks/results/triton_kernels.md
 
+# The GPU machine's versions (the device tool's KINDS.md: torch 2.11.0+cu130, triton 3.6.0): the
+# extension must compile against that torch's headers and the package must work with it, or a GPU
+# session loses its device time to a build error. Built and tested in a copy of the tree, with arch 9.0
+# only (the H100), so the .venv build stays as it is.
+GPU_VERSIONS_SPEC ?= torch==2.11.0 torchvision==0.26.0
+GPU_VERSIONS_VENV ?= .venv-gpu-versions
+GPU_VERSIONS_TREE := build/gpu-versions
+
+$(GPU_VERSIONS_VENV)/.installed: Makefile
+	python3 -m venv $(GPU_VERSIONS_VENV)
+	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet $(GPU_VERSIONS_SPEC) wheel ninja timm pytest pytest-xdist hypothesis
+	touch $@
+
+gpu-versions: $(GPU_VERSIONS_VENV)/.installed
+	rm -rf $(GPU_VERSIONS_TREE) && mkdir -p $(GPU_VERSIONS_TREE)
+	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(GPU_VERSIONS_TREE)
+	cd $(GPU_VERSIONS_TREE) && TORCH_CUDA_ARCH_LIST=9.0 $(abspath $(GPU_VERSIONS_VENV))/bin/python -m pip install \
+		--quiet --no-build-isolation -e .
+	cd $(GPU_VERSIONS_TREE) && TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) \
+		$(abspath $(GPU_VERSIONS_VENV))/bin/python -m pytest tests/test_backend.py tests/test_lsa.py tests/test_gsa.py \
+		tests/test_peg.py -q -n $(TEST_WORKERS) -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) build *.egg-info twins_kernels/_C*.so
+	rm -rf $(VENV) $(GPU_VERSIONS_VENV) build *.egg-info twins_kernels/_C*.so
