@@ -32,6 +32,21 @@ def stage_map(image_size: int, stage: int) -> tuple[int, int]:
 VARIANTS = ["timm", "timm_compile", "triton", "cuda"]
 
 
+def pytest_configure(config):
+    # Dynamo compiles a function for at most recompile_limit (8) sets of guards and then runs it eager,
+    # with a warning: timm's forward (or a model's) compiled for case after case would turn every later
+    # "compile" column into eager timings. The cases compile with a clean cache (``compiled``), and
+    # hitting the limit anyway is an error rather than a mislabelled number.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def compiled(fn, **compile_kwargs):
+    """``torch.compile(fn)`` with Dynamo's caches cleared first, so earlier cases' compilations of the
+    same code count nothing towards its recompile limit."""
+    torch._dynamo.reset()
+    return torch.compile(fn, **compile_kwargs)
+
+
 def build_variant(variant: str, timm_module, fused_cls):
     """The module a benchmark variant runs: timm eager, timm under torch.compile, or the fused module
     (sharing the timm module's parameters) on the named backend; skips a backend that cannot run."""
@@ -40,7 +55,7 @@ def build_variant(variant: str, timm_module, fused_cls):
     if variant == "timm":
         return timm_module
     if variant == "timm_compile":
-        return torch.compile(copy.deepcopy(timm_module))
+        return compiled(copy.deepcopy(timm_module))
     skip_unless_available(variant)
     return fused_cls.from_module(timm_module, backend=variant)
 

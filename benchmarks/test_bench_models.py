@@ -12,7 +12,7 @@ import torch
 
 from twins_kernels import patch_model
 
-from conftest import record, requires_gpu
+from conftest import compiled, record, requires_gpu
 
 MODELS = ["twins_pcpvt_small", "twins_pcpvt_base", "twins_pcpvt_large",
           "twins_svt_small", "twins_svt_base", "twins_svt_large"]
@@ -40,7 +40,7 @@ def test_model(benchmark, roofline, name, mode, image, batch, variant):
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
         target = torch.randint(0, model.num_classes, (batch,), device="cuda")
-        step_model = torch.compile(model) if variant.endswith("compile") else model
+        step_model = compiled(model) if variant.endswith("compile") else model
 
         def run():
             optimizer.zero_grad(set_to_none=True)
@@ -49,7 +49,7 @@ def test_model(benchmark, roofline, name, mode, image, batch, variant):
     else:
         model.eval()
         forward = model.forward_features if mode == "backbone" else model.forward
-        forward = torch.compile(forward) if variant.endswith("compile") else forward
+        forward = compiled(forward) if variant.endswith("compile") else forward
 
         def run():
             with torch.no_grad():
