@@ -111,9 +111,13 @@ def record(benchmark, fn, roofline, *, bytes_moved: float, flops: float = 0.0, *
     """Time ``fn`` (pytest-benchmark + CUDA-event median) and record throughput against the roofline."""
     fn()  # compile / autotune outside the timed region
     torch.cuda.synchronize()
+    # Peak memory of one call on its own: do_bench allocates a 256 MiB buffer to flush L2 between runs,
+    # which a peak taken over the timing would count.
     torch.cuda.reset_peak_memory_stats()
-    ms = median_ms(fn)
+    fn()
+    torch.cuda.synchronize()
     peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    ms = median_ms(fn)
 
     def synchronized():
         fn()
