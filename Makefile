@@ -40,16 +40,18 @@ kernel-report: $(VENV)/.installed
 	env -u TRITON_INTERPRET $(PYTHON) tests/triton_aot.py --arch 90 --arch 80 \
 		--json benchmarks/results/triton_kernels.json --markdown benchmarks/results/triton_kernels.md
 
-# The GPU machine's versions (the device tool's KINDS.md: torch 2.11.0+cu130, triton 3.6.0): the
-# extension must compile against that torch's headers and the package must work with it, or a GPU
+# The GPU machine's versions (the device tool's KINDS.md: Python 3.12, torch 2.11.0+cu130, triton 3.6.0):
+# the extension must compile against that torch's headers and the package must work with it, or a GPU
 # session loses its device time to a build error. Built and tested in a copy of the tree, with arch 9.0
 # only (the H100), so the .venv build stays as it is.
 GPU_VERSIONS_SPEC ?= torch==2.11.0 torchvision==0.26.0
+# (a pyenv shim for 3.12 may be on PATH without being active, hence the fallbacks)
+GPU_VERSIONS_PYTHON ?= $(shell (python3.12 -c 'import sys; print(sys.executable)' || ls $(HOME)/.pyenv/versions/3.12*/bin/python3.12 || echo python3) 2>/dev/null | head -1)
 GPU_VERSIONS_VENV ?= .venv-gpu-versions
 GPU_VERSIONS_TREE := build/gpu-versions
 
 $(GPU_VERSIONS_VENV)/.installed: Makefile
-	python3 -m venv $(GPU_VERSIONS_VENV)
+	$(GPU_VERSIONS_PYTHON) -m venv $(GPU_VERSIONS_VENV)
 	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet $(GPU_VERSIONS_SPEC) wheel ninja timm pytest pytest-xdist hypothesis
 	touch $@
