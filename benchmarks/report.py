@@ -1,6 +1,11 @@
-"""Turn a pytest-benchmark JSON into a markdown table of speedups and a PNG chart.
+"""Turn pytest-benchmark JSON into a markdown table of speedups and a PNG chart.
 
     python benchmarks/report.py benchmarks/results/latest.json --out benchmarks/results/
+    python benchmarks/report.py run1/benchmarks.json run2/benchmarks.json --out benchmarks/results/
+
+Several files (a GPU session's device calls each run part of the suite) merge case by case: a case's
+variants are all taken from one file, the last one given that has the case, so every speedup compares
+timings from the same run; files from different devices are refused.
 
 Each benchmark's ``extra_info`` carries its op, pass, variant, case and the CUDA-event median
 (see benchmarks/conftest.py). Rows are cases, with each variant's median time and its speedup over
@@ -15,17 +20,19 @@ import os
 from collections import defaultdict
 
 BASELINES = ("timm", "timm_compile")
+HEADER_FIELDS = ("device", "date", "torch", "triton", "python")
 
 
-def load_cases(path: str):
-    """{case label: {variant: extra_info}} and the run's header (device, versions, date)."""
+def load_run(path: str):
+    """{case label: {variant: extra_info}} of one pytest-benchmark JSON, and its header (device,
+    versions, date)."""
     with open(path) as f:
         data = json.load(f)
     cases: dict[str, dict[str, dict]] = defaultdict(dict)
     device = ""
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
-        if "median_ms" not in info or "variant" not in info:
+        if "median_ms" not in info or "variant" not in info:  # skipped, or interrupted before recording
             continue
         cases[bench["group"]][info["variant"]] = info
         device = info.get("device", device)
@@ -38,6 +45,27 @@ def load_cases(path: str):
         "python": machine.get("python_version", ""),
     }
     return dict(cases), header
+
+
+def load_cases(paths: list[str]):
+    """The runs merged case by case (a case from the last file that has it) and one header, whose
+    fields list each distinct value and whose date spans the first and last run."""
+    cases: dict[str, dict[str, dict]] = {}
+    headers = []
+    for path in paths:
+        run_cases, header = load_run(path)
+        if run_cases:
+            cases.update(run_cases)
+            headers.append(header)
+    devices = sorted({h["device"] for h in headers})
+    if len(devices) > 1:
+        raise ValueError(f"benchmark runs from different devices ({', '.join(devices)}) cannot share a "
+                         f"report: their timings do not compare")
+    merged = {key: ", ".join(sorted({h[key] for h in headers if h[key]})) for key in HEADER_FIELDS}
+    dates = sorted(h["date"] for h in headers if h["date"])
+    if len(set(dates)) > 1:
+        merged["date"] = f"{dates[0]} to {dates[-1]}"
+    return cases, merged
 
 
 def speedup(baseline: dict | None, info: dict) -> str:
@@ -96,12 +124,16 @@ def chart(cases, header, path: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json), one or more")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-    cases, header = load_cases(args.json)
+    try:
+        cases, header = load_cases(args.json)
+    except ValueError as e:
+        print(e)
+        return 2
     if not cases:
-        print(f"{args.json} holds no GPU benchmark results (were they all skipped?)")
+        print(f"{', '.join(args.json)}: no GPU benchmark results (were they all skipped?)")
         return 1
     os.makedirs(args.out, exist_ok=True)
     table = markdown_table(cases, header)

@@ -8,6 +8,14 @@
 #                                           the -k subset) under compute-sanitizer's memcheck (out-of-bounds
 #                                           and misaligned accesses), racecheck (shared-memory hazards) and
 #                                           synccheck (barriers in divergent code)
+# The whole benchmark suite does not fit one call: every timm + torch.compile and patched + compile case
+# compiles anew (136 compilations), so a session runs it in parts with -k, those with few compilations
+# first, e.g. "core or peg", then "lsa", "gsa and 224", ..., "model and svt_small", and merges the
+# parts' JSON afterwards, here: python benchmarks/report.py RUN1/benchmarks.json RUN2/... --out DIR
+# The device tool kills a call at its limit and keeps only what is under $OUT, and pytest-benchmark
+# writes its JSON when the session ends: every pytest here is interrupted (SIGINT, which still runs
+# the session's end: the JSON of the cases done, the failures so far) once RUN_BUDGET_S seconds of the
+# script have passed (default 540 of the 600-second call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PHASE="${1:-all}"
@@ -17,6 +25,16 @@ mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 PY="${PYTHON:-python3}"
+DEADLINE=$((SECONDS + ${RUN_BUDGET_S:-540}))
+# runs "$@" until the deadline, then interrupts it as Ctrl-C would
+until_deadline() {
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -le 0 ]; then
+    echo "run_gpu.sh: no time left for: $*"
+    return 124
+  fi
+  timeout -s INT -k 20 "$left" "$@"
+}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -24,17 +42,21 @@ PY="${PYTHON:-python3}"
 } > "$OUT/env.txt" 2>&1
 $PY -m pip install --quiet --no-build-isolation -e . > "$OUT/build.log" 2>&1 || echo "extension build FAILED" >> "$OUT/env.txt"
 if [ "$PHASE" = tests ] || [ "$PHASE" = all ]; then
-  $PY -m twins_kernels > "$OUT/main_job.txt" 2>&1
+  until_deadline $PY -m twins_kernels > "$OUT/main_job.txt" 2>&1
   # xdist workers (the GPU image has pytest-xdist): the CPU-side checks (CUDA emulation, Triton AOT builds)
   # take most of the suite's time; over the machine's 16 cores they leave the 10-minute call room
-  TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q -n "${TEST_WORKERS:-8}" --durations=15 "$@" \
-    > "$OUT/tests.txt" 2>&1
-  tail -3 "$OUT/main_job.txt" "$OUT/tests.txt"
+  until_deadline env TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q -n "${TEST_WORKERS:-8}" \
+    --durations=15 "$@" > "$OUT/tests.txt" 2>&1
+  tail -n 3 "$OUT/main_job.txt" "$OUT/tests.txt"
 fi
 if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
-  $PY -m pytest benchmarks/ --benchmark-only -q --benchmark-json="$OUT/benchmarks.json" "$@" > "$OUT/benchmarks.txt" 2>&1
-  $PY benchmarks/report.py "$OUT/benchmarks.json" --out "$OUT" >> "$OUT/benchmarks.txt" 2>&1
-  tail -5 "$OUT/benchmarks.txt"
+  until_deadline $PY -m pytest benchmarks/ --benchmark-only -q --benchmark-json="$OUT/benchmarks.json" "$@" > "$OUT/benchmarks.txt" 2>&1
+  if [ -f "$OUT/benchmarks.json" ]; then
+    $PY benchmarks/report.py "$OUT/benchmarks.json" --out "$OUT" >> "$OUT/benchmarks.txt" 2>&1
+  else
+    echo "no benchmark case finished: no JSON, no report" >> "$OUT/benchmarks.txt"
+  fi
+  tail -n 5 "$OUT/benchmarks.txt"
 fi
 if [ "$PHASE" = sanitize ]; then
   [ $# -gt 0 ] || set -- -k "cuda_backend_matches_timm and not svt and not pcpvt and not N4096"
@@ -43,11 +65,11 @@ if [ "$PHASE" = sanitize ]; then
     echo "compute-sanitizer not found (PATH, $CUDA_HOME/bin): no sanitizer run" | tee "$OUT/sanitize.txt"
   else
     for tool in memcheck racecheck synccheck; do
-      "$SANITIZER" --tool "$tool" --error-exitcode 7 --print-limit 20 \
+      until_deadline "$SANITIZER" --tool "$tool" --error-exitcode 7 --print-limit 20 \
         env TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q -x -p no:cacheprovider "$@" \
         > "$OUT/sanitize_$tool.txt" 2>&1
       echo "$tool: exit $?" | tee -a "$OUT/sanitize.txt"
-      tail -3 "$OUT/sanitize_$tool.txt"
+      tail -n 3 "$OUT/sanitize_$tool.txt"
     done
   fi
 fi

@@ -43,3 +43,40 @@ def test_report_refuses_an_all_skipped_run(tmp_path):
     path = tmp_path / "empty.json"
     path.write_text(json.dumps({"benchmarks": []}))
     assert report.main([str(path), "--out", str(tmp_path)]) == 1
+
+
+def write_run(path, date, benchmarks, device="Test GPU"):
+    for entry in benchmarks:
+        entry["extra_info"]["device"] = device
+    path.write_text(json.dumps({"machine_info": {"torch_version": "2.x", "triton_version": "3.x"},
+                                "datetime": date, "benchmarks": benchmarks}))
+    return str(path)
+
+
+def test_report_merges_runs_case_by_case(tmp_path):
+    """A GPU session's calls each run part of the suite; a case's speedups use one run's timings."""
+    report = load_report_module()
+    first = write_run(tmp_path / "a.json", "2026-11-24T10:00:00",
+                      [bench("lsa-fwd-a", "timm", 4.0), bench("lsa-fwd-a", "triton", 1.0),
+                       bench("peg-fwd-a", "timm", 2.0), bench("peg-fwd-a", "triton", 0.5)])
+    # the second run has lsa-fwd-a again (a rerun, cut before its triton case) and a new case
+    second = write_run(tmp_path / "b.json", "2026-11-24T11:00:00",
+                       [bench("lsa-fwd-a", "timm", 3.0), bench("gsa-fwd-a", "timm", 6.0),
+                        bench("gsa-fwd-a", "triton", 2.0)])
+    cases, header = report.load_cases([first, second])
+    assert sorted(cases) == ["gsa-fwd-a", "lsa-fwd-a", "peg-fwd-a"]
+    assert sorted(cases["lsa-fwd-a"]) == ["timm"]  # not the first run's triton against the second's timm
+    assert cases["peg-fwd-a"]["triton"]["median_ms"] == 0.5
+    assert header["date"] == "2026-11-24T10:00:00 to 2026-11-24T11:00:00"
+    assert header["device"] == "Test GPU" and header["torch"] == "2.x"
+    assert report.main([first, second, "--out", str(tmp_path)]) == 0
+    assert "| gsa-fwd-a | triton | 2.000 | 3.00× |" in (tmp_path / "report.md").read_text()
+
+
+def test_report_refuses_runs_from_different_devices(tmp_path):
+    report = load_report_module()
+    h100 = write_run(tmp_path / "a.json", "2026-11-24T10:00:00", [bench("peg-fwd-a", "timm", 2.0)], "NVIDIA H100")
+    h200 = write_run(tmp_path / "b.json", "2026-11-24T11:00:00", [bench("lsa-fwd-a", "timm", 2.0)], "NVIDIA H200")
+    with pytest.raises(ValueError, match="different devices"):
+        report.load_cases([h100, h200])
+    assert report.main([h100, h200, "--out", str(tmp_path)]) == 2
