@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before Triton kernels are defined, so it happens here, at import time,
 before any test imports twins_kernels. On a machine with a GPU the kernels run natively.
 """
+import importlib.util
 import os
 import zlib
 
@@ -53,3 +54,12 @@ def skip_unless_available(backend: str):
     status = backend_status(backend, "cuda")
     if not status.available:
         pytest.skip(status.reason)
+
+
+def load_benchmarks_module(filename: str):
+    """A module of benchmarks/ (plain files, not a package: pytest imports them by path), by file name."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", filename)
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{filename[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

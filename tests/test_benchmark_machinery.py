@@ -1,19 +1,9 @@
 """The benchmarks' torch.compile baselines stay compiled case after case (checked on CPU: Dynamo's
 recompile limit is the same on every device)."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_benchmark_conftest():
-    spec = importlib.util.spec_from_file_location("benchmark_conftest", os.path.join(ROOT, "benchmarks", "conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmarks_module
 
 
 class Scaled(torch.nn.Module):
@@ -34,7 +24,7 @@ def run_cases(compile_fn, cases: int):
 
 
 def test_compiled_baselines_never_run_eager_past_the_recompile_limit():
-    bench = load_benchmark_conftest()
+    bench = load_benchmarks_module("conftest.py")
     cases = torch._dynamo.config.recompile_limit + 2
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=False):
         bench.pytest_configure(None)  # what the benchmark session sets

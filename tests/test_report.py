@@ -1,18 +1,9 @@
 """The benchmark report turns pytest-benchmark JSON into a speedup table and a chart."""
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_report_module():
-    spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "benchmarks", "report.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmarks_module
 
 
 def bench(group, variant, ms):
@@ -22,7 +13,7 @@ def bench(group, variant, ms):
 
 def test_report_table_and_chart(tmp_path):
     pytest.importorskip("matplotlib")
-    report = load_report_module()
+    report = load_benchmarks_module("report.py")
     data = {
         "machine_info": {"torch_version": "2.x", "triton_version": "3.x", "python_version": "3.11"},
         "datetime": "2026-11-24T10:00:00",
@@ -39,7 +30,7 @@ def test_report_table_and_chart(tmp_path):
 
 
 def test_report_refuses_an_all_skipped_run(tmp_path):
-    report = load_report_module()
+    report = load_benchmarks_module("report.py")
     path = tmp_path / "empty.json"
     path.write_text(json.dumps({"benchmarks": []}))
     assert report.main([str(path), "--out", str(tmp_path)]) == 1
@@ -55,7 +46,7 @@ def write_run(path, date, benchmarks, device="Test GPU"):
 
 def test_report_merges_runs_case_by_case(tmp_path):
     """A GPU session's calls each run part of the suite; a case's speedups use one run's timings."""
-    report = load_report_module()
+    report = load_benchmarks_module("report.py")
     first = write_run(tmp_path / "a.json", "2026-11-24T10:00:00",
                       [bench("lsa-fwd-a", "timm", 4.0), bench("lsa-fwd-a", "triton", 1.0),
                        bench("peg-fwd-a", "timm", 2.0), bench("peg-fwd-a", "triton", 0.5)])
@@ -74,7 +65,7 @@ def test_report_merges_runs_case_by_case(tmp_path):
 
 
 def test_report_refuses_runs_from_different_devices(tmp_path):
-    report = load_report_module()
+    report = load_benchmarks_module("report.py")
     h100 = write_run(tmp_path / "a.json", "2026-11-24T10:00:00", [bench("peg-fwd-a", "timm", 2.0)], "NVIDIA H100")
     h200 = write_run(tmp_path / "b.json", "2026-11-24T11:00:00", [bench("lsa-fwd-a", "timm", 2.0)], "NVIDIA H200")
     with pytest.raises(ValueError, match="different devices"):
