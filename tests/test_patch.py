@@ -62,13 +62,16 @@ def test_checkpoints_load_both_ways():
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), source.state_dict().values()))
 
 
-def run_model(model, x, grad):
-    """Logits, forward_intermediates features and parameter gradients of one forward and backward."""
+def run_model(model, x, grad, autocast=None):
+    """Logits, forward_intermediates features and parameter gradients of one forward and backward, the
+    forward under ``torch.autocast`` to ``autocast`` when given."""
     x = x.to(next(model.parameters()).dtype)
+    mixed_precision = torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None)
     with twins_kernels.ops.poisoned_outputs():
-        out = model(x)
+        with mixed_precision:
+            out = model(x)
         out.backward(grad.to(out.dtype))
-        with torch.no_grad():
+        with torch.no_grad(), mixed_precision:
             feats = model.forward_intermediates(x, intermediates_only=True)
     results = {"logits": out}
     results.update({f"stage{i}": feat for i, feat in enumerate(feats)})
@@ -76,9 +79,11 @@ def run_model(model, x, grad):
     return results
 
 
-def model_parity(name, backend, dtype, device, image=(64, 96), batch=1, **model_kwargs):
+def model_parity(name, backend, dtype, device, image=(64, 96), batch=1, autocast=None, **model_kwargs):
     """Logits, intermediate features and every parameter gradient of the patched model in ``dtype``
     against the timm model in float64 with the same (rounded) parameters, input and output gradient.
+    With ``autocast`` (a 16-bit dtype), the patched and the timm model keep ``dtype`` parameters and run
+    their forward under ``torch.autocast``, as mixed-precision training does.
 
     Each quantity may be ``model_error_allowed`` off: ten op tolerances in fp32; in fp16/bf16 the op
     tolerance or twice the unpatched timm model's own error in that dtype (timm in bf16 is itself
@@ -95,9 +100,9 @@ def model_parity(name, backend, dtype, device, image=(64, 96), batch=1, **model_
     x = torch.randn(batch, 3, *image, device=device).to(dtype)
     grad = torch.randn(batch, reference.num_classes, device=device).to(dtype)
     expected = run_model(reference, x, grad)
-    errors = {key: rel_err(value, expected[key]) for key, value in run_model(model, x, grad).items()}
-    plain_errors = {key: rel_err(value, expected[key]) for key, value in run_model(plain, x, grad).items()}
-    allowed = {key: model_error_allowed(dtype, plain_errors[key]) for key in errors}
+    errors = {key: rel_err(value, expected[key]) for key, value in run_model(model, x, grad, autocast).items()}
+    plain_errors = {key: rel_err(value, expected[key]) for key, value in run_model(plain, x, grad, autocast).items()}
+    allowed = {key: model_error_allowed(autocast or dtype, plain_errors[key]) for key in errors}
     failed = {key: f"{err:.2e} > {allowed[key]:.2e}" for key, err in errors.items() if not err <= allowed[key]}
     assert not failed, f"{name} {DTYPE_IDS[dtype]}: {failed}"
 
@@ -111,6 +116,15 @@ def test_model_parity_triton_kernels(name):
 def test_model_parity_16bit_triton_kernels(dtype):
     """Twins-SVT-S with two blocks a stage (all three ops in every stage) in fp16 and bf16."""
     model_parity("twins_svt_small", "triton", dtype, KERNEL_DEVICE, depths=SHALLOW)
+
+
+@pytest.mark.parametrize("name,autocast", [("twins_svt_small", torch.bfloat16), ("twins_pcpvt_small", torch.float16)],
+                         ids=["svt_s-bf16", "pcpvt_s-fp16"])
+def test_model_parity_under_autocast(name, autocast):
+    """Mixed-precision training's forward: fp32 parameters, 16-bit activations. The fused ops get 16-bit
+    q/k/v next to the fp32 qkv bias, and fp32 tokens (LayerNorm's and the residual stream's output under
+    autocast) into PEG and the sub-sampling, where timm's convs run in 16 bits."""
+    model_parity(name, "triton", torch.float32, KERNEL_DEVICE, autocast=autocast, depths=SHALLOW)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
