@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 HAS_GPU = torch.cuda.is_available()
 GPU_REASON = "needs a CUDA GPU (none visible to PyTorch)"
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=GPU_REASON)
@@ -56,9 +57,22 @@ def skip_unless_available(backend: str):
         pytest.skip(status.reason)
 
 
+def require_cuda_extension():
+    """Skip the calling test unless the CUDA extension is built; fail instead under
+    TWINS_KERNELS_REQUIRE_EXTENSION=1 (`make test` sets it where a toolkit is found), so that a broken
+    build fails rather than skips."""
+    import twins_kernels
+    from twins_kernels.backend import backend_status
+
+    if not twins_kernels.cuda_extension_built():
+        if os.environ.get("TWINS_KERNELS_REQUIRE_EXTENSION") == "1":
+            pytest.fail(backend_status("cuda", "cuda").reason)
+        pytest.skip("the CUDA extension is not built here")
+
+
 def load_benchmarks_module(filename: str):
     """A module of benchmarks/ (plain files, not a package: pytest imports them by path), by file name."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", filename)
+    path = os.path.join(ROOT, "benchmarks", filename)
     spec = importlib.util.spec_from_file_location(f"benchmarks_{filename[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

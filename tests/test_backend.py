@@ -9,7 +9,7 @@ import torch
 import twins_kernels
 from twins_kernels.backend import BackendUnavailableError, backend_status, get_backend, resolve_backend
 
-from conftest import HAS_GPU
+from conftest import HAS_GPU, require_cuda_extension
 
 
 def test_selection_order_argument_context_global_env(monkeypatch):
@@ -54,10 +54,7 @@ def test_cuda_backend_on_cpu_names_what_is_missing():
 def test_cuda_extension_registers_its_ops():
     """`make test` builds the extension (it compiles and links here even without a GPU), and sets
     TWINS_KERNELS_REQUIRE_EXTENSION=1 so that a broken build fails instead of skipping."""
-    if not twins_kernels.cuda_extension_built():
-        if os.environ.get("TWINS_KERNELS_REQUIRE_EXTENSION") == "1":
-            pytest.fail(backend_status("cuda", "cuda").reason)
-        pytest.skip("the CUDA extension is not built here")
+    require_cuda_extension()
     names = ["peg_conv3x3", "peg_weight_grad", "lsa_forward", "lsa_backward",
              "gsa_attention_forward", "gsa_attention_backward"]
     schemas = {str(getattr(torch.ops.twins_kernels_cuda, name).default._schema).split("(")[0] for name in names}

@@ -29,9 +29,8 @@ import torch
 
 from twins_kernels.ops import gsa_attention_reference, lsa_reference, peg_reference
 
+from conftest import ROOT
 from parity import DTYPE_IDS, TOLERANCE, rel_err
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 # the attention kernels the extension runs per dtype: scalar for every dtype (fp32's only path), mma for
 # fp16/bf16 on compute capability 8.0+

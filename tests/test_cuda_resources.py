@@ -13,10 +13,10 @@ import subprocess
 
 import pytest
 
-import twins_kernels
 from twins_kernels.ops.lsa import MAX_WS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, require_cuda_extension
+
 REGISTERS_PER_BLOCK = 65536  # sm_80 and sm_90
 REGISTER_ALLOCATION_UNIT = 256  # registers are handed to a warp in units of 256
 WARP = 32
@@ -54,10 +54,7 @@ def cuobjdump() -> str:
 @pytest.fixture(scope="module")
 def kernels():
     """[(arch, mangled name, registers, static shared bytes)] of every kernel in the extension."""
-    if not twins_kernels.cuda_extension_built():
-        if os.environ.get("TWINS_KERNELS_REQUIRE_EXTENSION") == "1":
-            pytest.fail("the CUDA extension is not built (TWINS_KERNELS_REQUIRE_EXTENSION=1)")
-        pytest.skip("the CUDA extension is not built here")
+    require_cuda_extension()
     pytest.importorskip("triton.backends.nvidia", reason="needs cuobjdump (from Triton's NVIDIA backend)")
     library = importlib.util.find_spec("twins_kernels._C").origin
     report = subprocess.run([cuobjdump(), "-res-usage", library], capture_output=True, text=True, check=True).stdout

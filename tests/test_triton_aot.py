@@ -11,9 +11,7 @@ import sys
 
 import pytest
 
-from conftest import HAS_GPU
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import HAS_GPU, ROOT
 ARCHS = (90, 80)  # TORCH_CUDA_ARCH_LIST's default: H100 and A100
 
 
