@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import twins_kernels
+from twins_kernels import FusedGSA, FusedLSA, FusedPEG
 from twins_kernels.ops import (
     gsa_attention,
     gsa_attention_reference,
@@ -149,6 +150,32 @@ def test_nan_in_attention_inputs_propagates_like_the_reference(make_case, chans)
     assert torch.equal(torch.isnan(actual), torch.isnan(expected))
     finite = torch.isfinite(expected)
     torch.testing.assert_close(actual[finite], expected[finite])
+
+
+EMPTY_BATCH_MODULES = {
+    "peg": lambda backend: FusedPEG(32, 32, backend=backend),
+    "lsa": lambda backend: FusedLSA(32, num_heads=2, ws=7, backend=backend),
+    "gsa-sr4": lambda backend: FusedGSA(32, num_heads=2, sr_ratio=4, backend=backend),
+    "gsa-sr1": lambda backend: FusedGSA(32, num_heads=2, sr_ratio=1, backend=backend),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("kind", list(EMPTY_BATCH_MODULES))
+def test_empty_batch_gives_empty_output_and_zero_parameter_grads(kind, backend):
+    """A batch of 0 runs on every backend, as PyTorch's own layers and timm's PosConv and
+    LocallyGroupedAttn take one (timm's GlobalSubSampleAttn cannot reshape it): the output is empty and
+    every parameter gradient zero. No kernel launches (a CUDA grid of no blocks is an error)."""
+    if backend == "cuda":
+        skip_unless_available("cuda")
+    module = EMPTY_BATCH_MODULES[kind](backend).to(KERNEL_DEVICE)
+    size = (13, 17)
+    x = torch.randn(0, size[0] * size[1], 32, device=KERNEL_DEVICE, requires_grad=True)
+    out = module(x, size)
+    out.sum().backward()
+    assert out.shape == x.shape and x.grad.shape == x.shape
+    for name, param in module.named_parameters():
+        assert param.grad is not None and not param.grad.any(), name
 
 
 @requires_gpu

@@ -74,8 +74,6 @@ def check_tokens(x, size, *, channels: int | None = None, name: str = "x") -> tu
         raise ValueError(f"{name} has N={tokens} tokens but size={height}x{width} needs N=H*W={height * width}")
     if channels is not None and chans != channels:
         raise ValueError(f"{name} has C={chans} channels, expected {channels}")
-    if batch < 1:
-        raise ValueError(f"{name} has batch size {batch}; expected at least 1")
     return batch, tokens, chans, height, width
 
 
@@ -148,11 +146,20 @@ def cuda_ops():
     return torch.ops.twins_kernels_cuda
 
 
-def attention_backend(x: torch.Tensor, chans: int, num_heads: int, requested: str) -> str:
-    """The backend an attention op runs on: the kernel backends need head_dim in 16..128 (``auto``
-    runs the reference outside it; naming a kernel backend raises), and the CUDA extension has no
-    fp64 kernels (float64 runs the reference)."""
+def op_backend(x: torch.Tensor, requested: str) -> str:
+    """The backend a call on ``x`` runs on: the request resolved (a backend that cannot run raises
+    even for an empty batch), and the reference for an empty batch, as timm's modules accept one: it
+    returns the empty output and zero parameter gradients, where a kernel launch would have no
+    blocks (an invalid configuration for a CUDA kernel)."""
     backend = resolve_backend(requested or None, x.device)
+    return "torch" if x.numel() == 0 else backend
+
+
+def attention_backend(x: torch.Tensor, chans: int, num_heads: int, requested: str) -> str:
+    """The backend an attention op runs on (``op_backend``): the kernel backends need head_dim in
+    16..128 (``auto`` runs the reference outside it; naming a kernel backend raises), and the CUDA
+    extension has no fp64 kernels (float64 runs the reference)."""
+    backend = op_backend(x, requested)
     if backend == "torch":
         return backend
     head_dim = chans // num_heads

@@ -76,6 +76,7 @@ from .common import (
     fma_warps,
     launch_device,
     next_pow2,
+    op_backend,
     scalar_arg,
 )
 
@@ -155,8 +156,9 @@ def _subsample_forward_reference(x, sr_weight, sr_bias, norm_weight, norm_bias, 
     weight, bias = sr_weight.to(x.dtype), sr_bias.to(x.dtype)
     y = F.conv2d(feat, weight, bias, stride=sr_ratio).flatten(2).transpose(1, 2).to(acc).contiguous()
     mean = y.mean(-1)
-    rstd = torch.rsqrt(y.var(-1, unbiased=False) + eps)
-    out = (y - mean[..., None]) * rstd[..., None] * norm_weight.to(acc) + norm_bias.to(acc)
+    centered = y - mean[..., None]
+    rstd = torch.rsqrt((centered * centered).mean(-1) + eps)  # not y.var(): it warns on an empty batch
+    out = centered * rstd[..., None] * norm_weight.to(acc) + norm_bias.to(acc)
     return out.to(x.dtype), y, mean, rstd
 
 
@@ -841,7 +843,7 @@ def gsa_subsample_forward_op(
     norm_bias: torch.Tensor, height: int, width: int, sr_ratio: int, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (x, sr_weight, sr_bias, norm_weight, norm_bias, height, width, sr_ratio, eps)
-    if resolve_backend(backend or None, x.device) == "triton":
+    if op_backend(x, backend) == "triton":
         return gsa_subsample_forward_triton(*args)
     return _subsample_forward_reference(*args)
 
@@ -861,7 +863,7 @@ def gsa_subsample_backward_op(
     y: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, height: int, width: int, sr_ratio: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (grad_out, x, sr_weight, norm_weight, y, mean, rstd, height, width, sr_ratio)
-    if resolve_backend(backend or None, x.device) == "triton":
+    if op_backend(x, backend) == "triton":
         return gsa_subsample_backward_triton(*args)
     return _subsample_backward_reference(*args)
 

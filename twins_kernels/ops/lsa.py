@@ -121,7 +121,7 @@ def _windows(grid: torch.Tensor, ws: int) -> torch.Tensor:
     """(B, Hp, Wp, K) -> (B, windows, ws*ws, K): windows row-major, slots row-major inside a window."""
     batch, padded_h, padded_w, chans = grid.shape
     grid = grid.reshape(batch, padded_h // ws, ws, padded_w // ws, ws, chans).transpose(2, 3)
-    return grid.reshape(batch, -1, ws * ws, chans)
+    return grid.reshape(batch, (padded_h // ws) * (padded_w // ws), ws * ws, chans)
 
 
 def _unwindow(t: torch.Tensor, height: int, width: int, ws: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ from .common import (
     empty_output,
     launch_device,
     next_pow2,
+    op_backend,
 )
 
 NUM_TAPS = 9  # 3 x 3 depthwise kernel
@@ -224,7 +225,7 @@ def peg_weight_grad_triton(grad_out, x, height: int, width: int):
 # Backend dispatch, torch.library registration, autograd
 # ----------------------------------------------------------------------------------------------
 def _kernel_backend(x: torch.Tensor, weight: torch.Tensor, stride: int, requested: str) -> str:
-    backend = resolve_backend(requested or None, x.device)
+    backend = op_backend(x, requested)
     if stride != 1 or weight.shape[1] != 1:
         return "torch"
     return backend
