@@ -1,4 +1,6 @@
 """Backend selection, the CUDA extension's registration, and imports without a GPU."""
+import concurrent.futures
+import importlib
 import os
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import torch
 import twins_kernels
 from twins_kernels.backend import BackendUnavailableError, backend_status, get_backend, resolve_backend
 
-from conftest import HAS_GPU, require_cuda_extension
+from conftest import HAS_GPU, KERNEL_DEVICE, require_cuda_extension
 
 
 def test_selection_order_argument_context_global_env(monkeypatch):
@@ -112,3 +114,29 @@ def test_main_job_reports_unavailable_backends_without_triton():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert "backend triton  no   triton cannot be imported" in result.stdout, result.stdout + result.stderr
     assert "all parity checks passed" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("kind", ["peg", "lsa", "gsa"])
+def test_backward_runs_on_the_backend_its_forward_ran_on(kind, monkeypatch):
+    """Autograd runs a CUDA backward on its own device thread, where the forward thread's use_backend()
+    context does not apply: the backward must run on the forward's backend, not on the ambient one
+    there. Here the forward runs on triton inside use_backend("triton") and the backward on a thread
+    whose ambient backend is torch (TWINS_KERNELS_BACKEND), whose reference backwards raise."""
+    # the op modules (twins_kernels.ops's attributes of these names are the functions)
+    peg, lsa, gsa = (importlib.import_module(f"twins_kernels.ops.{name}") for name in ("peg", "lsa", "gsa"))
+
+    def reference_backward(*args, **kwargs):
+        raise AssertionError("the backward ran on the ambient backend (the reference), not on the forward's")
+
+    for module, name in ((peg, "peg_reference_backward"), (lsa, "_reference_backward"),
+                         (gsa, "_attention_backward_reference"), (gsa, "_subsample_backward_reference")):
+        monkeypatch.setattr(module, name, reference_backward)
+    monkeypatch.setenv("TWINS_KERNELS_BACKEND", "torch")
+    fused = {"peg": lambda: twins_kernels.FusedPEG(32, 32), "lsa": lambda: twins_kernels.FusedLSA(32, 2, ws=4),
+             "gsa": lambda: twins_kernels.FusedGSA(32, 2, sr_ratio=2)}[kind]().to(KERNEL_DEVICE)
+    x = torch.randn(2, 5 * 6, 32, device=KERNEL_DEVICE, requires_grad=True)
+    with twins_kernels.use_backend("triton"):
+        out = fused(x, (5, 6))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(lambda: out.sum().backward()).result()
+    assert x.grad is not None and all(p.grad is not None for p in fused.parameters())

@@ -155,6 +155,13 @@ def op_backend(x: torch.Tensor, requested: str) -> str:
     return "torch" if x.numel() == 0 else backend
 
 
+def backward_choice(backend: str) -> str:
+    """The backend choice a forward ran under, kept for its backward. Autograd runs a CUDA backward on
+    its own device thread, where the forward thread's ``use_backend`` context does not apply: left
+    empty (the ambient choice), the backward would run on whatever is ambient there."""
+    return backend or get_backend()
+
+
 def attention_backend(x: torch.Tensor, chans: int, num_heads: int, requested: str) -> str:
     """The backend an attention op runs on (``op_backend``): the kernel backends need head_dim in
     16..128 (``auto`` runs the reference outside it; naming a kernel backend raises), and the CUDA

@@ -65,6 +65,7 @@ from .common import (
     KERNEL_DTYPES,
     accumulation_dtype,
     attention_backend,
+    backward_choice,
     check_float,
     check_int,
     check_param,
@@ -825,7 +826,7 @@ def _attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, kv, out, lse)
-    ctx.args = (num_heads, scale, backend)
+    ctx.args = (num_heads, scale, backward_choice(backend))
 
 
 def _attention_backward(ctx, grad_out, _grad_lse):
@@ -880,7 +881,7 @@ def _subsample_setup_context(ctx, inputs, output):
     _, y, mean, rstd = output
     ctx.mark_non_differentiable(y, mean, rstd)
     ctx.save_for_backward(x, sr_weight, norm_weight, y, mean, rstd)
-    ctx.args = (height, width, sr_ratio, backend)
+    ctx.args = (height, width, sr_ratio, backward_choice(backend))
 
 
 def _subsample_backward(ctx, grad_out, _grad_y, _grad_mean, _grad_rstd):

@@ -73,6 +73,7 @@ from ._triton import TRITON_DTYPES, tl, triton
 from .common import (
     accumulation_dtype,
     attention_backend,
+    backward_choice,
     check_float,
     check_int,
     check_param,
@@ -618,7 +619,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(qkv, qkv_bias, out, lse)
-    ctx.args = (height, width, ws, num_heads, scale, mask_padding, backend)
+    ctx.args = (height, width, ws, num_heads, scale, mask_padding, backward_choice(backend))
 
 
 def _backward(ctx, grad_out, _grad_lse):

@@ -25,6 +25,7 @@ from ..backend import resolve_backend
 from ._triton import TRITON_DTYPES, tl, triton
 from .common import (
     accumulation_dtype,
+    backward_choice,
     check_int,
     check_param,
     check_tokens,
@@ -281,7 +282,7 @@ def _(grad_out, x, weight, height, width, stride, backend):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, height, width, stride, backend = inputs
     ctx.save_for_backward(x, weight)
-    ctx.args = (height, width, stride, backend)
+    ctx.args = (height, width, stride, backward_choice(backend))
     ctx.has_bias = bias is not None
 
 
