@@ -107,3 +107,19 @@ def test_shared_memory_beyond_the_architecture_is_a_problem():
     assert fits.problems == []
     assert "sm_80 allows" in too_big.problems[0]
     assert KernelBuild(90, "k", "case", error="CompilationError: x").problems == ["CompilationError: x"]
+
+
+def test_a_grid_past_cuda_limits_is_a_problem():
+    """The interpreter runs any grid; a GPU refuses a second or third axis past 65535 at launch."""
+    from triton_aot import CompileRecorder
+
+    def some_kernel():
+        pass
+
+    recorder = CompileRecorder()
+    recorder.arch, recorder.case = 90, "case"
+    recorder.check_grid(some_kernel, (2**31 - 1, 65535, 65535))
+    assert not recorder.builds
+    recorder.check_grid(some_kernel, (1, 65536))
+    [build] = recorder.builds.values()
+    assert build.kernel == "some_kernel" and "past CUDA's limits" in build.problems[0]

@@ -41,6 +41,10 @@ import torch
 # programming guide's "maximum amount of shared memory per thread block" per compute capability.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
+# A launch grid's largest extent per axis (x, y, z): CUDA's "maximum grid dimensions" for every
+# compute capability Triton supports.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
 # Kernels with no tl.dot: the summary does not ask whether their dots use tensor cores.
 NO_DOT_KERNELS = ("peg_conv3x3_kernel", "peg_weight_grad_kernel", "gsa_subsample_norm_backward_kernel")
 
@@ -150,6 +154,7 @@ class CompileRecorder:
         recorder = self
 
         def run(fn, *args, grid, warmup, **kwargs):
+            recorder.check_grid(fn, grid)
             return recorder.compile(fn, args, kwargs)
 
         JITFunction.run = run
@@ -159,6 +164,15 @@ class CompileRecorder:
         from triton.runtime.jit import JITFunction
 
         JITFunction.run = self._original_run
+
+    def check_grid(self, fn, grid):
+        """A launch whose grid is past CUDA's limits fails on the GPU ("invalid argument") and runs in
+        the interpreter: recorded as a problem of its kernel."""
+        dims = tuple(grid) + (1,) * (3 - len(grid))
+        if any(d > limit for d, limit in zip(dims, GRID_LIMITS)):
+            self.builds[(self.arch, fn.__name__, self.case, "grid")] = KernelBuild(
+                self.arch, fn.__name__, self.case,
+                error=f"grid {tuple(grid)} is past CUDA's limits (x, y, z) <= {GRID_LIMITS}")
 
     def compile(self, fn, args, kwargs):
         constexprs = {p.name: _describe(value) for p, value in zip(fn.params, args) if p.is_constexpr}
@@ -253,6 +267,15 @@ def gsa_cases(dtypes, head_dims, quick: bool) -> Iterator[LaunchCase]:
             out, lse = gsa.gsa_attention_forward_triton(q, kv, heads, head_dim ** -0.5)
             gsa.gsa_attention_backward_triton(torch.randn_like(out), q, kv, out, lse, heads, head_dim ** -0.5)
         yield LaunchCase(f"gsa-{name}-hd{head_dim}-M{keys}", launch)
+    # B * heads past 65535 (batch 2048 at Twins-SVT-L's 32 last-stage heads): one token, one key
+    for name, dtype in dtypes.items():
+        def launch(dtype=dtype):
+            batch, heads, head_dim = 32769, 2, 16
+            q = torch.randn(batch, 1, heads * head_dim).to(dtype)
+            kv = torch.randn(batch, 1, 2 * heads * head_dim).to(dtype)
+            out, lse = gsa.gsa_attention_forward_triton(q, kv, heads, head_dim ** -0.5)
+            gsa.gsa_attention_backward_triton(torch.randn_like(out), q, kv, out, lse, heads, head_dim ** -0.5)
+        yield LaunchCase(f"gsa-{name}-hd16-B32769", launch)
     # sub-sampling: C = 64 (one output-channel block) and 320 (PCPVT stage 2: blocks that do not divide C)
     for (name, dtype), (chans, sr) in itertools.product(dtypes.items(), ((64, 8), (320, 2))):
         def launch(dtype=dtype, chans=chans, sr=sr):

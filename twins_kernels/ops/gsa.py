@@ -195,6 +195,17 @@ def _subsample_backward_reference(grad_out, x, sr_weight, norm_weight, y, mean, 
 # Triton kernels: attention core
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _block_batch_head(ROWS, BLOCK: tl.constexpr, HEADS):
+    """(row block, batch, head) of a program on a 1-D grid of B * heads * cdiv(ROWS, BLOCK) programs.
+    One (batch, head)'s blocks run next to each other (they share its keys and values in L2); a 1-D
+    grid takes any B * heads, where a grid's second axis stops at 65535 (batch 2048 at 32 heads)."""
+    blocks = tl.cdiv(ROWS, BLOCK)
+    pid = tl.program_id(0)
+    bh = pid // blocks
+    return pid % blocks, (bh // HEADS).to(tl.int64), bh % HEADS
+
+
+@triton.jit
 def gsa_attention_forward_kernel(
     q_ptr, kv_ptr, out_ptr, lse_ptr, scale_ptr,
     N, M, C, HEADS, HEAD_DIM,
@@ -204,10 +215,8 @@ def gsa_attention_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One block of BLOCK_M queries of one (batch, head) against all M keys, online softmax."""
-    bh = tl.program_id(1)
-    b = (bh // HEADS).to(tl.int64)
-    h = bh % HEADS
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    block, b, h = _block_batch_head(N, BLOCK_M, HEADS)
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < N
     d_mask = offs_d < HEAD_DIM
@@ -256,10 +265,8 @@ def gsa_attention_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) and dq = scale * sum_j P_ij (dP_ij - delta_i) k_j for one query block."""
-    bh = tl.program_id(1)
-    b = (bh // HEADS).to(tl.int64)
-    h = bh % HEADS
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    block, b, h = _block_batch_head(N, BLOCK_M, HEADS)
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < N
     d_mask = offs_d < HEAD_DIM
@@ -309,13 +316,11 @@ def gsa_attention_dkdv_kernel(
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dk, dv of one key block and head, summed over the queries of split ``program_id(2)``;
+    """dk, dv of one key block and head, summed over the queries of split ``program_id(1)``;
     written to grad_kv_ptr[split] (a (B, M, 2C) slice, channel stride 1)."""
-    bh = tl.program_id(1)
-    b = (bh // HEADS).to(tl.int64)
-    h = bh % HEADS
-    split = tl.program_id(2)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    block, b, h = _block_batch_head(M, BLOCK_N, HEADS)
+    split = tl.program_id(1)
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_mask = offs_n < M
     d_mask = offs_d < HEAD_DIM
@@ -643,7 +648,7 @@ def gsa_attention_forward_triton(q, kv, num_heads: int, scale: float):
     tiles = attention_tiles(q.dtype, head_dim, tokens, keys, backward=False)
     out = empty_output((batch, tokens, chans), q)
     lse = empty_output((batch, num_heads, tokens), q, dtype=acc)
-    grid = (triton.cdiv(tokens, tiles.block_m), batch * num_heads)
+    grid = (triton.cdiv(tokens, tiles.block_m) * batch * num_heads,)
     with launch_device(q):
         gsa_attention_forward_kernel[grid](
             q, kv, out, lse, scalar_arg(scale, q, acc), tokens, keys, chans, num_heads, head_dim,
@@ -686,11 +691,11 @@ def gsa_attention_backward_triton(grad_out, q, kv, out, lse, num_heads: int, sca
 
     with launch_device(q):
         # dq first: it also computes delta, which the dk/dv kernel reads
-        gsa_attention_dq_kernel[(query_blocks, batch * num_heads)](
+        gsa_attention_dq_kernel[(query_blocks * batch * num_heads,)](
             q, kv, out, grad_out, lse, scale_t, delta, grad_q, tokens, keys, chans, num_heads, head_dim,
             *q.stride(), *kv.stride(), *grad_out.stride(), **common,
         )
-        gsa_attention_dkdv_kernel[(key_blocks, batch * num_heads, query_splits)](
+        gsa_attention_dkdv_kernel[(key_blocks * batch * num_heads, query_splits)](
             q, kv, grad_out, lse, scale_t, delta, target, tokens, keys, chans, num_heads, head_dim,
             queries_per_split, *q.stride(), *kv.stride(), *grad_out.stride(),
             stride_split, keys * 2 * chans, 2 * chans, **common,
