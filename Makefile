@@ -61,6 +61,7 @@ gpu-versions: $(GPU_VERSIONS_VENV)/.installed
 	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(GPU_VERSIONS_TREE)
 	cd $(GPU_VERSIONS_TREE) && TORCH_CUDA_ARCH_LIST=9.0 $(abspath $(GPU_VERSIONS_VENV))/bin/python -m pip install \
 		--quiet --no-build-isolation -e .
+	cd $(GPU_VERSIONS_TREE) && bash benchmarks/run_gpu.sh sources-hash > twins_kernels/_C.sources.sha256
 	cd $(GPU_VERSIONS_TREE) && TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) \
 		$(abspath $(GPU_VERSIONS_VENV))/bin/python -m pytest tests/test_backend.py tests/test_lsa.py tests/test_gsa.py \
 		tests/test_peg.py -q -n $(TEST_WORKERS) -p no:cacheprovider

@@ -8,10 +8,14 @@
 #                                           the -k subset) under compute-sanitizer's memcheck (out-of-bounds
 #                                           and misaligned accesses), racecheck (shared-memory hazards) and
 #                                           synccheck (barriers in divergent code)
+#   bash benchmarks/run_gpu.sh sources-hash      print the hash of the sources the extension is built from
 # The whole benchmark suite does not fit one call: every timm + torch.compile and patched + compile case
 # compiles anew (136 compilations), so a session runs it in parts with -k, those with few compilations
 # first, e.g. "core or peg", then "lsa", "gsa and 224", ..., "model and svt_small", and merges the
 # parts' JSON afterwards, here: python benchmarks/report.py RUN1/benchmarks.json RUN2/... --out DIR
+# Before the first call: `make gpu-versions`, then
+#   cp build/gpu-versions/twins_kernels/_C.cpython-312-x86_64-linux-gnu.so build/gpu-versions/twins_kernels/_C.sources.sha256 twins_kernels/
+# and name those two twins_kernels/ paths in every call's `carry` (see the build step below).
 # The device tool kills a call at its limit and keeps only what is under $OUT, and pytest-benchmark
 # writes its JSON when the session ends: every pytest here is interrupted (SIGINT, which still runs
 # the session's end: the JSON of the cases done, the failures so far) once RUN_BUDGET_S seconds of the
@@ -20,6 +24,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PHASE="${1:-all}"
 shift || true
+# what the extension is built from, in a fixed order (`make gpu-versions` records it beside its build)
+sources_hash() { find setup.py csrc -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1; }
+if [ "$PHASE" = sources-hash ]; then
+  sources_hash
+  exit
+fi
 OUT="${OUT:-benchmarks/results/run}"
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -40,7 +50,23 @@ until_deadline() {
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   date -u
 } > "$OUT/env.txt" 2>&1
-$PY -m pip install --quiet --no-build-isolation -e . > "$OUT/build.log" 2>&1 || echo "extension build FAILED" >> "$OUT/env.txt"
+# The device machine starts bare whenever it has been idle for 30 s, and building the extension there
+# costs minutes of device time each time. `make gpu-versions` builds it here for that machine's
+# versions (Python 3.12, torch 2.11.0, sm_90) and writes the hash of the sources it was built from
+# beside it; copied into twins_kernels/ and carried (the device tool's `carry`), it is used as it is
+# when those sources are the ones here and it loads, else the extension is built.
+SOURCES_HASH="$(sources_hash)"
+if [ "$(cat twins_kernels/_C.sources.sha256 2>/dev/null)" = "$SOURCES_HASH" ] \
+    && $PY -c "import twins_kernels._C" > "$OUT/build.log" 2>&1; then
+  echo "extension: the carried build (sources $SOURCES_HASH) loads, not rebuilt" >> "$OUT/env.txt"
+else
+  rm -f twins_kernels/_C.*.so twins_kernels/_C.sources.sha256  # never test a stale build
+  if $PY -m pip install --quiet --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
+    echo "$SOURCES_HASH" > twins_kernels/_C.sources.sha256  # the next call on this machine skips the build
+  else
+    echo "extension build FAILED" >> "$OUT/env.txt"
+  fi
+fi
 if [ "$PHASE" = tests ] || [ "$PHASE" = all ]; then
   until_deadline $PY -m twins_kernels > "$OUT/main_job.txt" 2>&1
   # xdist workers (the GPU image has pytest-xdist): the CPU-side checks (CUDA emulation, Triton AOT builds)
