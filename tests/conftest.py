@@ -34,6 +34,24 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """fp32 means IEEE fp32 in every test, PyTorch's own convolutions included (cuDNN's default is
+    TF32 on the GPU): see twins_kernels.testing.ieee_fp32."""
+    from twins_kernels.testing import ieee_fp32
+
+    with ieee_fp32():
+        yield
+
+
+@pytest.fixture
+def deterministic_cudnn(monkeypatch):
+    """cuDNN's deterministic algorithms for the PyTorch convolutions around the fused ops (timm's patch
+    embeddings, the cuda backend's GSA sub-sampling conv): on the GPU cuDNN may otherwise pick a weight
+    gradient with atomics, and the bitwise-reproducibility tests are about the fused ops."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Fresh random inputs per case, reproducible from the test id."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.attention
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from timm.models.twins import PosConv
 
 import twins_kernels
 from twins_kernels import FusedGSA, FusedLSA, FusedPEG
@@ -22,6 +23,7 @@ from twins_kernels.ops import (
     peg,
     peg_reference,
 )
+from twins_kernels.testing import ieee_fp32, module_parity_errors
 
 from conftest import HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, SHALLOW, requires_gpu, skip_unless_available
 from parity import TOLERANCE, make_tokens, rel_err
@@ -178,6 +180,27 @@ def test_empty_batch_gives_empty_output_and_zero_parameter_grads(kind, backend):
         assert param.grad is not None and not param.grad.any(), name
 
 
+def test_parity_checks_run_pytorch_convolutions_and_matmuls_in_ieee_fp32():
+    """cuDNN runs fp32 convolutions in TF32 by default on the GPU (a stride-4 patch conv 3e-4 off, 30
+    times the fp32 tolerance): parity checks turn TF32 off while they run and restore the user's flags."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    cudnn.allow_tf32 = matmul.allow_tf32 = True  # PyTorch's default for cuDNN; the fixture restores them
+    with pytest.raises(RuntimeError, match="inside"):
+        with ieee_fp32():
+            assert not cudnn.allow_tf32 and not matmul.allow_tf32
+            raise RuntimeError("inside")
+    assert cudnn.allow_tf32 and matmul.allow_tf32
+    seen = []
+
+    def noting_the_flags(module):  # the module under test, noting the flags its forward runs under
+        module.register_forward_pre_hook(lambda *_: seen.append((cudnn.allow_tf32, matmul.allow_tf32)))
+        return module
+
+    module_parity_errors(PosConv(16, 16), noting_the_flags, make_tokens(1, 3, 3, 16, torch.float32, "cpu"),
+                         (3, 3), torch.float32)
+    assert seen == [(False, False)] and cudnn.allow_tf32 and matmul.allow_tf32
+
+
 @requires_gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_peg_offsets_past_2_to_the_31(backend):
@@ -223,6 +246,7 @@ def test_gsa_offsets_past_2_to_the_31(backend):
     assert rel_err(last, expected) <= TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.usefixtures("deterministic_cudnn")
 def test_patched_model_backward_is_bitwise_reproducible():
     """No float atomics anywhere: two backward passes of a patched model give identical gradients."""
     import timm
