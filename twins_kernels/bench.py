@@ -17,7 +17,7 @@ import torch
 
 from .backend import triton_interpret_enabled
 from .patch import patch_model
-from .testing import model_error_allowed, rel_err
+from .testing import ieee_fp32, model_error_allowed, rel_err
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CPU_PARITY_BATCH = 2
@@ -84,8 +84,9 @@ def run(args) -> int:
     # Both models against one in higher precision with the same (rounded) weights: patched and timm in
     # bf16 are each about 1e-2 from it, so comparing them with each other would say little.
     reference_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    # In IEEE fp32 (cuDNN's fp32 convs default to TF32 on the GPU): the timings below keep the user's settings.
     reference = copy.deepcopy(model).to(reference_dtype)
-    with torch.no_grad():
+    with torch.no_grad(), ieee_fp32():
         expected = reference(x.to(reference_dtype))
         del reference
         err = rel_err(patched(x), expected)
