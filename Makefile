@@ -30,7 +30,7 @@ demo: $(VENV)/.installed
 	$(PYTHON) -m twins_kernels
 
 test: $(VENV)/.installed
-	TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PYTHON) -m pytest tests/ -q -n $(TEST_WORKERS)
+	TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PYTHON) -m pytest tests/ -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(VENV)/.installed
 	$(PYTHON) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json

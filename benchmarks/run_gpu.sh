@@ -71,7 +71,8 @@ if [ "$PHASE" = tests ] || [ "$PHASE" = all ]; then
   until_deadline $PY -m twins_kernels > "$OUT/main_job.txt" 2>&1
   # xdist workers (the GPU image has pytest-xdist): the CPU-side checks (CUDA emulation, Triton AOT builds)
   # take most of the suite's time; over the machine's 16 cores they leave the 10-minute call room
-  until_deadline env TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q -n "${TEST_WORKERS:-8}" \
+  # --dist loadgroup: the tests marked large_gpu_memory run on one worker, one after another
+  until_deadline env TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q -n "${TEST_WORKERS:-8}" --dist loadgroup \
     --durations=15 "$@" > "$OUT/tests.txt" 2>&1
   tail -n 3 "$OUT/main_job.txt" "$OUT/tests.txt"
 fi

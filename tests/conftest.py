@@ -17,6 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 HAS_GPU = torch.cuda.is_available()
 GPU_REASON = "needs a CUDA GPU (none visible to PyTorch)"
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=GPU_REASON)
+# Tests that hold an estimated 20-25 GB of GPU memory (tensors past 2^31 elements and their fp32 references): one
+# pytest-xdist worker runs them one after another (with `--dist loadgroup`, as `make test` and run_gpu.sh
+# runs the suite), since three at once on 8 workers would not fit an 80 GB GPU.
+large_gpu_memory = pytest.mark.xdist_group("large_gpu_memory")
 
 # The device the kernels are checked on: the GPU when there is one, else the CPU via the interpreter.
 KERNEL_DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -41,6 +45,15 @@ def _ieee_fp32():
 
     with ieee_fp32():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _release_cached_gpu_memory():
+    """Give the GPU memory a test cached back after it: the suite runs in several processes sharing one
+    GPU, and memory one process's allocator keeps is memory the others cannot have."""
+    yield
+    if HAS_GPU:
+        torch.cuda.empty_cache()
 
 
 @pytest.fixture

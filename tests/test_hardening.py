@@ -25,7 +25,8 @@ from twins_kernels.ops import (
 )
 from twins_kernels.testing import ieee_fp32, module_parity_errors
 
-from conftest import HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, SHALLOW, requires_gpu, skip_unless_available
+from conftest import (HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, SHALLOW, large_gpu_memory, requires_gpu,
+                      skip_unless_available)
 from parity import TOLERANCE, make_tokens, rel_err
 
 # CPU examples run in the Triton interpreter: keep the budget to seconds per property
@@ -202,6 +203,7 @@ def test_parity_checks_run_pytorch_convolutions_and_matmuls_in_ieee_fp32():
 
 
 @requires_gpu
+@large_gpu_memory
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_peg_offsets_past_2_to_the_31(backend):
     """B*N*C = 3 * 512*512 * 4096 > 2^31 elements: offsets must be 64-bit."""
@@ -219,6 +221,7 @@ def test_peg_offsets_past_2_to_the_31(backend):
 
 
 @requires_gpu
+@large_gpu_memory
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_lsa_offsets_past_2_to_the_31(backend):
     """qkv of 2 x 512*512 x 4608 > 2^31 elements (C = 1536, 24 heads of 64)."""
@@ -233,6 +236,7 @@ def test_lsa_offsets_past_2_to_the_31(backend):
 
 
 @requires_gpu
+@large_gpu_memory
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gsa_offsets_past_2_to_the_31(backend):
     """q of 2 x 1024*1024 x 1024 > 2^31 elements, against 1024 sub-sampled keys."""
