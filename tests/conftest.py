@@ -17,9 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 HAS_GPU = torch.cuda.is_available()
 GPU_REASON = "needs a CUDA GPU (none visible to PyTorch)"
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=GPU_REASON)
-# Tests that hold an estimated 20-25 GB of GPU memory (tensors past 2^31 elements and their fp32 references): one
-# pytest-xdist worker runs them one after another (with `--dist loadgroup`, as `make test` and run_gpu.sh
-# runs the suite), since three at once on 8 workers would not fit an 80 GB GPU.
+# Tests that hold an estimated 20-25 GB of GPU memory (tensors past 2^31 elements and their fp32
+# references): one pytest-xdist worker runs them one after another (with `--dist loadgroup`, which
+# `make test` and run_gpu.sh use), since three at once on 8 workers would not fit an 80 GB GPU.
 large_gpu_memory = pytest.mark.xdist_group("large_gpu_memory")
 
 # The device the kernels are checked on: the GPU when there is one, else the CPU via the interpreter.
