@@ -155,7 +155,7 @@ def test_nan_in_attention_inputs_propagates_like_the_reference(make_case, chans)
     torch.testing.assert_close(actual[finite], expected[finite])
 
 
-EMPTY_BATCH_MODULES = {
+FUSED_MODULES = {
     "peg": lambda backend: FusedPEG(32, 32, backend=backend),
     "lsa": lambda backend: FusedLSA(32, num_heads=2, ws=7, backend=backend),
     "gsa-sr4": lambda backend: FusedGSA(32, num_heads=2, sr_ratio=4, backend=backend),
@@ -164,14 +164,14 @@ EMPTY_BATCH_MODULES = {
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-@pytest.mark.parametrize("kind", list(EMPTY_BATCH_MODULES))
+@pytest.mark.parametrize("kind", list(FUSED_MODULES))
 def test_empty_batch_gives_empty_output_and_zero_parameter_grads(kind, backend):
     """A batch of 0 runs on every backend, as PyTorch's own layers and timm's PosConv and
     LocallyGroupedAttn take one (timm's GlobalSubSampleAttn cannot reshape it): the output is empty and
     every parameter gradient zero. No kernel launches (a CUDA grid of no blocks is an error)."""
     if backend == "cuda":
         skip_unless_available("cuda")
-    module = EMPTY_BATCH_MODULES[kind](backend).to(KERNEL_DEVICE)
+    module = FUSED_MODULES[kind](backend).to(KERNEL_DEVICE)
     size = (13, 17)
     x = torch.randn(0, size[0] * size[1], 32, device=KERNEL_DEVICE, requires_grad=True)
     out = module(x, size)
@@ -200,6 +200,20 @@ def test_parity_checks_run_pytorch_convolutions_and_matmuls_in_ieee_fp32():
     module_parity_errors(PosConv(16, 16), noting_the_flags, make_tokens(1, 3, 3, 16, torch.float32, "cpu"),
                          (3, 3), torch.float32)
     assert seen == [(False, False)] and cudnn.allow_tf32 and matmul.allow_tf32
+
+
+@pytest.mark.parametrize("kind,op", [("peg", "peg"), ("lsa", "lsa"), ("gsa-sr4", "gsa_subsample"),
+                                     ("gsa-sr1", "gsa_attention")])
+def test_double_backward_raises_naming_the_op(kind, op):
+    """create_graph=True still gives the first gradient; backpropagating through it raises a clear error
+    (PyTorch's own asks the user to register an autograd formula)."""
+    module = FUSED_MODULES[kind]("triton").to(KERNEL_DEVICE)
+    x = make_tokens(1, 13, 17, 32, torch.float32, KERNEL_DEVICE).requires_grad_()
+    (grad,) = torch.autograd.grad(module(x, (13, 17)).square().sum(), x, create_graph=True)
+    (expected,) = torch.autograd.grad(module(x, (13, 17)).square().sum(), x)
+    torch.testing.assert_close(grad, expected)
+    with pytest.raises(NotImplementedError, match=f"twins_kernels: {op} has no double backward"):
+        grad.square().sum().backward()
 
 
 @requires_gpu

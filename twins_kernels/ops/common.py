@@ -162,6 +162,19 @@ def backward_choice(backend: str) -> str:
     return backend or get_backend()
 
 
+def refuse_double_backward(backward_op, op: str) -> None:
+    """Give ``backward_op`` (a custom op's backward, itself a custom op) an autograd formula that
+    raises a clear error: the kernels' backwards have no backward of their own, and PyTorch's message
+    for a missing formula asks the user to register one."""
+    def double_backward(ctx, *grads):
+        raise NotImplementedError(
+            f"twins_kernels: {op} has no double backward (the gradient of its gradient, which a gradient "
+            f"penalty through autograd.grad(..., create_graph=True) needs); run timm's modules for that "
+            f"(twins_kernels.unpatch_model)")
+
+    backward_op.register_autograd(double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def attention_backend(x: torch.Tensor, chans: int, num_heads: int, requested: str) -> str:
     """The backend an attention op runs on (``op_backend``): the kernel backends need head_dim in
     16..128 (``auto`` runs the reference outside it; naming a kernel backend raises), and the CUDA

@@ -78,6 +78,7 @@ from .common import (
     launch_device,
     next_pow2,
     op_backend,
+    refuse_double_backward,
     scalar_arg,
 )
 
@@ -841,6 +842,7 @@ def _attention_backward(ctx, grad_out, _grad_lse):
 
 
 gsa_attention_forward_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+refuse_double_backward(gsa_attention_backward_op, "gsa_attention")
 
 
 @torch.library.custom_op("twins_kernels::gsa_subsample_forward", mutates_args=())
@@ -895,6 +897,7 @@ def _subsample_backward(ctx, grad_out, _grad_y, _grad_mean, _grad_rstd):
 
 
 gsa_subsample_forward_op.register_autograd(_subsample_backward, setup_context=_subsample_setup_context)
+refuse_double_backward(gsa_subsample_backward_op, "gsa_subsample")
 
 
 # ----------------------------------------------------------------------------------------------

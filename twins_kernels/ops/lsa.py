@@ -85,6 +85,7 @@ from .common import (
     fma_warps,
     launch_device,
     next_pow2,
+    refuse_double_backward,
     scalar_arg,
 )
 
@@ -629,6 +630,7 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 lsa_forward_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(lsa_backward_op, "lsa")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from .common import (
     launch_device,
     next_pow2,
     op_backend,
+    refuse_double_backward,
 )
 
 NUM_TAPS = 9  # 3 x 3 depthwise kernel
@@ -293,6 +294,7 @@ def _backward(ctx, grad_out):
 
 
 peg_forward_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(peg_backward_op, "peg")
 
 
 def peg(x, weight, bias=None, size=None, stride: int = 1, backend: str | None = None):
