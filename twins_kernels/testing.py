@@ -34,7 +34,8 @@ def ieee_fp32():
     conv about 3e-4 off, 30 times the fp32 tolerance. A fused module's parts that run PyTorch ops (every
     model's patch embedding, the cuda backend's GSA sub-sampling conv) follow these settings, as timm
     does, so an fp32 parity check turns TF32 off for its run; the kernels' own fp32 dots are IEEE always.
-    (The legacy flags: reading them after the newer ``fp32_precision`` API was used raises.)"""
+    It sets the ``allow_tf32`` flags, not the newer ``fp32_precision`` ones: setting those for cuDNN's
+    convolutions alone makes every later read of ``allow_tf32`` raise (torch 2.11 and 2.14)."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     previous = cudnn.allow_tf32, matmul.allow_tf32
     cudnn.allow_tf32 = matmul.allow_tf32 = False

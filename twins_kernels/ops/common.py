@@ -148,8 +148,8 @@ def cuda_ops():
 
 def op_backend(x: torch.Tensor, requested: str) -> str:
     """The backend a call on ``x`` runs on: the request resolved (a backend that cannot run raises
-    even for an empty batch), and the reference for an empty batch, as timm's modules accept one: it
-    returns the empty output and zero parameter gradients, where a kernel launch would have no
+    even for an empty batch), and the reference for an empty batch, which PyTorch's own layers take:
+    it returns the empty output and zero parameter gradients, where a kernel launch would have no
     blocks (an invalid configuration for a CUDA kernel)."""
     backend = resolve_backend(requested or None, x.device)
     return "torch" if x.numel() == 0 else backend
