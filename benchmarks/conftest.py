@@ -12,6 +12,8 @@ import pytest
 import torch
 
 HAS_GPU = torch.cuda.is_available()
+# Where the cases run: the GPU (tests/test_benchmark_machinery.py runs each case's body once on the CPU).
+DEVICE = "cuda"
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="benchmarks time CUDA kernels; no CUDA GPU is visible")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

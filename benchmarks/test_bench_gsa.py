@@ -12,8 +12,8 @@ from timm.models.twins import GlobalSubSampleAttn
 from twins_kernels import FusedGSA
 from twins_kernels.ops import gsa_attention
 
-from conftest import (DTYPES, IMAGE_SIZES, PCPVT_S_STAGES, SVT_S_STAGES, VARIANTS, build_variant, record,
-                      requires_gpu, skip_unless_available, stage_map, timed_pass)
+from conftest import (DEVICE, DTYPES, IMAGE_SIZES, PCPVT_S_STAGES, SVT_S_STAGES, VARIANTS, build_variant,
+                      record, requires_gpu, skip_unless_available, stage_map, timed_pass)
 
 SR_RATIOS = (8, 4, 2, 1)
 MODELS = {
@@ -39,9 +39,9 @@ def test_gsa_module(benchmark, roofline, model, image, stage, pass_, variant):
     height, width = stage_map(image, stage)
     batch = IMAGE_SIZES[image]
     dtype = DTYPES["bf16"]
-    timm_module = GlobalSubSampleAttn(dim, heads, sr_ratio=sr).to("cuda", dtype).eval()
+    timm_module = GlobalSubSampleAttn(dim, heads, sr_ratio=sr).to(DEVICE, dtype).eval()
     module = build_variant(variant, timm_module, FusedGSA)
-    x = torch.randn(batch, height * width, dim, device="cuda", dtype=dtype)
+    x = torch.randn(batch, height * width, dim, device=DEVICE, dtype=dtype)
     benchmark.group = f"gsa-{pass_}-{model}-stage{stage + 1}-{image}-bs{batch}-bf16"
     tokens = batch * height * width
     keys = batch * (height // sr) * (width // sr)
@@ -61,8 +61,8 @@ def test_gsa_sr1_attention_core(benchmark, roofline, image, variant):
     dim, heads, _ = MODELS["svt_s"][3]
     side = image // 8
     batch = IMAGE_SIZES[image]
-    q = torch.randn(batch, side * side, dim, device="cuda", dtype=DTYPES["bf16"])
-    kv = torch.randn(batch, side * side, 2 * dim, device="cuda", dtype=DTYPES["bf16"])
+    q = torch.randn(batch, side * side, dim, device=DEVICE, dtype=DTYPES["bf16"])
+    kv = torch.randn(batch, side * side, 2 * dim, device=DEVICE, dtype=DTYPES["bf16"])
     if variant == "sdpa":
         head_dim = dim // heads
 

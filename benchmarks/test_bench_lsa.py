@@ -12,8 +12,8 @@ from timm.models.twins import LocallyGroupedAttn
 from twins_kernels import FusedLSA
 from twins_kernels.ops import lsa
 
-from conftest import (DTYPES, IMAGE_SIZES, SVT_S_STAGES, VARIANTS, build_variant, record, requires_gpu,
-                      skip_unless_available, stage_map, timed_pass)
+from conftest import (DEVICE, DTYPES, IMAGE_SIZES, SVT_S_STAGES, VARIANTS, build_variant, record,
+                      requires_gpu, skip_unless_available, stage_map, timed_pass)
 
 WS = 7
 CASES = [
@@ -39,8 +39,8 @@ def test_lsa_module(benchmark, roofline, image, stage, pass_, variant):
     height, width = stage_map(image, stage)
     batch = IMAGE_SIZES[image]
     dtype = DTYPES["bf16"]
-    module = build_variant(variant, LocallyGroupedAttn(dim, heads, ws=WS).to("cuda", dtype).eval(), FusedLSA)
-    x = torch.randn(batch, height * width, dim, device="cuda", dtype=dtype)
+    module = build_variant(variant, LocallyGroupedAttn(dim, heads, ws=WS).to(DEVICE, dtype).eval(), FusedLSA)
+    x = torch.randn(batch, height * width, dim, device=DEVICE, dtype=dtype)
     benchmark.group = f"lsa-{pass_}-svt_s-stage{stage + 1}-{image}-bs{batch}-bf16"
     tokens = batch * height * width
     # x, qkv (3C, written and read), attention out (written and read), proj out: 1 + 6 + 2 + 1 = 10 C/token
@@ -59,8 +59,8 @@ def test_lsa_attention_core(benchmark, roofline, image, stage, backend):
     dim, heads = SVT_S_STAGES[stage]
     height, width = stage_map(image, stage)
     batch = IMAGE_SIZES[image]
-    qkv = torch.randn(batch, height * width, 3 * dim, device="cuda", dtype=DTYPES["bf16"])
-    bias = torch.randn(3 * dim, device="cuda", dtype=DTYPES["bf16"])
+    qkv = torch.randn(batch, height * width, 3 * dim, device=DEVICE, dtype=DTYPES["bf16"])
+    bias = torch.randn(3 * dim, device=DEVICE, dtype=DTYPES["bf16"])
     benchmark.group = f"lsa-core-fwd-svt_s-stage{stage + 1}-{image}-bs{batch}-bf16"
 
     def run():

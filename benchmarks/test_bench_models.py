@@ -12,7 +12,7 @@ import torch
 
 from twins_kernels import patch_model
 
-from conftest import compiled, record, requires_gpu
+from conftest import DEVICE, compiled, record, requires_gpu
 
 MODELS = ["twins_pcpvt_small", "twins_pcpvt_base", "twins_pcpvt_large",
           "twins_svt_small", "twins_svt_base", "twins_svt_large"]
@@ -25,7 +25,7 @@ CASES = [
 
 
 def build(name: str, variant: str):
-    model = timm.create_model(name, pretrained=False).to("cuda", torch.bfloat16)
+    model = timm.create_model(name, pretrained=False).to(DEVICE, torch.bfloat16)
     if variant.startswith("patched"):
         patch_model(model)
     return model
@@ -35,11 +35,11 @@ def build(name: str, variant: str):
 @pytest.mark.parametrize("name,mode,image,batch,variant", CASES)
 def test_model(benchmark, roofline, name, mode, image, batch, variant):
     model = build(name, variant)
-    x = torch.randn(batch, 3, image, image, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(batch, 3, image, image, device=DEVICE, dtype=torch.bfloat16)
     if mode == "train":
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-        target = torch.randint(0, model.num_classes, (batch,), device="cuda")
+        target = torch.randint(0, model.num_classes, (batch,), device=DEVICE)
         step_model = compiled(model) if variant.endswith("compile") else model
 
         def run():

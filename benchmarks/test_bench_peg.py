@@ -11,7 +11,8 @@ from timm.models.twins import PosConv
 
 from twins_kernels import FusedPEG
 
-from conftest import DTYPES, IMAGE_SIZES, SVT_S_STAGES, VARIANTS, build_variant, record, requires_gpu, stage_map, timed_pass
+from conftest import (DEVICE, DTYPES, IMAGE_SIZES, SVT_S_STAGES, VARIANTS, build_variant, record, requires_gpu,
+                      stage_map, timed_pass)
 
 CASES = [
     pytest.param(image, stage, pass_, variant,
@@ -26,8 +27,8 @@ def test_peg(benchmark, roofline, image, stage, pass_, variant):
     chans = SVT_S_STAGES[stage][0]
     height, width = stage_map(image, stage)
     batch = IMAGE_SIZES[image]
-    module = build_variant(variant, PosConv(chans, chans).to("cuda", DTYPES["bf16"]), FusedPEG)
-    x = torch.randn(batch, height * width, chans, device="cuda", dtype=DTYPES["bf16"])
+    module = build_variant(variant, PosConv(chans, chans).to(DEVICE, DTYPES["bf16"]), FusedPEG)
+    x = torch.randn(batch, height * width, chans, device=DEVICE, dtype=DTYPES["bf16"])
     tensor_bytes = x.numel() * x.element_size()
     benchmark.group = f"peg-{pass_}-svt_s-stage{stage + 1}-{image}-bs{batch}-bf16"
     passes = 1 if pass_ == "fwd" else 3

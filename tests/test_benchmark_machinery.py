@@ -1,9 +1,12 @@
 """The benchmarks' torch.compile baselines stay compiled case after case (checked on CPU: Dynamo's
-recompile limit is the same on every device)."""
+recompile limit is the same on every device), and every case's body runs (on the CPU, untimed)."""
+import itertools
+import sys
+
 import pytest
 import torch
 
-from conftest import load_benchmarks_module
+from conftest import HAS_GPU, load_benchmarks_module
 
 
 class Scaled(torch.nn.Module):
@@ -35,3 +38,74 @@ def test_compiled_baselines_never_run_eager_past_the_recompile_limit():
         with pytest.raises(Exception, match="recompile_limit"):
             run_cases(lambda module: torch.compile(module, backend="eager"), cases)
     torch._dynamo.reset()
+
+
+class BenchmarkFixture:
+    """pytest-benchmark's ``benchmark`` as the cases use it: a group, extra_info, and pedantic runs."""
+
+    def __init__(self):
+        self.group, self.extra_info = None, {}
+
+    def pedantic(self, fn, rounds, iterations, warmup_rounds):
+        fn()
+
+
+@pytest.fixture
+def benchmarks_on_cpu(monkeypatch):
+    """The benchmark modules, their cases' bodies made runnable on the CPU: tensors on the CPU and a
+    64-pixel image at batch 1, the GPU timers and memory counters stubbed (each runs the case once),
+    torch.compile on Dynamo's eager backend, the triton backend in the interpreter."""
+    if HAS_GPU:
+        pytest.skip("a GPU is present: `pytest benchmarks/` runs the cases themselves")
+    bench = load_benchmarks_module("conftest.py")
+    monkeypatch.setitem(sys.modules, "conftest", bench)  # what the benchmark modules import by that name
+    modules = {name: load_benchmarks_module(f"test_bench_{name}.py") for name in ("lsa", "gsa", "peg", "models")}
+
+    def compiled(fn, **compile_kwargs):
+        torch._dynamo.reset()
+        return torch.compile(fn, backend="eager")
+
+    monkeypatch.setattr(bench, "median_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    for module in (bench, *modules.values()):
+        for name, value in (("DEVICE", "cpu"), ("IMAGE_SIZES", {64: 1}), ("compiled", compiled),
+                            ("skip_unless_available", lambda backend: None)):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, value)
+    return modules
+
+
+ROOFLINE = {"copy_gbs": 1.0, "bf16_matmul_tflops": 1.0, "device": "cpu"}
+OP_VARIANTS = ("timm", "timm_compile", "triton")  # cuda: the extension runs on the GPU only
+
+
+def run_case(case, *args) -> dict:
+    benchmark = BenchmarkFixture()
+    case(benchmark, ROOFLINE, *args)
+    assert benchmark.group and benchmark.extra_info["median_ms"] == 1.0, benchmark.extra_info
+    return benchmark.extra_info
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
+def test_op_benchmark_cases_run(benchmarks_on_cpu, pass_):
+    """Every op benchmark's body, once per variant, at a stage with padded LSA windows and sr = 4 and at
+    the sr = 1 stage: the GPU session's first run of them is not where a typo should surface."""
+    lsa, gsa, peg = (benchmarks_on_cpu[name] for name in ("lsa", "gsa", "peg"))
+    for variant in OP_VARIANTS:
+        run_case(lsa.test_lsa_module, 64, 1, pass_, variant)
+        run_case(peg.test_peg, 64, 1, pass_, variant)
+        for model, stage in itertools.product(gsa.MODELS, (1, 3)):
+            info = run_case(gsa.test_gsa_module, model, 64, stage, pass_, variant)
+            assert info["variant"] == variant and info["achieved_gbs"] > 0
+    run_case(lsa.test_lsa_attention_core, 64, 1, "triton")
+    for variant in ("sdpa", "triton"):
+        run_case(gsa.test_gsa_sr1_attention_core, 64, variant)
+
+
+@pytest.mark.parametrize("mode", ["infer", "backbone", "train"])
+def test_model_benchmark_cases_run(benchmarks_on_cpu, mode):
+    for variant in benchmarks_on_cpu["models"].VARIANTS:
+        info = run_case(benchmarks_on_cpu["models"].test_model, "twins_svt_small", mode, 64, 1, variant)
+        assert info["images_per_s"] == 1 / 1e-3
