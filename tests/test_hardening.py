@@ -181,6 +181,41 @@ def test_empty_batch_gives_empty_output_and_zero_parameter_grads(kind, backend):
         assert param.grad is not None and not param.grad.any(), name
 
 
+def _tokens(chans, height=13, width=17):
+    return torch.randn(2, height * width, chans)
+
+
+STRIDE_0_CASES = {
+    "peg": (lambda: [_tokens(32), torch.randn(32, 1, 3, 3), torch.randn(32)],
+            lambda backend, x, w, b: peg(x, w, b, (13, 17), backend=backend)),
+    **{f"lsa-{pad_mode}": (lambda: [_tokens(96, 8, 9), torch.randn(96)],
+                           lambda backend, qkv, bias, pad_mode=pad_mode: lsa(qkv, bias, (8, 9), 2, 7, pad_mode=pad_mode,
+                                                                             backend=backend))
+       for pad_mode in ("zero", "mask")},
+    "gsa_attention": (lambda: [torch.randn(2, 19, 32), torch.randn(2, 7, 64)],
+                      lambda backend, q, kv: gsa_attention(q, kv, 1, backend=backend)),
+    "gsa_subsample": (lambda: [_tokens(32), torch.randn(32, 32, 4, 4) / 16, torch.randn(32), torch.randn(32),
+                               torch.randn(32)],
+                      lambda backend, x, *params: gsa_subsample(x, (13, 17), *params, 4, backend=backend)),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("case", list(STRIDE_0_CASES))
+def test_sum_backward_gives_each_backward_a_stride_0_gradient(case, backend):
+    """``out.sum().backward()`` hands the op's backward a gradient whose strides are all 0 (an expanded
+    scalar): no kernel may assume contiguous or 16-byte-aligned rows of it."""
+    if backend == "cuda":
+        skip_unless_available("cuda")
+    make_inputs, call = STRIDE_0_CASES[case]
+    inputs = [t.to(KERNEL_DEVICE).requires_grad_() for t in make_inputs()]
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    grads = torch.autograd.grad(call(backend, *inputs).sum(), inputs)
+    expected = torch.autograd.grad(call("torch", *inputs64).sum(), inputs64)
+    for index, (actual, wanted) in enumerate(zip(grads, expected)):
+        assert rel_err(actual, wanted) <= TOLERANCE[torch.float32], f"gradient of input {index}"
+
+
 def test_parity_checks_run_pytorch_convolutions_and_matmuls_in_ieee_fp32():
     """cuDNN runs fp32 convolutions in TF32 by default on the GPU (a stride-4 patch conv 3e-4 off, 30
     times the fp32 tolerance): parity checks turn TF32 off while they run and restore the user's flags."""
