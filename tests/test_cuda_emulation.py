@@ -29,8 +29,12 @@ import torch
 
 from twins_kernels.ops import gsa_attention_reference, lsa_reference, peg_reference
 
-from conftest import ROOT
+from conftest import HAS_GPU, ROOT
 from parity import DTYPE_IDS, TOLERANCE, rel_err
+
+# Where there is a GPU the cuda backend's tests run the kernels themselves, and the emulation (which CI
+# runs) would only spend a device session's minutes on the CPU.
+pytestmark = pytest.mark.skipif(HAS_GPU, reason="a GPU is present: the cuda backend's tests run the kernels")
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 # the attention kernels the extension runs per dtype: scalar for every dtype (fp32's only path), mma for
 # fp16/bf16 on compute capability 8.0+
