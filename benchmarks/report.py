@@ -94,32 +94,47 @@ def markdown_table(cases, header) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(cases, header, path: str) -> None:
+def panel_of(label: str) -> str:
+    """The op (or model) family of a case label, one chart panel each: "lsa", "gsa-core", "model", ..."""
+    parts = label.split("-")
+    return "-".join(parts[:2]) if len(parts) > 1 and parts[1] == "core" else parts[0]
+
+
+def chart(cases, header, path: str) -> bool:
+    """Speedups over timm eager, one panel per op (and one for the models); cases with no timm eager
+    baseline (the attention cores) are in the table only. False, and no chart, when no case has one."""
+    panels: dict[str, list[str]] = defaultdict(list)
+    for label in sorted(cases):
+        if "timm" in cases[label] and len(cases[label]) > 1:
+            panels[panel_of(label)].append(label)
+    if not panels:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = sorted(cases)
-    fused = sorted({v for variants in cases.values() for v in variants} - set(BASELINES))
-    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(labels) + 4), 5))
-    width = 0.8 / max(1, len(fused) + 1)
-    for i, variant in enumerate(["timm_compile", *fused]):
-        values = [
-            cases[label]["timm"]["median_ms"] / cases[label][variant]["median_ms"]
-            if variant in cases[label] and "timm" in cases[label] else 0.0
-            for label in labels
-        ]
-        ax.bar([x + i * width for x in range(len(labels))], values, width, label=variant)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))])
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("speedup over timm eager (×)")
-    ax.set_title(f"twins_kernels on {header['device'] or 'unknown device'} ({header['date'][:10]})")
-    ax.legend()
-    fig.tight_layout()
+    widest = max(len(labels) for labels in panels.values())
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.45 * widest + 4), 5 * len(panels)), squeeze=False)
+    for ax, (panel, labels) in zip(axes[:, 0], sorted(panels.items())):
+        others = {v for label in labels for v in cases[label]} - {"timm"}
+        variants = sorted(others, key=lambda v: (v != "timm_compile", v))
+        width = 0.8 / len(variants)
+        for i, variant in enumerate(variants):
+            values = [cases[label]["timm"]["median_ms"] / cases[label][variant]["median_ms"]
+                      if variant in cases[label] else 0.0 for label in labels]
+            ax.bar([x + i * width for x in range(len(labels))], values, width, label=variant)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))])
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("speedup over timm eager (×)")
+        ax.set_title(panel)
+        ax.legend()
+    fig.suptitle(f"twins_kernels on {header['device'] or 'unknown device'} ({header['date'][:10]})")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (5 * len(panels))))  # room for the title above the panels
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -139,7 +154,8 @@ def main(argv=None) -> int:
     table = markdown_table(cases, header)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(table)
-    chart(cases, header, os.path.join(args.out, "speedups.png"))
+    if not chart(cases, header, os.path.join(args.out, "speedups.png")):
+        print("no case has a timm eager baseline: no chart")
     print(table)
     return 0
 

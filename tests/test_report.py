@@ -29,6 +29,19 @@ def test_report_table_and_chart(tmp_path):
     assert (tmp_path / "speedups.png").stat().st_size > 1000
 
 
+def test_chart_has_a_panel_per_op_and_skips_cases_without_a_baseline(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = load_benchmarks_module("report.py")
+    cases = {"peg-fwd-a": {"timm": {"median_ms": 2.0}, "triton": {"median_ms": 1.0}},
+             "lsa-fwd-b": {"timm": {"median_ms": 3.0}, "triton": {"median_ms": 1.0}},
+             "lsa-core-fwd-c": {"triton": {"median_ms": 0.5}}}
+    assert [report.panel_of(label) for label in cases] == ["peg", "lsa", "lsa-core"]
+    header = {"device": "Test GPU", "date": "2026-11-25"}
+    assert report.chart(cases, header, str(tmp_path / "two-panels.png"))
+    assert not report.chart({"lsa-core-fwd-c": cases["lsa-core-fwd-c"]}, header, str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_report_refuses_an_all_skipped_run(tmp_path):
     report = load_benchmarks_module("report.py")
     path = tmp_path / "empty.json"
