@@ -2,6 +2,7 @@
 
     python benchmarks/report.py benchmarks/results/latest.json --out benchmarks/results/
     python benchmarks/report.py run1/benchmarks.json run2/benchmarks.json --out benchmarks/results/
+    python benchmarks/report.py RUN*/benchmarks.json --out benchmarks/results/ --readme README.md
 
 Several files (a GPU session's device calls each run part of the suite) merge case by case: a case's
 variants are all taken from one file, the last one given that has the case, so every speedup compares
@@ -10,16 +11,21 @@ timings from the same run; files from different devices are refused.
 Each benchmark's ``extra_info`` carries its op, pass, variant, case and the CUDA-event median
 (see benchmarks/conftest.py). Rows are cases, with each variant's median time and its speedup over
 timm eager and over timm + torch.compile, plus achieved GB/s and % of the measured copy bandwidth.
-Only measured numbers: the table is written from the JSON and nothing else.
+Only measured numbers: the table is written from the JSON and nothing else. With ``--readme``, the
+README's summary (between its two README_MARKERS) is rewritten from the same numbers: per op and
+variant, the geometric mean and range of the speedups, the device and versions, and the chart.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections import defaultdict
 
 BASELINES = ("timm", "timm_compile")
+README_MARKERS = ("<!-- benchmark summary: written by benchmarks/report.py --readme -->",
+                  "<!-- end of benchmark summary -->")
 HEADER_FIELDS = ("device", "date", "torch", "triton", "python")
 
 
@@ -137,10 +143,58 @@ def chart(cases, header, path: str) -> bool:
     return True
 
 
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def summary_table(cases, header) -> str:
+    """Per op (chart panel) and variant: cases, geometric mean and range of the speedup over timm
+    eager, and geometric mean over timm + torch.compile."""
+    rows: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for label, variants in cases.items():
+        for variant, info in variants.items():
+            if variant == "timm":
+                continue
+            speedups = rows[(panel_of(label), variant)]
+            for baseline in BASELINES:
+                if baseline in variants and baseline != variant:
+                    speedups[baseline].append(variants[baseline]["median_ms"] / info["median_ms"])
+    lines = [
+        f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}; run "
+        f"{header['date']}. Speedups of median CUDA-event timings, geometric mean over the cases (range).",
+        "",
+        "| op | variant | cases | vs timm eager | vs timm + compile |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for (panel, variant), speedups in sorted(rows.items()):
+        eager, compiled = speedups.get("timm", []), speedups.get("timm_compile", [])
+        vs_eager = (f"{geometric_mean(eager):.2f}× ({min(eager):.2f}–{max(eager):.2f})" if eager else "–")
+        vs_compile = f"{geometric_mean(compiled):.2f}×" if compiled else "–"
+        lines.append(f"| {panel} | {variant} | {max(len(eager), len(compiled))} | {vs_eager} | {vs_compile} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: str, summary: str, chart_path: str | None) -> None:
+    """Replace the text between README_MARKERS in ``readme`` with ``summary`` (and the chart)."""
+    with open(readme) as f:
+        text = f.read()
+    start, end = README_MARKERS
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{readme} needs the two lines {start} and {end}, in that order, once each")
+    body = summary
+    if chart_path:
+        body += f"\n![speedups over timm eager]({os.path.relpath(chart_path, os.path.dirname(readme) or '.')})\n"
+    before, rest = text.split(start)
+    after = rest.split(end)[1]
+    with open(readme, "w") as f:
+        f.write(f"{before}{start}\n{body}{end}{after}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json), one or more")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--readme", help="also rewrite this README's benchmark summary (see README_MARKERS)")
     args = parser.parse_args(argv)
     try:
         cases, header = load_cases(args.json)
@@ -154,9 +208,17 @@ def main(argv=None) -> int:
     table = markdown_table(cases, header)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(table)
-    if not chart(cases, header, os.path.join(args.out, "speedups.png")):
+    chart_path = os.path.join(args.out, "speedups.png")
+    if not chart(cases, header, chart_path):
         print("no case has a timm eager baseline: no chart")
+        chart_path = None
     print(table)
+    if args.readme:
+        try:
+            update_readme(args.readme, summary_table(cases, header), chart_path)
+        except ValueError as e:
+            print(e)
+            return 2
     return 0
 
 

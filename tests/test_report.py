@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import load_benchmarks_module
+from conftest import ROOT, load_benchmarks_module
 
 
 def bench(group, variant, ms):
@@ -84,3 +84,35 @@ def test_report_refuses_runs_from_different_devices(tmp_path):
     with pytest.raises(ValueError, match="different devices"):
         report.load_cases([h100, h200])
     assert report.main([h100, h200, "--out", str(tmp_path)]) == 2
+
+
+def test_readme_summary_is_written_between_the_markers(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = load_benchmarks_module("report.py")
+    start, end = report.README_MARKERS
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{start}\nold numbers\n{end}\nafter\n")
+    run = tmp_path / "run.json"
+    write_run(run, "2026-11-25T10:00:00", [bench("peg-fwd-a", "timm", 2.0), bench("peg-fwd-a", "timm_compile", 1.0),
+                                            bench("peg-fwd-a", "triton", 0.5), bench("peg-fwd-b", "timm", 1.0),
+                                            bench("peg-fwd-b", "triton", 1.0)])
+    out = tmp_path / "results"
+    assert report.main([str(run), "--out", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{end}\nafter\n")
+    assert "old numbers" not in text and "Test GPU" in text
+    # peg triton: 4x and 1x over timm eager (geometric mean 2x), 2x over timm + compile (one case)
+    assert "| peg | triton | 2 | 2.00× (1.00–4.00) | 2.00× |" in text
+    assert "| peg | timm_compile | 1 | 2.00× (2.00–2.00) | – |" in text
+    assert "](results/speedups.png)" in text
+    readme.write_text("no markers\n")
+    assert report.main([str(run), "--out", str(out), "--readme", str(readme)]) == 2
+
+
+def test_the_readme_has_the_summary_markers(tmp_path):
+    """A GPU session's `report.py ... --readme README.md` finds where the summary goes."""
+    report = load_benchmarks_module("report.py")
+    readme = tmp_path / "README.md"
+    readme.write_text(open(f"{ROOT}/README.md").read())
+    report.update_readme(str(readme), "the summary\n", None)
+    assert "the summary" in readme.read_text()
