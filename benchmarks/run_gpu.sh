@@ -13,6 +13,7 @@
 # compiles anew (136 compilations), so a session runs it in parts with -k, those with few compilations
 # first, e.g. "core or peg", then "lsa", "gsa and 224", ..., "model and svt_small", and merges the
 # parts' JSON afterwards, here: python benchmarks/report.py RUN1/benchmarks.json RUN2/... --out DIR
+# (add --readme README.md to rewrite the README's summary from them)
 # Before the first call: `make gpu-versions`, then
 #   cp build/gpu-versions/twins_kernels/_C.cpython-312-x86_64-linux-gnu.so build/gpu-versions/twins_kernels/_C.sources.sha256 twins_kernels/
 # and name those two twins_kernels/ paths in every call's `carry` (see the build step below).
