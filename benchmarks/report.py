@@ -149,7 +149,8 @@ def geometric_mean(values: list[float]) -> float:
 
 def summary_table(cases, header) -> str:
     """Per op (chart panel) and variant: cases, geometric mean and range of the speedup over timm
-    eager, and geometric mean over timm + torch.compile."""
+    eager, and geometric mean over timm + torch.compile. Cases with neither baseline (the attention
+    cores) are in the full table only."""
     rows: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for label, variants in cases.items():
         for variant, info in variants.items():
@@ -168,6 +169,8 @@ def summary_table(cases, header) -> str:
     ]
     for (panel, variant), speedups in sorted(rows.items()):
         eager, compiled = speedups.get("timm", []), speedups.get("timm_compile", [])
+        if not eager and not compiled:
+            continue
         vs_eager = (f"{geometric_mean(eager):.2f}× ({min(eager):.2f}–{max(eager):.2f})" if eager else "–")
         vs_compile = f"{geometric_mean(compiled):.2f}×" if compiled else "–"
         lines.append(f"| {panel} | {variant} | {max(len(eager), len(compiled))} | {vs_eager} | {vs_compile} |")

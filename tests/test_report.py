@@ -95,7 +95,8 @@ def test_readme_summary_is_written_between_the_markers(tmp_path):
     run = tmp_path / "run.json"
     write_run(run, "2026-11-25T10:00:00", [bench("peg-fwd-a", "timm", 2.0), bench("peg-fwd-a", "timm_compile", 1.0),
                                             bench("peg-fwd-a", "triton", 0.5), bench("peg-fwd-b", "timm", 1.0),
-                                            bench("peg-fwd-b", "triton", 1.0)])
+                                            bench("peg-fwd-b", "triton", 1.0), bench("gsa-core-c", "sdpa", 1.0),
+                                            bench("gsa-core-c", "triton", 1.0)])
     out = tmp_path / "results"
     assert report.main([str(run), "--out", str(out), "--readme", str(readme)]) == 0
     text = readme.read_text()
@@ -104,7 +105,7 @@ def test_readme_summary_is_written_between_the_markers(tmp_path):
     # peg triton: 4x and 1x over timm eager (geometric mean 2x), 2x over timm + compile (one case)
     assert "| peg | triton | 2 | 2.00× (1.00–4.00) | 2.00× |" in text
     assert "| peg | timm_compile | 1 | 2.00× (2.00–2.00) | – |" in text
-    assert "](results/speedups.png)" in text
+    assert "](results/speedups.png)" in text and "gsa-core" not in text  # no baseline: full table only
     readme.write_text("no markers\n")
     assert report.main([str(run), "--out", str(out), "--readme", str(readme)]) == 2
 
