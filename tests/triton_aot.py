@@ -258,24 +258,23 @@ def gsa_cases(dtypes, head_dims, quick: bool) -> Iterator[LaunchCase]:
     # keys: 1 (sr 8 on a 14x14 map: the smallest key block), 49 (sr 8 at 56x56), 300 (several blocks:
     # the same tiles as 49, so not in quick); enough queries for the largest query block
     key_counts = (1, 49) if quick else (1, 49, 300)
-    for (name, dtype), head_dim, keys in itertools.product(dtypes.items(), head_dims, key_counts):
-        def launch(dtype=dtype, head_dim=head_dim, keys=keys):
-            heads, tokens = 2, 259
+
+    def attention(dtype, batch, tokens, keys, head_dim, heads=2):
+        """A launch of the attention forward and backward on q (batch, tokens, C), kv (batch, keys, 2C)."""
+
+        def launch():
             chans = heads * head_dim
-            q = torch.randn(2, tokens, chans).to(dtype)
-            kv = torch.randn(2, keys, 2 * chans).to(dtype)
+            q = torch.randn(batch, tokens, chans).to(dtype)
+            kv = torch.randn(batch, keys, 2 * chans).to(dtype)
             out, lse = gsa.gsa_attention_forward_triton(q, kv, heads, head_dim ** -0.5)
             gsa.gsa_attention_backward_triton(torch.randn_like(out), q, kv, out, lse, heads, head_dim ** -0.5)
-        yield LaunchCase(f"gsa-{name}-hd{head_dim}-M{keys}", launch)
+        return launch
+
+    for (name, dtype), head_dim, keys in itertools.product(dtypes.items(), head_dims, key_counts):
+        yield LaunchCase(f"gsa-{name}-hd{head_dim}-M{keys}", attention(dtype, 2, 259, keys, head_dim))
     # B * heads past 65535 (batch 2048 at Twins-SVT-L's 32 last-stage heads): one token, one key
     for name, dtype in dtypes.items():
-        def launch(dtype=dtype):
-            batch, heads, head_dim = 32769, 2, 16
-            q = torch.randn(batch, 1, heads * head_dim).to(dtype)
-            kv = torch.randn(batch, 1, 2 * heads * head_dim).to(dtype)
-            out, lse = gsa.gsa_attention_forward_triton(q, kv, heads, head_dim ** -0.5)
-            gsa.gsa_attention_backward_triton(torch.randn_like(out), q, kv, out, lse, heads, head_dim ** -0.5)
-        yield LaunchCase(f"gsa-{name}-hd16-B32769", launch)
+        yield LaunchCase(f"gsa-{name}-hd16-B32769", attention(dtype, 32769, 1, 1, 16))
     # sub-sampling: C = 64 (one output-channel block) and 320 (PCPVT stage 2: blocks that do not divide C)
     for (name, dtype), (chans, sr) in itertools.product(dtypes.items(), ((64, 8), (320, 2))):
         def launch(dtype=dtype, chans=chans, sr=sr):
