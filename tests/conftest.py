@@ -101,6 +101,23 @@ def require_cuda_extension():
         pytest.skip("the CUDA extension is not built here")
 
 
+# Small fused modules on 32 channels, by kind: (twins_kernels, backend) -> module
+SMALL_FUSED = {
+    "peg": lambda tk, backend: tk.FusedPEG(32, 32, backend=backend),
+    "lsa": lambda tk, backend: tk.FusedLSA(32, num_heads=2, ws=7, backend=backend),
+    "gsa-sr4": lambda tk, backend: tk.FusedGSA(32, num_heads=2, sr_ratio=4, backend=backend),
+    "gsa-sr1": lambda tk, backend: tk.FusedGSA(32, num_heads=2, sr_ratio=1, backend=backend),
+}
+SMALL_FUSED_KINDS = list(SMALL_FUSED)
+
+
+def small_fused_module(kind: str, backend: str | None):
+    """A small fused module of ``kind`` (a SMALL_FUSED key) on ``backend``, on KERNEL_DEVICE."""
+    import twins_kernels
+
+    return SMALL_FUSED[kind](twins_kernels, backend).to(KERNEL_DEVICE)
+
+
 def load_benchmarks_module(filename: str):
     """A module of benchmarks/ (plain files, not a package: pytest imports them by path), by file name."""
     path = os.path.join(ROOT, "benchmarks", filename)

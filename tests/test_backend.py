@@ -11,7 +11,7 @@ import torch
 import twins_kernels
 from twins_kernels.backend import BackendUnavailableError, backend_status, get_backend, resolve_backend
 
-from conftest import HAS_GPU, KERNEL_DEVICE, require_cuda_extension
+from conftest import HAS_GPU, KERNEL_DEVICE, SMALL_FUSED_KINDS, require_cuda_extension, small_fused_module
 
 
 def test_selection_order_argument_context_global_env(monkeypatch):
@@ -116,7 +116,7 @@ def test_main_job_reports_unavailable_backends_without_triton():
     assert "all parity checks passed" in result.stdout, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("kind", ["peg", "lsa", "gsa"])
+@pytest.mark.parametrize("kind", SMALL_FUSED_KINDS)
 def test_backward_runs_on_the_backend_its_forward_ran_on(kind, monkeypatch):
     """Autograd runs a CUDA backward on its own device thread, where the forward thread's use_backend()
     context does not apply: the backward must run on the forward's backend, not on the ambient one
@@ -132,11 +132,10 @@ def test_backward_runs_on_the_backend_its_forward_ran_on(kind, monkeypatch):
                          (gsa, "_attention_backward_reference"), (gsa, "_subsample_backward_reference")):
         monkeypatch.setattr(module, name, reference_backward)
     monkeypatch.setenv("TWINS_KERNELS_BACKEND", "torch")
-    fused = {"peg": lambda: twins_kernels.FusedPEG(32, 32), "lsa": lambda: twins_kernels.FusedLSA(32, 2, ws=4),
-             "gsa": lambda: twins_kernels.FusedGSA(32, 2, sr_ratio=2)}[kind]().to(KERNEL_DEVICE)
-    x = torch.randn(2, 5 * 6, 32, device=KERNEL_DEVICE, requires_grad=True)
+    fused = small_fused_module(kind, backend=None)  # the ambient choice
+    x = torch.randn(2, 9 * 10, 32, device=KERNEL_DEVICE, requires_grad=True)
     with twins_kernels.use_backend("triton"):
-        out = fused(x, (5, 6))
+        out = fused(x, (9, 10))
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pool.submit(lambda: out.sum().backward()).result()
     assert x.grad is not None and all(p.grad is not None for p in fused.parameters())

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from timm.models.twins import PosConv
 
 import twins_kernels
-from twins_kernels import FusedGSA, FusedLSA, FusedPEG
 from twins_kernels.ops import (
     gsa_attention,
     gsa_attention_reference,
@@ -25,8 +24,8 @@ from twins_kernels.ops import (
 )
 from twins_kernels.testing import ieee_fp32, module_parity_errors
 
-from conftest import (HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, SHALLOW, large_gpu_memory, requires_gpu,
-                      skip_unless_available)
+from conftest import (HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, SHALLOW, SMALL_FUSED_KINDS, large_gpu_memory,
+                      requires_gpu, skip_unless_available, small_fused_module)
 from parity import TOLERANCE, make_tokens, rel_err
 
 # CPU examples run in the Triton interpreter: keep the budget to seconds per property
@@ -155,23 +154,15 @@ def test_nan_in_attention_inputs_propagates_like_the_reference(make_case, chans)
     torch.testing.assert_close(actual[finite], expected[finite])
 
 
-FUSED_MODULES = {
-    "peg": lambda backend: FusedPEG(32, 32, backend=backend),
-    "lsa": lambda backend: FusedLSA(32, num_heads=2, ws=7, backend=backend),
-    "gsa-sr4": lambda backend: FusedGSA(32, num_heads=2, sr_ratio=4, backend=backend),
-    "gsa-sr1": lambda backend: FusedGSA(32, num_heads=2, sr_ratio=1, backend=backend),
-}
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-@pytest.mark.parametrize("kind", list(FUSED_MODULES))
+@pytest.mark.parametrize("kind", SMALL_FUSED_KINDS)
 def test_empty_batch_gives_empty_output_and_zero_parameter_grads(kind, backend):
     """A batch of 0 runs on every backend, as PyTorch's own layers and timm's PosConv and
     LocallyGroupedAttn take one (timm's GlobalSubSampleAttn cannot reshape it): the output is empty and
     every parameter gradient zero. No kernel launches (a CUDA grid of no blocks is an error)."""
     if backend == "cuda":
         skip_unless_available("cuda")
-    module = FUSED_MODULES[kind](backend).to(KERNEL_DEVICE)
+    module = small_fused_module(kind, backend)
     size = (13, 17)
     x = torch.randn(0, size[0] * size[1], 32, device=KERNEL_DEVICE, requires_grad=True)
     out = module(x, size)
@@ -242,7 +233,7 @@ def test_parity_checks_run_pytorch_convolutions_and_matmuls_in_ieee_fp32():
 def test_double_backward_raises_naming_the_op(kind, op):
     """create_graph=True still gives the first gradient; backpropagating through it raises a clear error
     (PyTorch's own asks the user to register an autograd formula)."""
-    module = FUSED_MODULES[kind]("triton").to(KERNEL_DEVICE)
+    module = small_fused_module(kind, "triton")
     x = make_tokens(1, 13, 17, 32, torch.float32, KERNEL_DEVICE).requires_grad_()
     (grad,) = torch.autograd.grad(module(x, (13, 17)).square().sum(), x, create_graph=True)
     (expected,) = torch.autograd.grad(module(x, (13, 17)).square().sum(), x)
