@@ -8,6 +8,8 @@ Without a GPU every case is skipped with the reason, and the suite still passes.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -34,12 +36,79 @@ def stage_map(image_size: int, stage: int) -> tuple[int, int]:
 VARIANTS = ["timm", "timm_compile", "triton", "cuda"]
 
 
+# The cases a GPU session times first (`-m headline`): for each speed target of the op and patch issues,
+# the case it names or, where it names a range, its first shape (SVT-S stage 1 at 224, the 512 padding
+# case for LSA). A session has 15 minutes of device time, and the whole suite (478 cases, 136 of them
+# compiling a baseline anew) takes several times that.
+HEADLINE_PREFIXES = (
+    "peg-fwd-svt_s-stage1-224-", "peg-fwdbwd-svt_s-stage1-224-",
+    "lsa-fwd-svt_s-stage1-224-", "lsa-fwdbwd-svt_s-stage1-224-",
+    "lsa-fwd-svt_s-stage1-512-", "lsa-fwdbwd-svt_s-stage1-512-",
+    "lsa-core-fwd-svt_s-stage1-224-", "lsa-core-fwd-svt_s-stage1-512-",
+    "gsa-fwd-svt_s-stage1-224-", "gsa-fwdbwd-svt_s-stage1-224-",
+    "gsa-fwd-pcpvt_s-stage1-224-", "gsa-fwdbwd-pcpvt_s-stage1-224-",
+    "gsa-core-sr1-fwd-svt_s-28x28-",
+    "model-twins_svt_small-infer-224-", "model-twins_pcpvt_small-infer-224-",
+    "model-twins_svt_small-train-224-",
+)
+# Run order: every case that compiles nothing first (cheapest op first), then those that compile a
+# baseline (tens of seconds each, a model's minutes), so that a run stopped at its deadline has every
+# eager comparison and as many compiled ones as it had time for.
+FAMILY_ORDER = ("peg", "lsa-core", "lsa", "gsa-core", "gsa", "model")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--skip-timed", action="append", default=[], metavar="JSON",
+                     help="skip the cases this pytest-benchmark JSON already holds timings of (a later device "
+                          "call goes on where an earlier one stopped); may be given more than once")
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "headline: the cases a GPU session times first (HEADLINE_PREFIXES)")
     # Dynamo compiles a function for at most recompile_limit (8) sets of guards and then runs it eager,
     # with a warning: timm's forward (or a model's) compiled for case after case would turn every later
     # "compile" column into eager timings. The cases compile with a clean cache (``compiled``), and
     # hitting the limit anyway is an error rather than a mislabelled number.
     torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def case_id(item) -> str:
+    callspec = getattr(item, "callspec", None)
+    return callspec.id if callspec else item.name
+
+
+def family_of(case: str) -> str:
+    parts = case.split("-")
+    return "-".join(parts[:2]) if len(parts) > 1 and parts[1] == "core" else parts[0]
+
+
+def compiles(case: str) -> bool:
+    return case.endswith("_compile")
+
+
+def timed_cases(paths: list[str]) -> set[str]:
+    """The ids of the cases that have a recorded timing in these pytest-benchmark JSON files."""
+    done = set()
+    for path in paths:
+        with open(path) as f:
+            for bench in json.load(f).get("benchmarks", []):
+                if "median_ms" in bench.get("extra_info", {}) and bench.get("param"):
+                    done.add(bench["param"])
+    return done
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if case_id(item).startswith(HEADLINE_PREFIXES):
+            item.add_marker(pytest.mark.headline)
+    done = timed_cases(config.getoption("--skip-timed"))
+    if done:
+        config.hook.pytest_deselected(items=[item for item in items if case_id(item) in done])
+        items[:] = [item for item in items if case_id(item) not in done]
+    rank = {family: i for i, family in enumerate(FAMILY_ORDER)}
+    position = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (compiles(case_id(item)), rank.get(family_of(case_id(item)), len(rank)),
+                                 position[id(item)]))
 
 
 def compiled(fn, **compile_kwargs):

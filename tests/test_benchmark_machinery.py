@@ -1,12 +1,17 @@
 """The benchmarks' torch.compile baselines stay compiled case after case (checked on CPU: Dynamo's
-recompile limit is the same on every device), and every case's body runs (on the CPU, untimed)."""
+recompile limit is the same on every device), every case's body runs (on the CPU, untimed), and a GPU
+session's selection of cases (`-m headline`, `--skip-timed`) and their order are the ones it plans on."""
 import itertools
+import json
+import os
+import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import HAS_GPU, load_benchmarks_module
+from conftest import HAS_GPU, ROOT, load_benchmarks_module
 
 
 class Scaled(torch.nn.Module):
@@ -30,7 +35,7 @@ def test_compiled_baselines_never_run_eager_past_the_recompile_limit():
     bench = load_benchmarks_module("conftest.py")
     cases = torch._dynamo.config.recompile_limit + 2
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=False):
-        bench.pytest_configure(None)  # what the benchmark session sets
+        bench.pytest_configure(SimpleNamespace(addinivalue_line=lambda *line: None))  # what the benchmark session sets
         run_cases(lambda module: bench.compiled(module, backend="eager"), cases)
         # the same cases compiled into one cache reach the limit; the session's setting makes that an
         # error instead of an eager run reported as compiled
@@ -85,8 +90,12 @@ OP_VARIANTS = ("timm", "timm_compile", "triton")  # cuda: the extension runs on 
 def run_case(case, *args) -> dict:
     benchmark = BenchmarkFixture()
     case(benchmark, ROOFLINE, *args)
-    assert benchmark.group and benchmark.extra_info["median_ms"] == 1.0, benchmark.extra_info
-    return benchmark.extra_info
+    info = benchmark.extra_info
+    assert benchmark.group and info["median_ms"] == 1.0, info
+    for target in load_benchmarks_module("report.py").TARGETS:  # the fields the report judges it by
+        if target.where["op"] == info["op"]:
+            assert set(target.where) <= set(info), (target.text, info)
+    return info
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
@@ -110,3 +119,53 @@ def test_model_benchmark_cases_run(benchmarks_on_cpu, mode):
     for variant in benchmarks_on_cpu["models"].VARIANTS:
         info = run_case(benchmarks_on_cpu["models"].test_model, "twins_svt_small", mode, 64, 1, variant)
         assert info["images_per_s"] == 1 / 1e-3
+
+
+def collected_cases(*args) -> list[str]:
+    """The benchmark case ids `pytest benchmarks/ ARGS` would run, in order."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--collect-only", "-q",
+                             "-p", "no:cacheprovider", *args], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [line.split("[", 1)[1].rstrip("]") for line in result.stdout.splitlines() if "::" in line]
+
+
+def test_headline_cases_cover_each_prefix_and_run_compiles_last(tmp_path):
+    """`-m headline` selects, for every prefix, its cases in every variant; every case that compiles a
+    baseline comes after all that do not, the cheaper ops first; `--skip-timed` drops the cases an
+    earlier run's JSON has timings of, and only those."""
+    bench = load_benchmarks_module("conftest.py")
+    headline = collected_cases("-m", "headline")
+    for prefix in bench.HEADLINE_PREFIXES:
+        variants = sorted(case.rsplit("-", 1)[1] for case in headline if case.startswith(prefix))
+        if prefix.startswith("model-"):
+            assert variants == ["patched", "patched_compile", "timm", "timm_compile"], prefix
+        elif "-core-" in prefix:
+            assert {"triton", "cuda"} <= set(variants), prefix
+        else:
+            assert variants == ["cuda", "timm", "timm_compile", "triton"], prefix
+    assert all(case.startswith(bench.HEADLINE_PREFIXES) for case in headline)
+    order = [(bench.compiles(case), bench.FAMILY_ORDER.index(bench.family_of(case))) for case in headline]
+    assert order == sorted(order) and order[0] == (False, 0) and order[-1] == (True, len(bench.FAMILY_ORDER) - 1)
+
+    earlier = tmp_path / "earlier.json"
+    done, interrupted = headline[:5], headline[5]
+    earlier.write_text(json.dumps({"benchmarks": [{"param": case, "extra_info": {"median_ms": 1.0}} for case in done]
+                                   + [{"param": interrupted, "extra_info": {}}]}))
+    assert collected_cases("-m", "headline", "--skip-timed", str(earlier)) == headline[5:]
+
+
+def test_targets_name_values_the_cases_record(monkeypatch):
+    """Each speed target's conditions are values the benchmark cases are parametrized with, so that a
+    misspelt one does not leave the target "not measured" after a GPU run."""
+    report, bench = load_benchmarks_module("report.py"), load_benchmarks_module("conftest.py")
+    monkeypatch.setitem(sys.modules, "conftest", bench)  # what the benchmark modules import by that name
+    models = load_benchmarks_module("test_bench_models.py")
+    known = {"op": set(bench.FAMILY_ORDER), "pass_": {"fwd", "fwdbwd"} | {mode for mode, _, _ in models.MODES},
+             "image": set(bench.IMAGE_SIZES) | {image for _, image, _ in models.MODES}, "model": set(models.MODELS)}
+    for target in report.TARGETS:
+        assert set(target.where) <= set(known), target.text
+        for key, values in target.where.items():
+            assert set(values if isinstance(values, tuple) else (values,)) <= known[key], (target.text, key)
+        variants = set(models.VARIANTS if target.where["op"] == "model" else bench.VARIANTS)
+        assert set(target.variants) <= variants, target.text
