@@ -11,9 +11,11 @@ timings from the same run; files from different devices are refused.
 Each benchmark's ``extra_info`` carries its op, pass, variant, case and the CUDA-event median
 (see benchmarks/conftest.py). Rows are cases, with each variant's median time and its speedup over
 timm eager and over timm + torch.compile, plus achieved GB/s and % of the measured copy bandwidth.
-Only measured numbers: the table is written from the JSON and nothing else. With ``--readme``, the
-README's summary (between its two README_MARKERS) is rewritten from the same numbers: per op and
-variant, the geometric mean and range of the speedups, the device and versions, and the chart.
+Only measured numbers: the table is written from the JSON and nothing else. Below it, the issues'
+speed targets (TARGETS): per target and variant, met, missed (with the worst case) or not measured.
+With ``--readme``, the README's summary (between its two README_MARKERS) is rewritten from the same
+numbers: per op and variant, the geometric mean and range of the speedups, the device and versions,
+the targets, and the chart.
 """
 from __future__ import annotations
 
@@ -22,8 +24,91 @@ import json
 import math
 import os
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
 
 BASELINES = ("timm", "timm_compile")
+FUSED = ("triton", "cuda")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A speed target of an issue: in each case it applies to (whose extra_info has, for every key of
+    ``where``, that value or one of a tuple of them), for each of ``variants`` the case has, ``metric``
+    (a ratio, or a % of the copy bandwidth) must reach ``at_least`` (or exceed it, with ``strictly``)."""
+
+    issue: int
+    text: str
+    where: dict
+    variants: tuple[str, ...]
+    metric: Callable[[dict, str], float | None]  # (the case's variants, variant) -> value
+    at_least: float
+    unit: str = "×"
+    strictly: bool = False
+
+    def applies(self, info: dict) -> bool:
+        return all(info.get(key) in (value if isinstance(value, tuple) else (value,))
+                   for key, value in self.where.items())
+
+    def met(self, value: float) -> bool:
+        return value > self.at_least if self.strictly else value >= self.at_least
+
+
+def speedup_over(baseline: str) -> Callable[[dict, str], float | None]:
+    def metric(variants: dict, variant: str) -> float | None:
+        if baseline not in variants:
+            return None
+        return variants[baseline]["median_ms"] / variants[variant]["median_ms"]
+    return metric
+
+
+def pct_copy_bandwidth(variants: dict, variant: str) -> float | None:
+    return variants[variant].get("pct_copy_bandwidth")
+
+
+def peak_memory_ratio(variants: dict, variant: str) -> float | None:
+    """timm eager's peak memory over the variant's: at least 1 when the variant needs no more."""
+    if "timm" not in variants or not variants[variant].get("peak_memory_mib"):
+        return None
+    return variants["timm"]["peak_memory_mib"] / variants[variant]["peak_memory_mib"]
+
+
+# The issues' speed targets (H100, bf16), as they word them: the foundation/PEG issue (2), LSA (3),
+# GSA (4), the patch helper (5).
+TARGETS = (
+    Target(2, "PEG forward ≥ 80% of the copy bandwidth", dict(op="peg", pass_="fwd"), FUSED,
+           pct_copy_bandwidth, 80, unit="%"),
+    Target(2, "PEG forward ≥ 2× timm eager", dict(op="peg", pass_="fwd"), FUSED, speedup_over("timm"), 2),
+    Target(3, "LSA module forward ≥ 3× timm eager at 224² and 512²", dict(op="lsa", pass_="fwd", image=(224, 512)),
+           FUSED, speedup_over("timm"), 3),
+    Target(3, "LSA module forward+backward ≥ 2× timm eager", dict(op="lsa", pass_="fwdbwd"), FUSED,
+           speedup_over("timm"), 2),
+    Target(3, "LSA module ≥ 1.3× timm + torch.compile", dict(op="lsa"), FUSED, speedup_over("timm_compile"), 1.3),
+    Target(3, "LSA attention core ≥ 70% of the copy bandwidth", dict(op="lsa-core"), FUSED, pct_copy_bandwidth, 70,
+           unit="%"),
+    Target(4, "GSA module forward ≥ 1.3× timm eager at every stage shape", dict(op="gsa", pass_="fwd"), FUSED,
+           speedup_over("timm"), 1.3),
+    Target(4, "GSA module forward faster than timm + torch.compile", dict(op="gsa", pass_="fwd"), FUSED,
+           speedup_over("timm_compile"), 1.0, strictly=True),
+    Target(4, "GSA sr = 1 attention core ≥ 80% of flash SDPA's speed", dict(op="gsa-core"), FUSED,
+           speedup_over("sdpa"), 0.8),
+    Target(5, "twins_svt_small patched eager ≥ 1.5× timm eager (inference, 224², batch 256)",
+           dict(op="model", model="twins_svt_small", pass_="infer"), ("patched",), speedup_over("timm"), 1.5),
+    Target(5, "twins_svt_small patched + compile ≥ 1.25× timm + compile (inference)",
+           dict(op="model", model="twins_svt_small", pass_="infer"), ("patched_compile",),
+           speedup_over("timm_compile"), 1.25),
+    Target(5, "twins_pcpvt_small patched + compile ≥ 1.15× timm + compile (inference)",
+           dict(op="model", model="twins_pcpvt_small", pass_="infer"), ("patched_compile",),
+           speedup_over("timm_compile"), 1.15),
+    Target(5, "backbones at 512² and 1024² ≥ 1.8× timm eager", dict(op="model", pass_="backbone"), ("patched",),
+           speedup_over("timm"), 1.8),
+    Target(5, "backbones at 512² and 1024² ≥ 1.2× timm + compile", dict(op="model", pass_="backbone"),
+           ("patched_compile",), speedup_over("timm_compile"), 1.2),
+    Target(5, "training step ≥ 1.3× timm eager (224², batch 64)", dict(op="model", pass_="train"), ("patched",),
+           speedup_over("timm"), 1.3),
+    Target(5, "training step peak memory no more than timm eager's", dict(op="model", pass_="train"),
+           ("patched",), peak_memory_ratio, 1.0),
+)
 README_MARKERS = ("<!-- benchmark summary: written by benchmarks/report.py --readme -->",
                   "<!-- end of benchmark summary -->")
 HEADER_FIELDS = ("device", "date", "torch", "triton", "python")
@@ -177,6 +262,31 @@ def summary_table(cases, header) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets_table(cases) -> str:
+    """Each target and variant: met (at every case measured), missed (the worst case named), or not
+    measured (no case it applies to, or no baseline for it, in these runs)."""
+    lines = ["| issue | target | variant | cases met | worst case | status |",
+             "| ---: | --- | --- | ---: | --- | --- |"]
+    for target in TARGETS:
+        for variant in target.variants:
+            values = []
+            for label, variants in sorted(cases.items()):
+                if variant in variants and target.applies(variants[variant]):
+                    value = target.metric(variants, variant)
+                    if value is not None:
+                        values.append((value, label))
+            if not values:
+                lines.append(f"| {target.issue} | {target.text} | {variant} | – | – | not measured |")
+                continue
+            worst, worst_label = min(values)
+            met = sum(target.met(value) for value, _ in values)
+            shown = f"{worst:.0f}%" if target.unit == "%" else f"{worst:.2f}×"
+            status = "met" if met == len(values) else "**missed**"
+            lines.append(f"| {target.issue} | {target.text} | {variant} | {met} of {len(values)} | "
+                         f"{shown} ({worst_label}) | {status} |")
+    return "\n".join(lines) + "\n"
+
+
 def update_readme(readme: str, summary: str, chart_path: str | None) -> None:
     """Replace the text between README_MARKERS in ``readme`` with ``summary`` (and the chart)."""
     with open(readme) as f:
@@ -209,16 +319,18 @@ def main(argv=None) -> int:
         return 1
     os.makedirs(args.out, exist_ok=True)
     table = markdown_table(cases, header)
+    targets = f"## Targets\n\nThe issues' speed targets against these runs:\n\n{targets_table(cases)}"
     with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(table)
+        f.write(f"{table}\n{targets}")
     chart_path = os.path.join(args.out, "speedups.png")
     if not chart(cases, header, chart_path):
         print("no case has a timm eager baseline: no chart")
         chart_path = None
-    print(table)
+    print(f"{table}\n{targets}")
     if args.readme:
         try:
-            update_readme(args.readme, summary_table(cases, header), chart_path)
+            update_readme(args.readme, f"{summary_table(cases, header)}\nTargets:\n\n{targets_table(cases)}",
+                          chart_path)
         except ValueError as e:
             print(e)
             return 2

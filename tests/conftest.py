@@ -5,6 +5,7 @@ before any test imports twins_kernels. On a machine with a GPU the kernels run n
 """
 import importlib.util
 import os
+import sys
 import zlib
 
 import pytest
@@ -123,5 +124,6 @@ def load_benchmarks_module(filename: str):
     path = os.path.join(ROOT, "benchmarks", filename)
     spec = importlib.util.spec_from_file_location(f"benchmarks_{filename[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where dataclasses look a class's module up
     spec.loader.exec_module(module)
     return module

@@ -117,3 +117,57 @@ def test_the_readme_has_the_summary_markers(tmp_path):
     readme.write_text(open(f"{ROOT}/README.md").read())
     report.update_readme(str(readme), "the summary\n", None)
     assert "the summary" in readme.read_text()
+
+
+def case(group, variant, ms, **info):
+    entry = bench(group, variant, ms)
+    entry["extra_info"].update(info)
+    return entry
+
+
+def target_row(table: str, text: str, variant: str) -> str:
+    rows = [line for line in table.splitlines() if f"| {text} | {variant} |" in line]
+    assert len(rows) == 1, (text, variant, table)
+    return rows[0]
+
+
+def test_targets_met_missed_and_not_measured(tmp_path):
+    """Each target and variant is judged on every case it applies to, against the case's own baseline."""
+    report = load_benchmarks_module("report.py")
+    lsa = dict(op="lsa", pass_="fwd")
+    run = write_run(tmp_path / "run.json", "2026-11-25T10:00:00", [
+        # LSA forward at 224: triton 4x timm eager, cuda 2x; at 1024 (outside the 3x target) 1.5x
+        case("lsa-fwd-224", "timm", 8.0, image=224, **lsa), case("lsa-fwd-224", "triton", 2.0, image=224, **lsa),
+        case("lsa-fwd-224", "cuda", 4.0, image=224, **lsa), case("lsa-fwd-1024", "timm", 3.0, image=1024, **lsa),
+        case("lsa-fwd-1024", "triton", 2.0, image=1024, **lsa),
+        # GSA forward exactly as fast as timm + compile: not "faster than"
+        case("gsa-fwd-a", "timm_compile", 1.0, op="gsa", pass_="fwd"),
+        case("gsa-fwd-a", "triton", 1.0, op="gsa", pass_="fwd"),
+        # sr = 1 core against SDPA; PEG bandwidth
+        case("gsa-core-a", "sdpa", 1.0, op="gsa-core", pass_="fwd"),
+        case("gsa-core-a", "triton", 1.2, op="gsa-core", pass_="fwd"),
+        case("peg-fwd-a", "triton", 1.0, op="peg", pass_="fwd", pct_copy_bandwidth=85.0),
+        case("peg-fwd-b", "triton", 1.0, op="peg", pass_="fwd", pct_copy_bandwidth=60.0),
+        # a training step: faster, but more memory
+        case("model-train", "timm", 2.0, op="model", pass_="train", peak_memory_mib=1000.0),
+        case("model-train", "patched", 1.0, op="model", pass_="train", peak_memory_mib=1100.0),
+    ])
+    cases, _ = report.load_cases([run])
+    table = report.targets_table(cases)
+    assert target_row(table, "LSA module forward ≥ 3× timm eager at 224² and 512²", "triton").endswith(
+        "| 1 of 1 | 4.00× (lsa-fwd-224) | met |")
+    assert target_row(table, "LSA module forward ≥ 3× timm eager at 224² and 512²", "cuda").endswith(
+        "| 0 of 1 | 2.00× (lsa-fwd-224) | **missed** |")
+    assert target_row(table, "LSA module ≥ 1.3× timm + torch.compile", "triton").endswith("| not measured |")
+    assert target_row(table, "GSA module forward faster than timm + torch.compile", "triton").endswith(
+        "| 0 of 1 | 1.00× (gsa-fwd-a) | **missed** |")
+    assert target_row(table, "GSA sr = 1 attention core ≥ 80% of flash SDPA's speed", "triton").endswith(
+        "| 1 of 1 | 0.83× (gsa-core-a) | met |")
+    assert target_row(table, "PEG forward ≥ 80% of the copy bandwidth", "triton").endswith(
+        "| 1 of 2 | 60% (peg-fwd-b) | **missed** |")
+    assert target_row(table, "training step ≥ 1.3× timm eager (224², batch 64)", "patched").endswith("| met |")
+    assert target_row(table, "training step peak memory no more than timm eager's", "patched").endswith(
+        "| 0 of 1 | 0.91× (model-train) | **missed** |")
+    assert table.count("| not measured |") == len(table.splitlines()) - 2 - 7  # the header, 7 measured
+    assert report.main([run, "--out", str(tmp_path)]) == 0
+    assert "## Targets" in (tmp_path / "report.md").read_text()
