@@ -1,30 +1,41 @@
 #!/usr/bin/env bash
-# What a GPU session runs, in as few device calls as the 10-minute limit allows. Each phase writes
-# under ${OUT:-benchmarks/results/run} (the device tool brings $OUT back):
-#   bash benchmarks/run_gpu.sh tests [-k EXPR]   build the CUDA extension, main job, the test suite (a subset with -k)
-#   bash benchmarks/run_gpu.sh bench [-k EXPR]   build, pytest benchmarks/ --benchmark-only (a subset with -k), report
-#   bash benchmarks/run_gpu.sh all          both
+# What a GPU session runs. A session has 15 minutes of device time in all (a machine's start, a minute or
+# two, included) and a call at most 10: one full call, and a short second one if the first leaves time.
+# Each phase writes under ${OUT:-benchmarks/results/run} (the device tool brings $OUT back, 8 files at most):
+#   bash benchmarks/run_gpu.sh session [ARGS]  the session's call: build, the test suite for at most
+#                                           TEST_BUDGET_S seconds (default 240), the main job, then the
+#                                           headline benchmarks (-m headline: a case per speed target, the
+#                                           cases that compile a baseline last) until the deadline, and
+#                                           the report with the targets table; ARGS go to the benchmarks'
+#                                           pytest (e.g. --skip-timed EARLIER.json to go on after a call)
+#   bash benchmarks/run_gpu.sh tests [-k EXPR]   build, main job, the test suite (a subset with -k)
+#   bash benchmarks/run_gpu.sh bench [ARGS]      build, pytest benchmarks/ --benchmark-only ARGS, report
 #   bash benchmarks/run_gpu.sh sanitize [-k EXPR]   build, the cuda backend's parity tests at small shapes (or
 #                                           the -k subset) under compute-sanitizer's memcheck (out-of-bounds
 #                                           and misaligned accesses), racecheck (shared-memory hazards) and
 #                                           synccheck (barriers in divergent code)
 #   bash benchmarks/run_gpu.sh sources-hash      print the hash of the sources the extension is built from
-# The whole benchmark suite does not fit one call: every timm + torch.compile and patched + compile case
-# compiles anew (136 compilations), so a session runs it in parts with -k, those with few compilations
-# first, e.g. "core or peg", then "lsa", "gsa and 224", ..., "model and svt_small", and merges the
-# parts' JSON afterwards, here: python benchmarks/report.py RUN1/benchmarks.json RUN2/... --out DIR
-# (add --readme README.md to rewrite the README's summary from them)
+# The plan for a session: `session` with RUN_BUDGET_S=440 and the call's timeout_s 480, which leaves
+# (with a start of up to two minutes) the four minutes a second machine needs: then either the failing
+# tests again after a fix (`tests -k ...`) or more benchmarks (`bench -m headline --skip-timed
+# RUN1/benchmarks.json`, RUN1 copied into the tree so that it travels). The whole suite (478 cases, 136
+# compiling a baseline anew) takes several sessions; parts merge afterwards, here:
+#   python benchmarks/report.py RUN1/benchmarks.json RUN2/... --out DIR [--readme README.md]
 # Before the first call: `make gpu-versions`, then
 #   cp build/gpu-versions/twins_kernels/_C.cpython-312-x86_64-linux-gnu.so build/gpu-versions/twins_kernels/_C.sources.sha256 twins_kernels/
 # and name those two twins_kernels/ paths in every call's `carry` (see the build step below).
 # The device tool kills a call at its limit and keeps only what is under $OUT, and pytest-benchmark
 # writes its JSON when the session ends: every pytest here is interrupted (SIGINT, which still runs
-# the session's end: the JSON of the cases done, the failures so far) once RUN_BUDGET_S seconds of the
-# script have passed (default 540 of the 600-second call).
+# the session's end: the JSON of the cases done, the failures so far) at its deadline, RUN_BUDGET_S
+# seconds after the script starts (default 540 of the 600-second call) or its own budget if sooner.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE="${1:-all}"
+PHASE="${1:-session}"
 shift || true
+case "$PHASE" in
+  session|tests|bench|sanitize|sources-hash) ;;
+  *) echo "run_gpu.sh: unknown phase '$PHASE' (session, tests, bench, sanitize or sources-hash)"; exit 2 ;;
+esac
 # what the extension is built from, in a fixed order (`make gpu-versions` records it beside its build)
 sources_hash() { find setup.py csrc -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1; }
 if [ "$PHASE" = sources-hash ]; then
@@ -37,9 +48,14 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 PY="${PYTHON:-python3}"
 DEADLINE=$((SECONDS + ${RUN_BUDGET_S:-540}))
-# runs "$@" until the deadline, then interrupts it as Ctrl-C would
+# until_deadline [-b SECONDS] CMD...: runs CMD until the deadline (or for at most SECONDS, if sooner),
+# then interrupts it as Ctrl-C would
 until_deadline() {
   local left=$((DEADLINE - SECONDS))
+  if [ "$1" = -b ]; then
+    [ "$2" -lt "$left" ] && left=$2
+    shift 2
+  fi
   if [ "$left" -le 0 ]; then
     echo "run_gpu.sh: no time left for: $*"
     return 124
@@ -55,49 +71,73 @@ until_deadline() {
 # costs minutes of device time each time. `make gpu-versions` builds it here for that machine's
 # versions (Python 3.12, torch 2.11.0, sm_90) and writes the hash of the sources it was built from
 # beside it; copied into twins_kernels/ and carried (the device tool's `carry`), it is used as it is
-# when those sources are the ones here and it loads, else the extension is built.
+# when those sources are the ones here and it loads, else the extension is built. The build's output
+# goes to env.txt: $OUT brings back 8 files at most.
 SOURCES_HASH="$(sources_hash)"
+BUILD_LOG="$(mktemp)"
 if [ "$(cat twins_kernels/_C.sources.sha256 2>/dev/null)" = "$SOURCES_HASH" ] \
-    && $PY -c "import twins_kernels._C" > "$OUT/build.log" 2>&1; then
+    && $PY -c "import twins_kernels._C" > "$BUILD_LOG" 2>&1; then
   echo "extension: the carried build (sources $SOURCES_HASH) loads, not rebuilt" >> "$OUT/env.txt"
 else
   rm -f twins_kernels/_C.*.so twins_kernels/_C.sources.sha256  # never test a stale build
-  if $PY -m pip install --quiet --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
+  if $PY -m pip install --quiet --no-build-isolation -e . > "$BUILD_LOG" 2>&1; then
     echo "$SOURCES_HASH" > twins_kernels/_C.sources.sha256  # the next call on this machine skips the build
+    echo "extension: built (sources $SOURCES_HASH)" >> "$OUT/env.txt"
   else
-    echo "extension build FAILED" >> "$OUT/env.txt"
+    echo "extension build FAILED:" >> "$OUT/env.txt"
   fi
+  tail -n 200 "$BUILD_LOG" >> "$OUT/env.txt"
 fi
-if [ "$PHASE" = tests ] || [ "$PHASE" = all ]; then
-  until_deadline $PY -m twins_kernels > "$OUT/main_job.txt" 2>&1
-  # xdist workers (the GPU image has pytest-xdist): the CPU-side checks (CUDA emulation, Triton AOT builds)
-  # take most of the suite's time; over the machine's 16 cores they leave the 10-minute call room
-  # --dist loadgroup: the tests marked large_gpu_memory run on one worker, one after another
-  until_deadline env TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q -n "${TEST_WORKERS:-8}" --dist loadgroup \
-    --durations=15 "$@" > "$OUT/tests.txt" 2>&1
-  tail -n 3 "$OUT/main_job.txt" "$OUT/tests.txt"
-fi
-if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
-  until_deadline $PY -m pytest benchmarks/ --benchmark-only -q --benchmark-json="$OUT/benchmarks.json" "$@" > "$OUT/benchmarks.txt" 2>&1
+rm -f "$BUILD_LOG"
+# xdist workers (the GPU image has pytest-xdist): the GPU is shared, the Triton compilations spread over
+# the machine's 16 cores; --dist loadgroup: the tests marked large_gpu_memory run on one worker, in turn
+run_tests() {
+  until_deadline "$@" env TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q -n "${TEST_WORKERS:-8}" \
+    --dist loadgroup --durations=15 "${TEST_ARGS[@]}" > "$OUT/tests.txt" 2>&1
+  tail -n 3 "$OUT/tests.txt"
+}
+run_main_job() {
+  until_deadline "$@" $PY -m twins_kernels > "$OUT/main_job.txt" 2>&1
+  tail -n 3 "$OUT/main_job.txt"
+}
+run_benchmarks() {
+  until_deadline $PY -m pytest benchmarks/ --benchmark-only -q --benchmark-json="$OUT/benchmarks.json" \
+    "$@" > "$OUT/benchmarks.txt" 2>&1
   if [ -f "$OUT/benchmarks.json" ]; then
     $PY benchmarks/report.py "$OUT/benchmarks.json" --out "$OUT" >> "$OUT/benchmarks.txt" 2>&1
   else
     echo "no benchmark case finished: no JSON, no report" >> "$OUT/benchmarks.txt"
   fi
   tail -n 5 "$OUT/benchmarks.txt"
-fi
-if [ "$PHASE" = sanitize ]; then
-  [ $# -gt 0 ] || set -- -k "cuda_backend_matches_timm and not svt and not pcpvt and not N4096"
-  SANITIZER="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
-  if [ ! -x "$SANITIZER" ]; then
-    echo "compute-sanitizer not found (PATH, $CUDA_HOME/bin): no sanitizer run" | tee "$OUT/sanitize.txt"
-  else
-    for tool in memcheck racecheck synccheck; do
-      until_deadline "$SANITIZER" --tool "$tool" --error-exitcode 7 --print-limit 20 \
-        env TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q -x -p no:cacheprovider "$@" \
-        > "$OUT/sanitize_$tool.txt" 2>&1
-      echo "$tool: exit $?" | tee -a "$OUT/sanitize.txt"
-      tail -n 3 "$OUT/sanitize_$tool.txt"
-    done
-  fi
-fi
+}
+case "$PHASE" in
+  session)
+    TEST_ARGS=()
+    run_tests -b "${TEST_BUDGET_S:-240}"
+    run_main_job -b 60
+    run_benchmarks -m headline "$@"
+    ;;
+  tests)
+    TEST_ARGS=("$@")
+    run_tests
+    run_main_job
+    ;;
+  bench)
+    run_benchmarks "$@"
+    ;;
+  sanitize)
+    [ $# -gt 0 ] || set -- -k "cuda_backend_matches_timm and not svt and not pcpvt and not N4096"
+    SANITIZER="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
+    if [ ! -x "$SANITIZER" ]; then
+      echo "compute-sanitizer not found (PATH, $CUDA_HOME/bin): no sanitizer run" | tee "$OUT/sanitize.txt"
+    else
+      for tool in memcheck racecheck synccheck; do
+        until_deadline "$SANITIZER" --tool "$tool" --error-exitcode 7 --print-limit 20 \
+          env TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q -x -p no:cacheprovider "$@" \
+          > "$OUT/sanitize_$tool.txt" 2>&1
+        echo "$tool: exit $?" | tee -a "$OUT/sanitize.txt"
+        tail -n 3 "$OUT/sanitize_$tool.txt"
+      done
+    fi
+    ;;
+esac

@@ -1,0 +1,86 @@
+"""benchmarks/run_gpu.sh, the script a GPU session's device calls run, with a stub Python that records
+what it is asked to run: a mistake in it costs a call of a session's 15 minutes of device time."""
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT
+
+STUB_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$STUB_LOG"
+case "$*" in
+  "-m pytest tests/"*) sleep "${STUB_TEST_SECONDS:-0}" ;;
+  "-m pytest benchmarks/"*)
+    for arg in "$@"; do
+      case "$arg" in --benchmark-json=*) echo '{"benchmarks": []}' > "${arg#--benchmark-json=}" ;; esac
+    done ;;
+esac
+"""
+
+
+@pytest.fixture
+def gpu_script(tmp_path):
+    """A copy of what run_gpu.sh reads (itself, setup.py, csrc/) and a stub Python logging its calls."""
+    if shutil.which("timeout") is None:
+        pytest.skip("needs coreutils' timeout")
+    tree = tmp_path / "tree"
+    (tree / "benchmarks").mkdir(parents=True)
+    (tree / "twins_kernels").mkdir()
+    shutil.copy(os.path.join(ROOT, "benchmarks", "run_gpu.sh"), tree / "benchmarks")
+    shutil.copy(os.path.join(ROOT, "setup.py"), tree)
+    shutil.copytree(os.path.join(ROOT, "csrc"), tree / "csrc")
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    log, out = tmp_path / "calls.log", tmp_path / "out"
+
+    def run(*args, **env):
+        started = time.monotonic()
+        result = subprocess.run(["bash", str(tree / "benchmarks" / "run_gpu.sh"), *args], capture_output=True,
+                                text=True, timeout=120,
+                                env={**os.environ, "PYTHON": str(stub), "STUB_LOG": str(log), "OUT": str(out),
+                                     **{key: str(value) for key, value in env.items()}})
+        calls = log.read_text().splitlines() if log.exists() else []
+        return result, calls, time.monotonic() - started
+
+    run.tree, run.out = tree, out
+    return run
+
+
+def test_session_builds_then_tests_then_main_job_then_headline_benchmarks(gpu_script):
+    result, calls, _ = gpu_script("session", "--skip-timed", "run1/benchmarks.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    pip, tests, main_job, bench, report = calls[1:]
+    assert pip.startswith("-m pip install") and "-m pytest tests/ -q -n 8 --dist loadgroup" in tests
+    assert main_job == "-m twins_kernels"
+    assert bench.startswith("-m pytest benchmarks/ --benchmark-only")
+    assert bench.endswith("-m headline --skip-timed run1/benchmarks.json")
+    assert report.startswith("benchmarks/report.py") and report.endswith(f"--out {gpu_script.out}")
+    # the build is recorded against its sources: the next call with the same sources only imports it
+    hash_file = gpu_script.tree / "twins_kernels" / "_C.sources.sha256"
+    assert hash_file.read_text().strip() == subprocess.run(
+        ["bash", str(gpu_script.tree / "benchmarks" / "run_gpu.sh"), "sources-hash"], capture_output=True,
+        text=True).stdout.strip()
+    first_run = len(calls)
+    _, calls, _ = gpu_script("bench")
+    assert calls[first_run + 1] == "-c import twins_kernels._C"  # after the environment line; no pip
+    assert not any(call.startswith("-m pip") for call in calls[first_run:])
+    assert "extension: the carried build" in (gpu_script.out / "env.txt").read_text()
+    assert len(list(gpu_script.out.iterdir())) <= 8  # what the device tool brings back
+
+
+def test_the_test_budget_interrupts_the_tests_and_the_session_goes_on(gpu_script):
+    result, calls, elapsed = gpu_script("session", TEST_BUDGET_S=2, STUB_TEST_SECONDS=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert elapsed < 20 and any(call.startswith("-m pytest benchmarks/") for call in calls)
+    # the run's deadline stops whatever is running, and what comes after it is not started
+    _, calls, elapsed = gpu_script("tests", RUN_BUDGET_S=2, STUB_TEST_SECONDS=30)
+    assert elapsed < 20 and calls[-1].startswith("-m pytest tests/")
+
+
+def test_an_unknown_phase_is_refused(gpu_script):
+    result, calls, _ = gpu_script("al")
+    assert result.returncode == 2 and "unknown phase 'al'" in result.stdout and not calls
