@@ -16,6 +16,7 @@ backend; everything else runs on the backend chosen (see ``twins_kernels.backend
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -178,8 +179,25 @@ def peg_weight_grad_kernel(
     tl.store(out + 9 * C, acc_bias, mask=c_mask)
 
 
-def _channel_block(chans: int) -> int:
-    return max(16, min(128, next_pow2(chans)))
+@dataclass(frozen=True)
+class PegTiles:
+    block_w: int  # tokens of a map row per program
+    block_c: int  # channels per program
+    num_warps: int
+
+
+def conv_tiles(chans: int, width: int) -> PegTiles:
+    """The conv (forward and input gradient): up to 128 channels (256 bytes of a token in 16 bits) by
+    up to 4096 / that many tokens of a row, so a program's tile is at most 64 x 64 of Twins' C = 64, on
+    4 warps (the nine shifted loads of a tile are independent; NOTES 5 has the register count)."""
+    block_c = max(16, min(128, next_pow2(chans)))
+    return PegTiles(min(next_pow2(width), max(1, 4096 // block_c)), block_c, 4)
+
+
+def weight_grad_tiles(chans: int, width: int) -> PegTiles:
+    """The weight gradient walks its rows a tile at a time (the gradient's and nine shifted input
+    tiles live at once) into ten per-channel accumulators: 32 tokens x up to 64 channels, 4 warps."""
+    return PegTiles(min(next_pow2(width), 32), max(16, min(64, next_pow2(chans))), 4)
 
 
 def peg_conv3x3_triton(x, weight, bias, height: int, width: int, flip_weight: bool = False):
@@ -189,14 +207,13 @@ def peg_conv3x3_triton(x, weight, bias, height: int, width: int, flip_weight: bo
     acc = accumulation_dtype(x.dtype)
     w9 = weight.reshape(chans, NUM_TAPS).to(acc).contiguous()
     bias_acc = bias.to(acc).contiguous() if bias is not None else w9
-    block_c = _channel_block(chans)
-    block_w = min(next_pow2(width), max(1, 4096 // block_c))
-    grid = (batch * height, triton.cdiv(width, block_w), triton.cdiv(chans, block_c))
+    tiles = conv_tiles(chans, width)
+    grid = (batch * height, triton.cdiv(width, tiles.block_w), triton.cdiv(chans, tiles.block_c))
     with launch_device(x):
         peg_conv3x3_kernel[grid](
             x, w9, bias_acc, out, height, width, chans, *x.stride(),
             HAS_BIAS=bias is not None, FLIP_WEIGHT=flip_weight, ACC=TRITON_DTYPES[acc],
-            BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4,
+            BLOCK_W=tiles.block_w, BLOCK_C=tiles.block_c, num_warps=tiles.num_warps,
         )
     return out
 
@@ -212,13 +229,13 @@ def peg_weight_grad_triton(grad_out, x, height: int, width: int):
     rows_per_program, programs = weight_grad_partition(batch * height)
     acc = accumulation_dtype(x.dtype)
     partial = torch.empty((programs, PARTIAL_SLOTS, chans), device=x.device, dtype=acc)
-    block_c = min(64, _channel_block(chans))
-    block_w = min(next_pow2(width), 32)
-    grid = (programs, triton.cdiv(chans, block_c))
+    tiles = weight_grad_tiles(chans, width)
+    grid = (programs, triton.cdiv(chans, tiles.block_c))
     with launch_device(x):
         peg_weight_grad_kernel[grid](
             grad_out, x, partial, height, width, chans, batch * height, rows_per_program,
-            *grad_out.stride(), *x.stride(), ACC=TRITON_DTYPES[acc], BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4,
+            *grad_out.stride(), *x.stride(), ACC=TRITON_DTYPES[acc], BLOCK_W=tiles.block_w,
+            BLOCK_C=tiles.block_c, num_warps=tiles.num_warps,
         )
     return partial.sum(dim=0)
 
