@@ -10,15 +10,18 @@
 #                                           pytest (e.g. --skip-timed EARLIER.json to go on after a call)
 #   bash benchmarks/run_gpu.sh tests [-k EXPR]   build, main job, the test suite (a subset with -k)
 #   bash benchmarks/run_gpu.sh bench [ARGS]      build, pytest benchmarks/ --benchmark-only ARGS, report
+#   bash benchmarks/run_gpu.sh sweep [ARGS]      build, benchmarks/sweep_tiles.py ARGS (e.g. --sweep lsa-fwd): each
+#                                           Triton kernel's tiles against alternatives, timed, to sweep.md
 #   bash benchmarks/run_gpu.sh sanitize [-k EXPR]   build, the cuda backend's parity tests at small shapes (or
 #                                           the -k subset) under compute-sanitizer's memcheck (out-of-bounds
 #                                           and misaligned accesses), racecheck (shared-memory hazards) and
 #                                           synccheck (barriers in divergent code)
 #   bash benchmarks/run_gpu.sh sources-hash      print the hash of the sources the extension is built from
 # The plan for a session: `session` with RUN_BUDGET_S=440 and the call's timeout_s 480, which leaves
-# (with a start of up to two minutes) the four minutes a second machine needs: then either the failing
-# tests again after a fix (`tests -k ...`) or more benchmarks (`bench -m headline --skip-timed
-# RUN1/benchmarks.json`, RUN1 copied into the tree so that it travels). The whole suite (478 cases, 136
+# (with a start of up to two minutes) the four minutes a second machine needs: then the failing tests
+# again after a fix (`tests -k ...`), more benchmarks (`bench -m headline --skip-timed
+# RUN1/benchmarks.json`, RUN1 copied into the tree so that it travels), or the tile sweep of a kernel
+# behind its target (`sweep --sweep NAME`). The whole suite (478 cases, 136
 # compiling a baseline anew) takes several sessions; parts merge afterwards, here:
 #   python benchmarks/report.py RUN1/benchmarks.json RUN2/... --out DIR [--readme README.md]
 # Before the first call: `make gpu-versions`, then
@@ -33,8 +36,8 @@ cd "$(dirname "$0")/.."
 PHASE="${1:-session}"
 shift || true
 case "$PHASE" in
-  session|tests|bench|sanitize|sources-hash) ;;
-  *) echo "run_gpu.sh: unknown phase '$PHASE' (session, tests, bench, sanitize or sources-hash)"; exit 2 ;;
+  session|tests|bench|sweep|sanitize|sources-hash) ;;
+  *) echo "run_gpu.sh: unknown phase '$PHASE' (session, tests, bench, sweep, sanitize or sources-hash)"; exit 2 ;;
 esac
 # what the extension is built from, in a fixed order (`make gpu-versions` records it beside its build)
 sources_hash() { find setup.py csrc -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1; }
@@ -124,6 +127,12 @@ case "$PHASE" in
     ;;
   bench)
     run_benchmarks "$@"
+    ;;
+  sweep)
+    # stops starting candidates 30 s before the deadline, so that it writes its table itself
+    until_deadline $PY benchmarks/sweep_tiles.py --out "$OUT" --budget-s $((DEADLINE - SECONDS - 30)) "$@" \
+      > "$OUT/sweep.txt" 2>&1
+    tail -n 5 "$OUT/sweep.txt"
     ;;
   sanitize)
     [ $# -gt 0 ] || set -- -k "cuda_backend_matches_timm and not svt and not pcpvt and not N4096"

@@ -84,3 +84,12 @@ def test_the_test_budget_interrupts_the_tests_and_the_session_goes_on(gpu_script
 def test_an_unknown_phase_is_refused(gpu_script):
     result, calls, _ = gpu_script("al")
     assert result.returncode == 2 and "unknown phase 'al'" in result.stdout and not calls
+
+
+def test_the_sweep_gets_its_arguments_and_a_budget_inside_the_deadline(gpu_script):
+    result, calls, _ = gpu_script("sweep", "--sweep", "lsa-fwd", RUN_BUDGET_S=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    sweep = calls[-1].split()
+    assert sweep[0] == "benchmarks/sweep_tiles.py" and sweep[-2:] == ["--sweep", "lsa-fwd"]
+    budget = int(sweep[sweep.index("--budget-s") + 1])
+    assert 260 <= budget <= 270
