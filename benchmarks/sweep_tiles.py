@@ -86,39 +86,34 @@ def _randn(*shape, device):
 def _lsa_inputs(s: Shape, device):
     qkv = _randn(s.batch, s.height * s.width, 3 * s.chans, device=device)
     bias = _randn(3 * s.chans, device=device)
-    args = (s.height, s.width, 7, s.heads, (s.chans // s.heads) ** -0.5, False)
-    return qkv, bias, args
-
-
-def lsa_forward(s: Shape, device):
-    qkv, bias, args = _lsa_inputs(s, device)
-    return lambda: lsa_ops.lsa_forward_triton(qkv, bias, *args)
-
-
-def lsa_backward(s: Shape, device):
-    qkv, bias, args = _lsa_inputs(s, device)
-    out, lse = lsa_ops.lsa_forward_triton(qkv, bias, *args)
-    grad_out = torch.randn_like(out)
-    return lambda: lsa_ops.lsa_backward_triton(grad_out, qkv, bias, out, lse, *args)
+    return (qkv, bias), (s.height, s.width, 7, s.heads, (s.chans // s.heads) ** -0.5, False)
 
 
 def _gsa_inputs(s: Shape, device):
     keys = s.keys_side ** 2 if s.keys_side else (s.height // s.sr) * (s.width // s.sr)
     q = _randn(s.batch, s.height * s.width, s.chans, device=device)
     kv = _randn(s.batch, keys, 2 * s.chans, device=device)
-    return q, kv, (s.heads, (s.chans // s.heads) ** -0.5)
+    return (q, kv), (s.heads, (s.chans // s.heads) ** -0.5)
 
 
-def gsa_attention_forward(s: Shape, device):
-    q, kv, args = _gsa_inputs(s, device)
-    return lambda: gsa_ops.gsa_attention_forward_triton(q, kv, *args)
+def attention_pass(make_inputs, forward, backward, timed_backward: bool):
+    """The setup of an attention launcher pair's forward (``forward(*inputs, *args)`` -> (out, lse)) or
+    backward (``backward(grad_out, *inputs, out, lse, *args)``) pass."""
+    def setup(s: Shape, device):
+        inputs, args = make_inputs(s, device)
+        if not timed_backward:
+            return lambda: forward(*inputs, *args)
+        out, lse = forward(*inputs, *args)
+        grad_out = torch.randn_like(out)
+        return lambda: backward(grad_out, *inputs, out, lse, *args)
+    return setup
 
 
-def gsa_attention_backward(s: Shape, device):
-    q, kv, args = _gsa_inputs(s, device)
-    out, lse = gsa_ops.gsa_attention_forward_triton(q, kv, *args)
-    grad_out = torch.randn_like(out)
-    return lambda: gsa_ops.gsa_attention_backward_triton(grad_out, q, kv, out, lse, *args)
+lsa_forward, lsa_backward = (attention_pass(_lsa_inputs, lsa_ops.lsa_forward_triton, lsa_ops.lsa_backward_triton, b)
+                             for b in (False, True))
+gsa_attention_forward, gsa_attention_backward = (
+    attention_pass(_gsa_inputs, gsa_ops.gsa_attention_forward_triton, gsa_ops.gsa_attention_backward_triton, b)
+    for b in (False, True))
 
 
 def _subsample_inputs(s: Shape, device):
