@@ -159,7 +159,8 @@ def test_targets_met_missed_and_not_measured(tmp_path):
         (lsa_3x, "triton"): "| 1 of 1 | 4.00× (lsa-fwd-224) | met |",
         (lsa_3x, "cuda"): "| 0 of 1 | 2.00× (lsa-fwd-224) | **missed** |",
         ("LSA module ≥ 1.3× timm + torch.compile", "triton"): "| – | – | not measured |",
-        ("GSA module forward faster than timm + torch.compile", "triton"): "| 0 of 1 | 1.00× (gsa-fwd-a) | **missed** |",
+        ("GSA module forward faster than timm + torch.compile", "triton"):
+            "| 0 of 1 | 1.00× (gsa-fwd-a) | **missed** |",
         ("GSA sr = 1 attention core ≥ 80% of flash SDPA's speed", "triton"): "| 1 of 1 | 0.83× (gsa-core-a) | met |",
         ("PEG forward ≥ 80% of the copy bandwidth", "triton"): "| 1 of 2 | 60% (peg-fwd-b) | **missed** |",
         ("training step ≥ 1.3× timm eager (224², batch 64)", "patched"): "| 1 of 1 | 2.00× (model-train) | met |",
