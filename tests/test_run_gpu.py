@@ -50,10 +50,10 @@ def gpu_script(tmp_path):
     return run
 
 
-def test_session_builds_then_tests_then_main_job_then_headline_benchmarks(gpu_script):
+def test_session_builds_then_main_job_then_tests_then_headline_benchmarks(gpu_script):
     result, calls, _ = gpu_script("session", "--skip-timed", "run1/benchmarks.json")
     assert result.returncode == 0, result.stdout + result.stderr
-    pip, tests, main_job, bench, report = calls[1:]
+    pip, main_job, tests, bench, report = calls[1:]
     assert pip.startswith("-m pip install") and "-m pytest tests/ -q -n 8 --dist loadgroup" in tests
     assert main_job == "-m twins_kernels"
     assert bench.startswith("-m pytest benchmarks/ --benchmark-only")
@@ -77,8 +77,12 @@ def test_the_test_budget_interrupts_the_tests_and_the_session_goes_on(gpu_script
     assert result.returncode == 0, result.stdout + result.stderr
     assert elapsed < 20 and any(call.startswith("-m pytest benchmarks/") for call in calls)
     # the run's deadline stops whatever is running, and what comes after it is not started
+    first_run = len(calls)
     _, calls, elapsed = gpu_script("tests", RUN_BUDGET_S=2, STUB_TEST_SECONDS=30)
     assert elapsed < 20 and calls[-1].startswith("-m pytest tests/")
+    _, calls, elapsed = gpu_script("session", RUN_BUDGET_S=2, STUB_TEST_SECONDS=30)
+    assert elapsed < 20 and calls[-1].startswith("-m pytest tests/")  # no benchmarks after the deadline
+    assert len(calls) > first_run
 
 
 def test_an_unknown_phase_is_refused(gpu_script):
