@@ -14,7 +14,7 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST
 # A machine with a toolkit must build the extension: its registration test fails instead of skipping.
 REQUIRE_EXTENSION := $(if $(CUDA_HOME),1,0)
 
-.PHONY: demo test bench kernel-report extension gpu-versions clean
+.PHONY: demo test bench kernel-report sweep-report extension gpu-versions clean
 
 $(VENV)/.installed: setup.py Makefile
 	python3 -m venv $(VENV)
@@ -65,6 +65,12 @@ gpu-versions: $(GPU_VERSIONS_VENV)/.installed
 	cd $(GPU_VERSIONS_TREE) && TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) \
 		$(abspath $(GPU_VERSIONS_VENV))/bin/python -m pytest tests/test_backend.py tests/test_lsa.py tests/test_gsa.py \
 		tests/test_peg.py -q -n $(TEST_WORKERS) -p no:cacheprovider
+
+# The tile sweep's candidates (benchmarks/sweep_tiles.py) compiled for sm_90 with the GPU machine's Triton
+# (registers, spills, shared memory): the GPU sweep skips those that spill (run_gpu.sh sweep)
+sweep-report: $(GPU_VERSIONS_VENV)/.installed
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(GPU_VERSIONS_VENV)/bin/python tests/triton_aot.py --sweeps \
+		--arch 90 --json benchmarks/results/sweep_static.json --markdown benchmarks/results/sweep_static.md
 
 clean:
 	rm -rf $(VENV) $(GPU_VERSIONS_VENV) build *.egg-info twins_kernels/_C*.so

@@ -9,9 +9,10 @@ benchmarks; bf16), and candidate tiles around the function's own choice. A candi
 function return the candidate for the swept pass's calls; its outputs, written over NaN-poisoned
 buffers, must match those of the function's own tiles (bf16 tolerance), and it is timed by CUDA-event
 median (``median_ms``, as the benchmarks). A candidate that fails to compile or launch (shared memory,
-registers) is listed with its error. ``sweep.md`` lists each sweep fastest first, as a ratio to the
-function's own tiles: where a candidate wins beyond the noise, change the tile function and write the
-prediction in NOTES.md first.
+registers) is listed with its error; so, untimed, is one that the compile-only check
+(`tests/triton_aot.py --sweeps`, `make sweep-report`) found spilling (``--skip-static``).
+``sweep.md`` lists each sweep fastest first, as a ratio to the function's own tiles: where a
+candidate wins beyond the noise, change the tile function and write the prediction in NOTES.md first.
 """
 from __future__ import annotations
 
@@ -223,19 +224,39 @@ def _describe(tiles) -> str:
     return " ".join(f"{f.name}={getattr(tiles, f.name)}" for f in dataclasses.fields(tiles))
 
 
-def run_sweep(sweep: Sweep, shapes: str, device: str, timer=median_ms, deadline: float = math.inf) -> list[dict]:
-    """One row per candidate (the default first): tiles, median ms, ratio to the default, error."""
+def unfit_tiles(static_report: str | None) -> dict[tuple[str, str], str]:
+    """(sweep, tiles) -> why not to time them: the candidates that `tests/triton_aot.py --sweeps` found
+    spilling registers or not fitting (compiled for sm_90 without a GPU)."""
+    if not static_report:
+        return {}
+    with open(static_report) as f:
+        rows = json.load(f)["rows"]
+    return {(r["sweep"], r["tiles"]): "; ".join(r["problems"]) or f"spills {r['stack']} bytes a thread"
+            for r in rows if (r["problems"] or r["stack"]) and not r["default"]}
+
+
+def run_sweep(sweep: Sweep, shapes: str, device: str, timer=median_ms, deadline: float = math.inf,
+              unfit: dict[tuple[str, str], str] | None = None) -> list[dict]:
+    """One row per candidate (the default first): tiles, median ms, ratio to the default, error.
+    Candidates in ``unfit`` (see unfit_tiles) are listed, not run."""
     torch.manual_seed(0)
     run = sweep.setup(SHAPES[shapes][sweep.shape], device)
     with tiles_from(sweep, None) as chosen:
         reference = [t for t in run() if t.is_floating_point()]
         default_ms = timer(run)
-    rows = [dict(sweep=sweep.name, shape=sweep.shape, tiles=_describe(chosen[0]), default=True, ms=default_ms,
+    default_tiles = chosen[0]
+    rows = [dict(sweep=sweep.name, shape=sweep.shape, tiles=_describe(default_tiles), default=True, ms=default_ms,
                  vs_default=1.0, error="")]
     seen = {rows[0]["tiles"]}
     for candidate in sweep.candidates:
         if time.monotonic() > deadline:
             break
+        planned = _describe(dataclasses.replace(default_tiles, **_overrides(default_tiles, candidate)))
+        if (sweep.name, planned) in (unfit or {}) and planned not in seen:
+            seen.add(planned)
+            rows.append(dict(sweep=sweep.name, shape=sweep.shape, tiles=planned, default=False, ms=None,
+                             vs_default=None, error=f"not timed: {unfit[(sweep.name, planned)]} (static check)"))
+            continue
         with tiles_from(sweep, candidate) as chosen:
             try:
                 with poisoned_outputs():
@@ -284,6 +305,9 @@ def main(argv=None, timer=median_ms) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--budget-s", type=float, default=math.inf,
                         help="stop starting candidates after this many seconds (what is done is written)")
+    parser.add_argument("--skip-static", metavar="JSON",
+                        help="skip the candidates this `tests/triton_aot.py --sweeps --json` report found spilling "
+                             "or not fitting (benchmarks/results/sweep_static.json)")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="headline",
                         help="'small' is the CPU check's (tests/test_sweep_tiles.py), in the interpreter")
     args = parser.parse_args(argv)
@@ -293,6 +317,7 @@ def main(argv=None, timer=median_ms) -> int:
               "Triton's interpreter, with a stub timer)")
         return 1
     deadline = time.monotonic() + args.budget_s
+    unfit = unfit_tiles(args.skip_static)
     rows = []
     for sweep in SWEEPS:
         if args.sweep and sweep.name not in args.sweep:
@@ -300,7 +325,7 @@ def main(argv=None, timer=median_ms) -> int:
         if time.monotonic() > deadline:
             print(f"{sweep.name}: not run, out of time")
             continue
-        rows.extend(run_sweep(sweep, args.shapes, device, timer, deadline))
+        rows.extend(run_sweep(sweep, args.shapes, device, timer, deadline, unfit))
         print(f"{sweep.name}: {sum(r['sweep'] == sweep.name for r in rows)} tiles tried", flush=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)"
     import triton

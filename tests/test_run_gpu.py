@@ -96,4 +96,9 @@ def test_the_sweep_gets_its_arguments_and_a_budget_inside_the_deadline(gpu_scrip
     sweep = calls[-1].split()
     assert sweep[0] == "benchmarks/sweep_tiles.py" and sweep[-2:] == ["--sweep", "lsa-fwd"]
     budget = int(sweep[sweep.index("--budget-s") + 1])
-    assert 260 <= budget <= 270
+    assert 260 <= budget <= 270 and "--skip-static" not in sweep
+    static = gpu_script.tree / "benchmarks" / "results" / "sweep_static.json"  # `make sweep-report`'s
+    static.parent.mkdir()
+    static.write_text("{}")
+    _, calls, _ = gpu_script("sweep")
+    assert "--skip-static benchmarks/results/sweep_static.json" in calls[-1]

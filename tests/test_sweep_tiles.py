@@ -51,3 +51,20 @@ def test_a_candidate_with_wrong_outputs_is_reported_not_timed(sweep):
     assert len(calls) == 1  # the default only
     with pytest.raises(ValueError, match="no field"):
         sweep._overrides(sweep.lsa_ops.lsa_tiles(7, 16, sweep.torch.bfloat16, backward=False), {"block_m": 64})
+
+
+def test_candidates_the_static_check_found_spilling_are_listed_not_run(sweep, tmp_path):
+    peg_conv = next(s for s in sweep.SWEEPS if s.name == "peg-conv")
+    small = sweep.Sweep(**{**peg_conv.__dict__, "candidates": ({"block_w": 16}, {"block_w": 32})})
+    default = sweep._describe(sweep.peg_ops.conv_tiles(32, 10))  # the small shape's C and W
+    spilling = default.replace("block_w=16", "block_w=32")
+    assert spilling != default
+    static = tmp_path / "static.json"
+    static.write_text(json.dumps({"rows": [
+        {"sweep": "peg-conv", "tiles": default, "default": True, "problems": [], "stack": 0},
+        {"sweep": "peg-conv", "tiles": spilling, "default": False, "problems": [], "stack": 48}]}))
+    calls = []
+    rows = sweep.run_sweep(small, "small", "cpu", timer=fake_timer(calls), unfit=sweep.unfit_tiles(str(static)))
+    by_tiles = {r["tiles"]: r for r in rows}
+    assert by_tiles[spilling]["ms"] is None and "spills 48 bytes" in by_tiles[spilling]["error"]
+    assert len(calls) == len([r for r in rows if r["ms"] is not None])  # the spilling one never timed

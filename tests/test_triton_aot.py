@@ -123,3 +123,24 @@ def test_a_grid_past_cuda_limits_is_a_problem():
     recorder.check_grid(some_kernel, (1, 65536))
     [build] = recorder.builds.values()
     assert build.kernel == "some_kernel" and "past CUDA's limits" in build.problems[0]
+
+
+def test_sweep_candidates_compile_with_their_own_tiles(tmp_path):
+    """`triton_aot.py --sweeps` compiles benchmarks/sweep_tiles.py's candidates: each row is the pass's
+    kernels built with that candidate's tiles (here LSA's forward: 2 or 8 warps, 1 or 2 stages, one
+    window a block or two halves)."""
+    if HAS_GPU:
+        pytest.skip("a GPU is present: the sweep itself runs there")
+    pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas ships with it)")
+    report = tmp_path / "sweep.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "triton_aot.py"), "--sweeps", "lsa-fwd",
+                             "--arch", "90", "--json", str(report)], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(report.read_text())["rows"]
+    assert rows[0]["default"] and "block_q=64" in rows[0]["tiles"] and "num_warps=4" in rows[0]["tiles"]
+    assert len(rows) == len({r["tiles"] for r in rows}) == 12  # the default is one of the 12 candidates
+    assert all(r["kernels"] == ["lsa_forward_kernel"] and not r["problems"] for r in rows), rows
+    warps = {r["tiles"]: r["registers"] for r in rows if "block_q=64" in r["tiles"] and "num_stages=1" in r["tiles"]}
+    assert len(warps) == 3 and len(set(warps.values())) > 1  # the tiles reached the compiler

@@ -146,6 +146,7 @@ class CompileRecorder:
         self.builds: dict[tuple, KernelBuild] = {}
         self.arch = 0
         self.case = ""
+        self.uses: list[tuple] = []  # the builds' keys, in launch order, compiled or found compiled
 
     def __enter__(self):
         from triton.runtime.jit import JITFunction
@@ -186,6 +187,7 @@ class CompileRecorder:
             self.builds[key] = KernelBuild(self.arch, fn.__name__, self.case, kwargs.get("num_warps", 0),
                                            kwargs.get("num_stages", 0), constexprs=constexprs,
                                            error=" | ".join(message[:6]))
+            self.uses.append(key)
             return None
         key = (self.arch, fn.__name__, kernel.metadata.hash)
         if key not in self.builds:
@@ -194,6 +196,7 @@ class CompileRecorder:
                                            kernel.metadata.num_stages, kernel.metadata.shared, registers, stack,
                                            time.perf_counter() - start, mma_instructions(kernel.asm["ptx"]),
                                            constexprs)
+        self.uses.append(key)
         return kernel
 
 
@@ -321,6 +324,70 @@ def compile_all(archs, cases, log=None) -> list[KernelBuild]:
     return list(recorder.builds.values())
 
 
+def compile_sweeps(arch: int, names=(), log=None) -> list[dict]:
+    """Each candidate of benchmarks/sweep_tiles.py's sweeps (the default tiles first) compiled for
+    ``arch`` at the sweep's own shapes: the kernels its pass launches, their worst registers, stack and
+    shared memory, and their problems (a candidate that cannot launch costs a GPU sweep nothing to
+    know beforehand). Candidates that come to the same tiles are listed once."""
+    from triton.runtime.driver import driver
+
+    sweep_tiles = _load_sweep_tiles()
+    driver.set_active(compile_only_driver(arch))
+    rows = []
+    with CompileRecorder() as recorder:
+        recorder.arch = arch
+        for sweep in sweep_tiles.SWEEPS:
+            if names and sweep.name not in names:
+                continue
+            recorder.case = f"{sweep.name}-setup"
+            run = sweep.setup(sweep_tiles.SHAPES["headline"][sweep.shape], "cpu")
+            seen = set()
+            for candidate in (None, *sweep.candidates):
+                recorder.case, recorder.uses = f"{sweep.name} {candidate or 'default'}", []
+                with sweep_tiles.tiles_from(sweep, candidate) as chosen:
+                    try:
+                        run()
+                        launch_error = ""
+                    except Exception as exc:  # e.g. tiles the launcher refuses: a result, as a compile error
+                        launch_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                tiles = sweep_tiles._describe(chosen[0]) if chosen else str(candidate)
+                if tiles in seen:
+                    continue
+                seen.add(tiles)
+                builds = [recorder.builds[key] for key in dict.fromkeys(recorder.uses)]
+                problems = [p for b in builds for p in b.problems] + ([launch_error] if launch_error else [])
+                rows.append(dict(arch=arch, sweep=sweep.name, tiles=tiles, default=candidate is None,
+                                 kernels=sorted({b.kernel for b in builds}),
+                                 registers=max((b.registers for b in builds), default=0),
+                                 stack=max((b.stack for b in builds), default=0),
+                                 shared=max((b.shared for b in builds), default=0), problems=problems))
+            if log:
+                log(f"sm_{arch} {sweep.name}: {sum(r['sweep'] == sweep.name for r in rows)} tiles")
+    return rows
+
+
+def _load_sweep_tiles():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "sweep_tiles.py")
+    spec = importlib.util.spec_from_file_location("sweep_tiles", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def sweep_markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| arch | sweep | tiles | kernels | regs | stack B | shared KiB | problems |",
+             "|---|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        tiles = f"{r['tiles']} (default)" if r["default"] else r["tiles"]
+        problems = "; ".join(r["problems"]).replace("|", "/")
+        lines.append(f"| sm_{r['arch']} | {r['sweep']} | {tiles} | {', '.join(r['kernels'])} | {r['registers']} | "
+                     f"{r['stack']} | {r['shared'] / 1024:.1f} | {problems} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(builds: list[KernelBuild], header: str) -> str:
     """A summary per architecture, op and dtype (worst case over its builds), then every build."""
     groups: dict[tuple, list[KernelBuild]] = {}
@@ -370,8 +437,13 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write every build as JSON here")
     parser.add_argument("--markdown", help="write the summary and every build as markdown here")
     parser.add_argument("--from-json", help="compile nothing: report the builds of an earlier --json")
+    parser.add_argument("--sweeps", nargs="*", metavar="NAME",
+                        help="instead: compile benchmarks/sweep_tiles.py's candidates (these sweeps; none named: all) "
+                             "and write their resources (--json, --markdown)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.sweeps is not None:
+        return sweep_main(args)
 
     if args.from_json:
         with open(args.from_json) as f:
@@ -407,6 +479,31 @@ def main(argv=None) -> int:
         with open(args.markdown, "w") as f:
             f.write(markdown(builds, header))
     return summarize(builds, header)
+
+
+def sweep_main(args) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    import triton
+
+    import twins_kernels  # noqa: F401  (defines the kernels as JIT functions)
+
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
+    rows = [row for arch in args.arch or [90] for row in compile_sweeps(arch, args.sweeps, log)]
+    header = (f"{datetime.date.today()}, compiled on a machine without a GPU (nothing launched): Triton "
+              f"{triton.__version__}, torch {torch.__version__}; the tile sweep's candidates "
+              f"(benchmarks/sweep_tiles.py) at its headline shapes, bf16")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(sweep_markdown(rows, header))
+    unfit = [r for r in rows if r["problems"]]
+    print(f"{header}\n{len(rows) - len(unfit)} of {len(rows)} candidate tiles compile and fit")
+    for r in unfit:
+        print(f"  sm_{r['arch']} {r['sweep']} {r['tiles']}: {'; '.join(r['problems'])[:300]}")
+    return 0
 
 
 if __name__ == "__main__":
