@@ -144,3 +144,15 @@ def test_sweep_candidates_compile_with_their_own_tiles(tmp_path):
     assert all(r["kernels"] == ["lsa_forward_kernel"] and not r["problems"] for r in rows), rows
     warps = {r["tiles"]: r["registers"] for r in rows if "block_q=64" in r["tiles"] and "num_stages=1" in r["tiles"]}
     assert len(warps) == 3 and len(set(warps.values())) > 1  # the tiles reached the compiler
+
+
+def test_resident_warps_follow_cudas_occupancy_limits():
+    from triton_aot import KernelBuild, resident_warps
+
+    assert resident_warps(90, 4, 66, 12 * 1024) == 28  # 72 registers a thread: 7 blocks of 4 warps
+    assert resident_warps(90, 4, 255, 0) == 8  # 256 a thread: 8 warps, however they are grouped
+    assert resident_warps(90, 4, 32, 0) == 64  # every warp the SM has
+    assert resident_warps(90, 1, 16, 0) == 32  # at most 32 blocks
+    assert resident_warps(90, 4, 32, 100 * 1024) == 8  # two blocks' shared memory (and 1 KiB each)
+    assert resident_warps(80, 4, 32, 100 * 1024) == 4  # an A100's SM has 164 KiB
+    assert KernelBuild(90, "k", "case", error="CompilationError").warps_per_sm == 0

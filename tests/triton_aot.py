@@ -41,6 +41,24 @@ import torch
 # programming guide's "maximum amount of shared memory per thread block" per compute capability.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
+# Per SM, from the CUDA programming guide's table of technical specifications (compute capability 8.x
+# and 9.0 alike, but for shared memory): registers, warps, blocks, and shared memory (of which each
+# block's launch reserves 1 KiB).
+REGISTERS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM = 65536, 64, 32
+SHARED_MEMORY_PER_SM = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 228 * 1024}
+
+
+def resident_warps(arch: int, num_warps: int, registers: int, shared: int) -> int:
+    """Warps of one kernel an SM holds at once (its occupancy, of WARPS_PER_SM): registers are
+    allocated a warp at a time, 8 a thread at a time (256 a warp)."""
+    if not num_warps:
+        return 0
+    per_warp = -(-max(registers, 1) // 8) * 8 * 32
+    blocks = min(BLOCKS_PER_SM, WARPS_PER_SM // num_warps, REGISTERS_PER_SM // (per_warp * num_warps),
+                 SHARED_MEMORY_PER_SM[arch] // (shared + 1024))
+    return blocks * num_warps
+
+
 # A launch grid's largest extent per axis (x, y, z): CUDA's "maximum grid dimensions" for every
 # compute capability Triton supports.
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -77,6 +95,10 @@ class KernelBuild:
         if not self.error and self.shared > limit:
             found.append(f"needs {self.shared} bytes of shared memory; sm_{self.arch} allows {limit} per block")
         return found
+
+    @property
+    def warps_per_sm(self) -> int:
+        return 0 if self.error else resident_warps(self.arch, self.num_warps, self.registers, self.shared)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +382,8 @@ def compile_sweeps(arch: int, names=(), log=None) -> list[dict]:
                                  kernels=sorted({b.kernel for b in builds}),
                                  registers=max((b.registers for b in builds), default=0),
                                  stack=max((b.stack for b in builds), default=0),
-                                 shared=max((b.shared for b in builds), default=0), problems=problems))
+                                 shared=max((b.shared for b in builds), default=0),
+                                 warps_per_sm=min((b.warps_per_sm for b in builds), default=0), problems=problems))
             if log:
                 log(f"sm_{arch} {sweep.name}: {sum(r['sweep'] == sweep.name for r in rows)} tiles")
     return rows
@@ -378,13 +401,15 @@ def _load_sweep_tiles():
 
 
 def sweep_markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| arch | sweep | tiles | kernels | regs | stack B | shared KiB | problems |",
-             "|---|---|---|---|---:|---:|---:|---|"]
+    lines = [header, "",
+             f"warps/SM: the fewest warps of one of the pass's kernels an SM holds at once (of {WARPS_PER_SM}).", "",
+             "| arch | sweep | tiles | kernels | regs | stack B | shared KiB | warps/SM | problems |",
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         tiles = f"{r['tiles']} (default)" if r["default"] else r["tiles"]
         problems = "; ".join(r["problems"]).replace("|", "/")
         lines.append(f"| sm_{r['arch']} | {r['sweep']} | {tiles} | {', '.join(r['kernels'])} | {r['registers']} | "
-                     f"{r['stack']} | {r['shared'] / 1024:.1f} | {problems} |")
+                     f"{r['stack']} | {r['shared'] / 1024:.1f} | {r['warps_per_sm']} | {problems} |")
     return "\n".join(lines) + "\n"
 
 
@@ -403,12 +428,14 @@ def markdown(builds: list[KernelBuild], header: str) -> str:
                      f"{max(b.registers for b in group)} | {max(b.stack for b in group)} | {', '.join(mma) or 'no dots'} | "
                      f"{sum(len(b.problems) for b in group)} |")
     lines += ["", "Every build (the first launch case that needed each specialization):", "",
-              "| arch | kernel | first case | warps | stages | shared KiB | regs | stack B | MMA | problem |",
-              "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+              "| arch | kernel | first case | warps | stages | shared KiB | regs | stack B | warps/SM | MMA "
+              "| problem |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for b in sorted(builds, key=lambda b: (b.arch, b.kernel, b.case)):
         problem = "; ".join(b.problems).replace("|", "/")
         lines.append(f"| sm_{b.arch} | {b.kernel} | {b.case} | {b.num_warps} | {b.num_stages} | "
-                     f"{b.shared / 1024:.1f} | {b.registers} | {b.stack} | {b.tensor_cores or '-'} | {problem} |")
+                     f"{b.shared / 1024:.1f} | {b.registers} | {b.stack} | {b.warps_per_sm} | "
+                     f"{b.tensor_cores or '-'} | {problem} |")
     return "\n".join(lines) + "\n"
 
 
@@ -472,7 +499,8 @@ def main(argv=None) -> int:
                   f"{ptxas_version.group(1) if ptxas_version else '?'}; {len(cases)} launch cases, "
                   f"{len(builds)} kernel builds for " + ", ".join(f"sm_{a}" for a in archs))
     if args.json and not args.from_json:
-        rows = ",\n".join(json.dumps({**asdict(b), "problems": b.problems}) for b in builds)
+        rows = ",\n".join(json.dumps({**asdict(b), "problems": b.problems, "warps_per_sm": b.warps_per_sm})
+                          for b in builds)
         with open(args.json, "w") as f:
             f.write(f'{{"header": {json.dumps(header)},\n"builds": [\n{rows}\n]}}\n')  # a build a line
     if args.markdown:
