@@ -170,6 +170,8 @@ SWEEPS = [
           gsa_attention_forward),
     Sweep("gsa-attention-fwd-sr1", gsa_ops, "attention_tiles", "svt_s-sr1-28x28", False, ATTENTION_FORWARD,
           gsa_attention_forward),
+    Sweep("gsa-attention-fwd-sr8-hd64", gsa_ops, "attention_tiles", "pcpvt_s-stage1", False, ATTENTION_FORWARD,
+          gsa_attention_forward),
     Sweep("gsa-attention-bwd-sr8", gsa_ops, "attention_tiles", "svt_s-stage1", True, ATTENTION_BACKWARD,
           gsa_attention_backward),
     Sweep("gsa-attention-bwd-sr1", gsa_ops, "attention_tiles", "svt_s-sr1-28x28", True, ATTENTION_BACKWARD,
