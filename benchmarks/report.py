@@ -29,6 +29,9 @@ from typing import Callable
 
 BASELINES = ("timm", "timm_compile")
 FUSED = ("triton", "cuda")
+README_MARKERS = ("<!-- benchmark summary: written by benchmarks/report.py --readme -->",
+                  "<!-- end of benchmark summary -->")
+HEADER_FIELDS = ("device", "date", "torch", "triton", "python")
 
 
 @dataclass(frozen=True)
@@ -109,9 +112,6 @@ TARGETS = (
     Target(5, "training step peak memory no more than timm eager's", dict(op="model", pass_="train"),
            ("patched",), peak_memory_ratio, 1.0),
 )
-README_MARKERS = ("<!-- benchmark summary: written by benchmarks/report.py --readme -->",
-                  "<!-- end of benchmark summary -->")
-HEADER_FIELDS = ("device", "date", "torch", "triton", "python")
 
 
 def load_run(path: str):
