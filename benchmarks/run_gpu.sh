@@ -10,8 +10,8 @@
 #                                           pytest (e.g. --skip-timed EARLIER.json to go on after a call)
 #   bash benchmarks/run_gpu.sh tests [-k EXPR]   build, main job, the test suite (a subset with -k)
 #   bash benchmarks/run_gpu.sh bench [ARGS]      build, pytest benchmarks/ --benchmark-only ARGS, report
-#   bash benchmarks/run_gpu.sh sweep [ARGS]      build, benchmarks/sweep_tiles.py ARGS (e.g. --sweep lsa-fwd): each
-#                                           Triton kernel's tiles against alternatives, timed, to sweep.md
+#   bash benchmarks/run_gpu.sh sweep [ARGS]      build, benchmarks/sweep_tiles.py ARGS (e.g. --sweep
+#                                           lsa-fwd): each Triton kernel's tiles against alternatives, timed
 #   bash benchmarks/run_gpu.sh sanitize [-k EXPR]   build, the cuda backend's parity tests at small shapes (or
 #                                           the -k subset) under compute-sanitizer's memcheck (out-of-bounds
 #                                           and misaligned accesses), racecheck (shared-memory hazards) and
@@ -21,8 +21,8 @@
 # (with a start of up to two minutes) the four minutes a second machine needs: then the failing tests
 # again after a fix (`tests -k ...`), more benchmarks (`bench -m headline --skip-timed
 # RUN1/benchmarks.json`, RUN1 copied into the tree so that it travels), or the tile sweep of a kernel
-# behind its target (`sweep --sweep NAME`). The whole suite (478 cases, 136
-# compiling a baseline anew) takes several sessions; parts merge afterwards, here:
+# behind its target (`sweep --sweep NAME`). The whole suite (478 cases, 136 compiling a baseline anew)
+# takes several sessions; parts merge afterwards, here:
 #   python benchmarks/report.py RUN1/benchmarks.json RUN2/... --out DIR [--readme README.md]
 # Before the first call: `make gpu-versions`, then
 #   cp build/gpu-versions/twins_kernels/_C.cpython-312-x86_64-linux-gnu.so build/gpu-versions/twins_kernels/_C.sources.sha256 twins_kernels/
