@@ -2,8 +2,9 @@
 # What a GPU session runs. A session has 15 minutes of device time in all (a machine's start, a minute or
 # two, included) and a call at most 10: one full call, and a short second one if the first leaves time.
 # Each phase writes under ${OUT:-benchmarks/results/run} (the device tool brings $OUT back, 8 files at most):
-#   bash benchmarks/run_gpu.sh session [ARGS]  the session's call: build, the main job, the test suite for
-#                                           at most TEST_BUDGET_S seconds (default 240), then the
+#   bash benchmarks/run_gpu.sh session [ARGS]  the session's call: build, the main job, the test suite (on
+#                                           a GPU the op parity files first: tests/conftest.py) for at
+#                                           most TEST_BUDGET_S seconds (default 240), then the
 #                                           headline benchmarks (-m headline: a case per speed target, the
 #                                           cases that compile a baseline last) until the deadline, and
 #                                           the report with the targets table; ARGS go to the benchmarks'

@@ -34,8 +34,23 @@ KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHALLOW = (2, 2, 2, 2)
 
 
+# A GPU session gives the suite a few minutes (benchmarks/run_gpu.sh) and may cut it there: on a GPU the
+# op parity files run first, then the patched models, then the rest, each file's tests in their order.
+GPU_FIRST_FILES = ("test_peg.py", "test_lsa.py", "test_gsa.py", "test_backend.py", "test_patch.py")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+
+
+def gpu_first_order(items) -> list:
+    rank = {name: i for i, name in enumerate(GPU_FIRST_FILES)}
+    return sorted(items, key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        items[:] = gpu_first_order(items)
 
 
 @pytest.fixture(autouse=True)

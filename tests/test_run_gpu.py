@@ -102,3 +102,19 @@ def test_the_sweep_gets_its_arguments_and_a_budget_inside_the_deadline(gpu_scrip
     static.write_text("{}")
     _, calls, _ = gpu_script("sweep")
     assert "--skip-static benchmarks/results/sweep_static.json" in calls[-1]
+
+
+def test_on_a_gpu_the_op_parity_files_run_first():
+    """What the session's test budget cuts is the tail: hardening, report and the CPU-side checks."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from conftest import GPU_FIRST_FILES, gpu_first_order
+
+    names = ["test_backend.py", "test_hardening.py", "test_lsa.py", "test_lsa.py", "test_patch.py", "test_peg.py"]
+    items = [SimpleNamespace(path=Path("tests") / name, index=i) for i, name in enumerate(names)]
+    ordered = gpu_first_order(items)
+    assert [item.path.name for item in ordered] == ["test_peg.py", "test_lsa.py", "test_lsa.py", "test_backend.py",
+                                                    "test_patch.py", "test_hardening.py"]
+    assert [item.index for item in ordered if item.path.name == "test_lsa.py"] == [2, 3]  # a file keeps its order
+    assert all(os.path.exists(os.path.join(ROOT, "tests", name)) for name in GPU_FIRST_FILES)
