@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from twins_kernels.ops.common import poisoned_outputs
+from twins_kernels.testing import rel_err
 
 # the op modules (twins_kernels.ops's own names lsa and peg are the functional ops)
 lsa_ops, gsa_ops, peg_ops = (importlib.import_module(f"twins_kernels.ops.{op}") for op in ("lsa", "gsa", "peg"))
@@ -217,11 +218,6 @@ def tiles_from(sweep: Sweep, candidate: dict | None):
         setattr(sweep.module, sweep.function, original)
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
-
-
 def _describe(tiles) -> str:
     return " ".join(f"{f.name}={getattr(tiles, f.name)}" for f in dataclasses.fields(tiles))
 
@@ -273,8 +269,8 @@ def run_sweep(sweep: Sweep, shapes: str, device: str, timer=median_ms, deadline:
             if described in seen:
                 continue
             seen.add(described)
-            worst = max(relative_error(a, b) for a, b in zip(outputs, reference))
-            if not worst <= TOLERANCE:  # NaN included
+            worst = max(rel_err(a, b) for a, b in zip(outputs, reference))
+            if not worst <= TOLERANCE:  # rel_err is inf for NaN or Inf
                 rows.append(dict(sweep=sweep.name, shape=sweep.shape, tiles=described, default=False, ms=None,
                                  vs_default=None, error=f"outputs differ from the default tiles' by {worst:.2e}"))
                 continue
