@@ -98,6 +98,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def pow2_block(limit: int, extent: int) -> int:
+    """A power-of-two block of at most ``limit``, no larger than ``extent`` needs, at least 16 (tl.dot's
+    minimum, and a 16-bit row's 32 bytes)."""
+    return min(limit, max(16, next_pow2(extent)))
+
+
 def dot_precision(dtype: torch.dtype) -> str | None:
     """tl.dot's input_precision: fp32 inputs must not be rounded to tf32 (fp32 parity is 1e-5), so
     fp32 and fp64 dots are "ieee" (on the FMA units); the default suits 16-bit inputs (tensor cores)."""

@@ -78,6 +78,7 @@ from .common import (
     launch_device,
     next_pow2,
     op_backend,
+    pow2_block,
     refuse_double_backward,
     scalar_arg,
 )
@@ -587,11 +588,6 @@ INTERPRETER_TARGET_PROGRAMS = 8
 SPLIT_PROGRAMS_PER_SM = 2
 
 
-def _block(limit: int, extent: int) -> int:
-    """A power-of-two block of at most ``limit``, no larger than ``extent`` needs, at least 16 (tl.dot)."""
-    return min(limit, max(16, next_pow2(extent)))
-
-
 def attention_tiles(dtype: torch.dtype, head_dim: int, tokens: int, keys: int, backward: bool) -> AttentionTiles:
     """H100 tiles. 16-bit forward: 128 queries x 64 keys, the flash-attention sweet spot for tensor
     cores (4 warps up to head_dim 64, 8 at 128 where the accumulator doubles; 3 stages to pipeline the
@@ -613,7 +609,8 @@ def attention_tiles(dtype: torch.dtype, head_dim: int, tokens: int, keys: int, b
         else:
             rows = fma_rows(block_d, 64)
             tiles = AttentionTiles(rows, 32, fma_warps(rows, block_d), 2)
-    return AttentionTiles(_block(tiles.block_m, tokens), _block(tiles.block_n, keys), tiles.num_warps, tiles.num_stages)
+    return AttentionTiles(pow2_block(tiles.block_m, tokens), pow2_block(tiles.block_n, keys), tiles.num_warps,
+                          tiles.num_stages)
 
 
 def subsample_tiles(dtype: torch.dtype, chans: int, rows: int) -> SubsampleTiles:
@@ -622,9 +619,9 @@ def subsample_tiles(dtype: torch.dtype, chans: int, rows: int) -> SubsampleTiles
     is 1 to 4 output-channel chunks of one program."""
     half = dtype in (torch.float16, torch.bfloat16)
     return SubsampleTiles(
-        block_r=_block(64 if half else 32, rows),
-        block_c=_block(64 if half else 32, chans),
-        block_co=_block(128 if half else 64, chans),
+        block_r=pow2_block(64 if half else 32, rows),
+        block_c=pow2_block(64 if half else 32, chans),
+        block_co=pow2_block(128 if half else 64, chans),
         num_warps=4,
         num_stages=3 if half else 2,
     )

@@ -35,6 +35,7 @@ from .common import (
     launch_device,
     next_pow2,
     op_backend,
+    pow2_block,
     refuse_double_backward,
 )
 
@@ -190,14 +191,14 @@ def conv_tiles(chans: int, width: int) -> PegTiles:
     """The conv (forward and input gradient): up to 128 channels (256 bytes of a token in 16 bits) by
     up to 4096 / that many tokens of a row, so a program's tile is at most 64 x 64 of Twins' C = 64, on
     4 warps (the nine shifted loads of a tile are independent; NOTES 5 has the register count)."""
-    block_c = max(16, min(128, next_pow2(chans)))
+    block_c = pow2_block(128, chans)
     return PegTiles(min(next_pow2(width), max(1, 4096 // block_c)), block_c, 4)
 
 
 def weight_grad_tiles(chans: int, width: int) -> PegTiles:
     """The weight gradient walks its rows a tile at a time (the gradient's and nine shifted input
     tiles live at once) into ten per-channel accumulators: 32 tokens x up to 64 channels, 4 warps."""
-    return PegTiles(min(next_pow2(width), 32), max(16, min(64, next_pow2(chans))), 4)
+    return PegTiles(min(next_pow2(width), 32), pow2_block(64, chans), 4)
 
 
 def peg_conv3x3_triton(x, weight, bias, height: int, width: int, flip_weight: bool = False):
