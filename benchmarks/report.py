@@ -57,12 +57,16 @@ class Target:
         return value > self.at_least if self.strictly else value >= self.at_least
 
 
+def time_ratio(variants: dict, baseline: str, variant: str) -> float | None:
+    """A case's ``baseline`` median over its ``variant`` median: the variant's speedup; None without the
+    baseline."""
+    if baseline not in variants:
+        return None
+    return variants[baseline]["median_ms"] / variants[variant]["median_ms"]
+
+
 def speedup_over(baseline: str) -> Callable[[dict, str], float | None]:
-    def metric(variants: dict, variant: str) -> float | None:
-        if baseline not in variants:
-            return None
-        return variants[baseline]["median_ms"] / variants[variant]["median_ms"]
-    return metric
+    return lambda variants, variant: time_ratio(variants, baseline, variant)
 
 
 def pct_copy_bandwidth(variants: dict, variant: str) -> float | None:
@@ -159,10 +163,9 @@ def load_cases(paths: list[str]):
     return cases, merged
 
 
-def speedup(baseline: dict | None, info: dict) -> str:
-    if not baseline:
-        return "–"
-    return f"{baseline['median_ms'] / info['median_ms']:.2f}×"
+def speedup(variants: dict, baseline: str, variant: str) -> str:
+    value = time_ratio(variants, baseline, variant)
+    return "–" if value is None else f"{value:.2f}×"
 
 
 def markdown_table(cases, header) -> str:
@@ -178,8 +181,8 @@ def markdown_table(cases, header) -> str:
         for variant in sorted(variants, key=lambda v: (v not in BASELINES, v)):
             info = variants[variant]
             lines.append(
-                f"| {label} | {variant} | {info['median_ms']:.3f} | {speedup(variants.get('timm'), info)} | "
-                f"{speedup(variants.get('timm_compile'), info)} | {info.get('achieved_gbs', 0):.0f} | "
+                f"| {label} | {variant} | {info['median_ms']:.3f} | {speedup(variants, 'timm', variant)} | "
+                f"{speedup(variants, 'timm_compile', variant)} | {info.get('achieved_gbs', 0):.0f} | "
                 f"{info.get('pct_copy_bandwidth', 0):.0f}% |"
             )
     return "\n".join(lines) + "\n"
@@ -212,8 +215,8 @@ def chart(cases, header, path: str) -> bool:
         variants = sorted(others, key=lambda v: (v != "timm_compile", v))
         width = 0.8 / len(variants)
         for i, variant in enumerate(variants):
-            values = [cases[label]["timm"]["median_ms"] / cases[label][variant]["median_ms"]
-                      if variant in cases[label] else 0.0 for label in labels]
+            values = [time_ratio(cases[label], "timm", variant) if variant in cases[label] else 0.0
+                      for label in labels]
             ax.bar([x + i * width for x in range(len(labels))], values, width, label=variant)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))])
@@ -238,13 +241,13 @@ def summary_table(cases, header) -> str:
     cores) are in the full table only."""
     rows: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for label, variants in cases.items():
-        for variant, info in variants.items():
+        for variant in variants:
             if variant == "timm":
                 continue
             speedups = rows[(panel_of(label), variant)]
             for baseline in BASELINES:
                 if baseline in variants and baseline != variant:
-                    speedups[baseline].append(variants[baseline]["median_ms"] / info["median_ms"])
+                    speedups[baseline].append(time_ratio(variants, baseline, variant))
     lines = [
         f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}; run "
         f"{header['date']}. Speedups of median CUDA-event timings, geometric mean over the cases (range).",
