@@ -9,14 +9,9 @@ Without a GPU every case is skipped with the reason, and the suite still passes.
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # report.py, also where this file is loaded by path
-from report import panel_of  # noqa: E402  (a case's op family, as the report's chart panels group them)
 
 HAS_GPU = torch.cuda.is_available()
 # Where the cases run: the GPU (tests/test_benchmark_machinery.py runs each case's body once on the CPU).
@@ -43,8 +38,8 @@ VARIANTS = ["timm", "timm_compile", "triton", "cuda"]
 
 # The cases a GPU session times first (`-m headline`): for each speed target of the op and patch issues,
 # the case it names or, where it names a range, its first shape (SVT-S stage 1 at 224, the 512 padding
-# case for LSA, the SVT-S backbone at 512). A session has 15 minutes of device time, and the whole suite
-# (478 cases, 136 of them compiling a baseline anew) takes several times that.
+# case for LSA, the SVT-S backbone at 512). A session has 15 minutes of device time, and the whole suite (478 cases, 136 of them
+# compiling a baseline anew) takes several times that.
 HEADLINE_PREFIXES = (
     "peg-fwd-svt_s-stage1-224-", "peg-fwdbwd-svt_s-stage1-224-",
     "lsa-fwd-svt_s-stage1-224-", "lsa-fwdbwd-svt_s-stage1-224-",
@@ -58,7 +53,7 @@ HEADLINE_PREFIXES = (
 )
 # Run order: every case that compiles nothing first (cheapest op first), then those that compile a
 # baseline (tens of seconds each, a model's minutes), so that a run stopped at its deadline has every
-# eager comparison and as many compiled ones as it had time for. The families are report.panel_of's.
+# eager comparison and as many compiled ones as it had time for.
 FAMILY_ORDER = ("peg", "lsa-core", "lsa", "gsa-core", "gsa", "model")
 
 
@@ -80,6 +75,11 @@ def pytest_configure(config):
 def case_id(item) -> str:
     callspec = getattr(item, "callspec", None)
     return callspec.id if callspec else item.name
+
+
+def family_of(case: str) -> str:
+    parts = case.split("-")
+    return "-".join(parts[:2]) if len(parts) > 1 and parts[1] == "core" else parts[0]
 
 
 def compiles(case: str) -> bool:
@@ -107,7 +107,7 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if case_id(item) not in done]
     rank = {family: i for i, family in enumerate(FAMILY_ORDER)}
     position = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (compiles(case_id(item)), rank.get(panel_of(case_id(item)), len(rank)),
+    items.sort(key=lambda item: (compiles(case_id(item)), rank.get(family_of(case_id(item)), len(rank)),
                                  position[id(item)]))
 
 

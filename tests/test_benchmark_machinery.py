@@ -146,7 +146,7 @@ def test_headline_cases_cover_each_prefix_and_run_compiles_last(tmp_path):
         else:
             assert variants == ["cuda", "timm", "timm_compile", "triton"], prefix
     assert all(case.startswith(bench.HEADLINE_PREFIXES) for case in headline)
-    order = [(bench.compiles(case), bench.FAMILY_ORDER.index(bench.panel_of(case))) for case in headline]
+    order = [(bench.compiles(case), bench.FAMILY_ORDER.index(bench.family_of(case))) for case in headline]
     assert order == sorted(order) and order[0] == (False, 0) and order[-1] == (True, len(bench.FAMILY_ORDER) - 1)
 
     earlier = tmp_path / "earlier.json"
