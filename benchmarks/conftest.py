@@ -38,8 +38,8 @@ VARIANTS = ["timm", "timm_compile", "triton", "cuda"]
 
 # The cases a GPU session times first (`-m headline`): for each speed target of the op and patch issues,
 # the case it names or, where it names a range, its first shape (SVT-S stage 1 at 224, the 512 padding
-# case for LSA, the SVT-S backbone at 512). A session has 15 minutes of device time, and the whole suite (478 cases, 136 of them
-# compiling a baseline anew) takes several times that.
+# case for LSA, the SVT-S backbone at 512). A session has 15 minutes of device time, and the whole suite
+# (478 cases, 136 of them compiling a baseline anew) takes several times that.
 HEADLINE_PREFIXES = (
     "peg-fwd-svt_s-stage1-224-", "peg-fwdbwd-svt_s-stage1-224-",
     "lsa-fwd-svt_s-stage1-224-", "lsa-fwdbwd-svt_s-stage1-224-",

@@ -24,7 +24,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from types import ModuleType
@@ -38,8 +37,9 @@ from twins_kernels.testing import rel_err
 # the op modules (twins_kernels.ops's own names lsa and peg are the functional ops)
 lsa_ops, gsa_ops, peg_ops = (importlib.import_module(f"twins_kernels.ops.{op}") for op in ("lsa", "gsa", "peg"))
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import median_ms  # noqa: E402  (the benchmarks' timer)
+# the benchmarks' timer: benchmarks/conftest.py, beside this script (the directory Python puts first on
+# sys.path when it runs it; tests/triton_aot.py and the tests load that conftest under this name first)
+from conftest import median_ms  # noqa: E402
 
 TOLERANCE = 1e-2  # a candidate's outputs against the default tiles', relative (bf16)
 

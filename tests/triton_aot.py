@@ -390,13 +390,16 @@ def compile_sweeps(arch: int, names=(), log=None) -> list[dict]:
 
 
 def _load_sweep_tiles():
+    """benchmarks/sweep_tiles.py, with benchmarks/conftest.py as the ``conftest`` it imports (this
+    script's own directory, tests/, has the other conftest)."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "sweep_tiles.py")
-    spec = importlib.util.spec_from_file_location("sweep_tiles", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    for name in ("conftest", "sweep_tiles"):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(benchmarks, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
     return module
 
 
