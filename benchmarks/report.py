@@ -188,10 +188,10 @@ def markdown_table(cases, header) -> str:
     return "\n".join(lines) + "\n"
 
 
-def panel_of(label: str) -> str:
-    """The op (or model) family of a case label, one chart panel each: "lsa", "gsa-core", "model", ..."""
-    parts = label.split("-")
-    return "-".join(parts[:2]) if len(parts) > 1 and parts[1] == "core" else parts[0]
+def op_of(variants: dict) -> str:
+    """The op a case's benchmark records ("lsa", "gsa-core", "gsa-subsample", "model", ...): one chart
+    panel and one group of summary rows each."""
+    return next(iter(variants.values()))["op"]
 
 
 def chart(cases, header, path: str) -> bool:
@@ -200,7 +200,7 @@ def chart(cases, header, path: str) -> bool:
     panels: dict[str, list[str]] = defaultdict(list)
     for label in sorted(cases):
         if "timm" in cases[label] and len(cases[label]) > 1:
-            panels[panel_of(label)].append(label)
+            panels[op_of(cases[label])].append(label)
     if not panels:
         return False
     import matplotlib
@@ -244,7 +244,7 @@ def summary_table(cases, header) -> str:
         for variant in variants:
             if variant == "timm":
                 continue
-            speedups = rows[(panel_of(label), variant)]
+            speedups = rows[(op_of(variants), variant)]
             for baseline in BASELINES:
                 if baseline in variants and baseline != variant:
                     speedups[baseline].append(time_ratio(variants, baseline, variant))

@@ -6,9 +6,11 @@ import pytest
 from conftest import ROOT, load_benchmarks_module
 
 
-def bench(group, variant, ms):
+def bench(group, variant, ms, op=None):
+    """A pytest-benchmark entry of case ``group``; its op is the group's first word unless given."""
     return {"group": group, "extra_info": {"variant": variant, "median_ms": ms, "achieved_gbs": 100.0 / ms,
-                                           "pct_copy_bandwidth": 3.0 / ms, "device": "Test GPU"}}
+                                           "pct_copy_bandwidth": 3.0 / ms, "device": "Test GPU",
+                                           "op": op or group.split("-")[0]}}
 
 
 def test_report_table_and_chart(tmp_path):
@@ -29,16 +31,22 @@ def test_report_table_and_chart(tmp_path):
     assert (tmp_path / "speedups.png").stat().st_size > 1000
 
 
-def test_chart_has_a_panel_per_op_and_skips_cases_without_a_baseline(tmp_path):
+def test_chart_has_a_panel_per_op_and_skips_cases_without_a_baseline(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     report = load_benchmarks_module("report.py")
-    cases = {"peg-fwd-a": {"timm": {"median_ms": 2.0}, "triton": {"median_ms": 1.0}},
-             "lsa-fwd-b": {"timm": {"median_ms": 3.0}, "triton": {"median_ms": 1.0}},
-             "lsa-core-fwd-c": {"triton": {"median_ms": 0.5}}}
-    assert [report.panel_of(label) for label in cases] == ["peg", "lsa", "lsa-core"]
+    cases = {"peg-fwd-a": {"timm": {"median_ms": 2.0, "op": "peg"}, "triton": {"median_ms": 1.0, "op": "peg"}},
+             "lsa-fwd-b": {"timm": {"median_ms": 3.0, "op": "lsa"}, "triton": {"median_ms": 1.0, "op": "lsa"}},
+             "gsa-subsample-fwd-c": {"timm": {"median_ms": 3.0, "op": "gsa-subsample"},
+                                     "triton": {"median_ms": 2.0, "op": "gsa-subsample"}},
+             "lsa-core-fwd-d": {"triton": {"median_ms": 0.5, "op": "lsa-core"}}}
+    titles = []
+    import matplotlib.axes
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, title: titles.append(title))
     header = {"device": "Test GPU", "date": "2026-11-25"}
-    assert report.chart(cases, header, str(tmp_path / "two-panels.png"))
-    assert not report.chart({"lsa-core-fwd-c": cases["lsa-core-fwd-c"]}, header, str(tmp_path / "none.png"))
+    assert report.chart(cases, header, str(tmp_path / "three-panels.png"))
+    assert titles == ["gsa-subsample", "lsa", "peg"]  # the cores' case has no timm eager baseline
+    assert not report.chart({"lsa-core-fwd-d": cases["lsa-core-fwd-d"]}, header, str(tmp_path / "none.png"))
     assert not (tmp_path / "none.png").exists()
 
 
@@ -95,8 +103,8 @@ def test_readme_summary_is_written_between_the_markers(tmp_path):
     run = tmp_path / "run.json"
     write_run(run, "2026-11-25T10:00:00", [bench("peg-fwd-a", "timm", 2.0), bench("peg-fwd-a", "timm_compile", 1.0),
                                             bench("peg-fwd-a", "triton", 0.5), bench("peg-fwd-b", "timm", 1.0),
-                                            bench("peg-fwd-b", "triton", 1.0), bench("gsa-core-c", "sdpa", 1.0),
-                                            bench("gsa-core-c", "triton", 1.0)])
+                                            bench("peg-fwd-b", "triton", 1.0), bench("gsa-core-c", "sdpa", 1.0, "gsa-core"),
+                                            bench("gsa-core-c", "triton", 1.0, "gsa-core")])
     out = tmp_path / "results"
     assert report.main([str(run), "--out", str(out), "--readme", str(readme)]) == 0
     text = readme.read_text()
@@ -105,7 +113,7 @@ def test_readme_summary_is_written_between_the_markers(tmp_path):
     # peg triton: 4x and 1x over timm eager (geometric mean 2x), 2x over timm + compile (one case)
     assert "| peg | triton | 2 | 2.00× (1.00–4.00) | 2.00× |" in text
     assert "| peg | timm_compile | 1 | 2.00× (2.00–2.00) | – |" in text
-    assert "](results/speedups.png)" in text and "gsa-core" not in text  # no baseline: full table only
+    assert "](results/speedups.png)" in text and "| gsa-core |" not in text  # no baseline: no summary row
     readme.write_text("no markers\n")
     assert report.main([str(run), "--out", str(out), "--readme", str(readme)]) == 2
 
