@@ -34,27 +34,34 @@ def stage_map(image_size: int, stage: int) -> tuple[int, int]:
 
 
 VARIANTS = ["timm", "timm_compile", "triton", "cuda"]
+# FLOPs of an attention forward+backward over its forward's: the backward's five matmuls (scores
+# recomputed, dV, dP, dQ, dK) to the forward's two, as FlashAttention counts them
+ATTENTION_FWDBWD_FLOPS = 3.5
 
 
 # The cases a GPU session times first (`-m headline`): for each speed target of the op and patch issues,
 # the case it names or, where it names a range, its first shape (SVT-S stage 1 at 224, the 512 padding
 # case for LSA, the SVT-S backbone at 512). A session has 15 minutes of device time, and the whole suite
-# (478 cases, 136 of them compiling a baseline anew) takes several times that.
+# (544 cases, 148 of them compiling a baseline anew) takes several times that. Also the sub-sampling
+# comparison the GSA issue asks for (its fused kernel against timm's conv + LayerNorm) at its first shape.
 HEADLINE_PREFIXES = (
     "peg-fwd-svt_s-stage1-224-", "peg-fwdbwd-svt_s-stage1-224-",
     "lsa-fwd-svt_s-stage1-224-", "lsa-fwdbwd-svt_s-stage1-224-",
     "lsa-fwd-svt_s-stage1-512-", "lsa-fwdbwd-svt_s-stage1-512-",
-    "lsa-core-fwd-svt_s-stage1-224-", "lsa-core-fwd-svt_s-stage1-512-",
+    "lsa-core-fwd-svt_s-stage1-224-", "lsa-core-fwd-svt_s-stage1-512-", "lsa-core-fwdbwd-svt_s-stage1-224-",
     "gsa-fwd-svt_s-stage1-224-", "gsa-fwdbwd-svt_s-stage1-224-",
     "gsa-fwd-pcpvt_s-stage1-224-", "gsa-fwdbwd-pcpvt_s-stage1-224-",
-    "gsa-core-sr1-fwd-svt_s-28x28-",
+    "gsa-core-sr1-fwd-svt_s-28x28-", "gsa-core-sr1-fwdbwd-svt_s-28x28-",
+    "gsa-subsample-fwd-pcpvt_s-stage1-224-",
     "model-twins_svt_small-infer-224-", "model-twins_pcpvt_small-infer-224-",
     "model-twins_svt_small-backbone-512-", "model-twins_svt_small-train-224-",
 )
 # Run order: every case that compiles nothing first (cheapest op first), then those that compile a
 # baseline (tens of seconds each, a model's minutes), so that a run stopped at its deadline has every
 # eager comparison and as many compiled ones as it had time for.
-FAMILY_ORDER = ("peg", "lsa-core", "lsa", "gsa-core", "gsa", "model")
+FAMILY_ORDER = ("peg", "lsa-core", "lsa", "gsa-core", "gsa-subsample", "gsa", "model")
+# The families whose case ids name a part of an op ("lsa-core-fwd-...") rather than the op's module
+OP_PARTS = ("core", "subsample")
 
 
 def pytest_addoption(parser):
@@ -78,8 +85,10 @@ def case_id(item) -> str:
 
 
 def family_of(case: str) -> str:
+    """The op family of a case id ("lsa", "lsa-core", "gsa-subsample", "model", ...): the ``op`` its
+    benchmark records."""
     parts = case.split("-")
-    return "-".join(parts[:2]) if len(parts) > 1 and parts[1] == "core" else parts[0]
+    return "-".join(parts[:2]) if len(parts) > 1 and parts[1] in OP_PARTS else parts[0]
 
 
 def compiles(case: str) -> bool:

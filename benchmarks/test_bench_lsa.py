@@ -2,8 +2,9 @@
 
 Module level (qkv Linear + attention + proj), forward and forward+backward, for ``timm`` (eager: pad,
 window reshapes, 5-D SDPA that falls back to the math path), ``timm_compile``, ``triton`` and
-``cuda`` (FusedLSA). Attention core alone for the kernel backends, with the bytes a perfect kernel
-moves: qkv read once (3C per token) and out written once (C per token).
+``cuda`` (FusedLSA). Attention core alone for the kernel backends, forward and forward+backward, with
+the bytes a perfect kernel moves: forward, qkv read once (3C per token) and out written once (C);
+the backward reads qkv, out and grad_out and writes grad_qkv (8C), after its own forward.
 """
 import pytest
 import torch
@@ -12,8 +13,8 @@ from timm.models.twins import LocallyGroupedAttn
 from twins_kernels import FusedLSA
 from twins_kernels.ops import lsa
 
-from conftest import (DEVICE, DTYPES, IMAGE_SIZES, SVT_S_STAGES, VARIANTS, build_variant, record,
-                      requires_gpu, skip_unless_available, stage_map, timed_pass)
+from conftest import (ATTENTION_FWDBWD_FLOPS, DEVICE, DTYPES, IMAGE_SIZES, SVT_S_STAGES, VARIANTS, build_variant,
+                      record, requires_gpu, skip_unless_available, stage_map, timed_pass)
 
 WS = 7
 CASES = [
@@ -22,9 +23,9 @@ CASES = [
     for image in IMAGE_SIZES for stage in range(4) for pass_ in ("fwd", "fwdbwd") for variant in VARIANTS
 ]
 CORE_CASES = [
-    pytest.param(image, stage, backend,
-                 id=f"lsa-core-fwd-svt_s-stage{stage + 1}-{image}-bs{IMAGE_SIZES[image]}-bf16-{backend}")
-    for image in IMAGE_SIZES for stage in range(4) for backend in ("triton", "cuda")
+    pytest.param(image, stage, pass_, backend,
+                 id=f"lsa-core-{pass_}-svt_s-stage{stage + 1}-{image}-bs{IMAGE_SIZES[image]}-bf16-{backend}")
+    for image in IMAGE_SIZES for stage in range(4) for pass_ in ("fwd", "fwdbwd") for backend in ("triton", "cuda")
 ]
 
 
@@ -53,18 +54,21 @@ def test_lsa_module(benchmark, roofline, image, stage, pass_, variant):
 
 
 @requires_gpu
-@pytest.mark.parametrize("image,stage,backend", CORE_CASES)
-def test_lsa_attention_core(benchmark, roofline, image, stage, backend):
+@pytest.mark.parametrize("image,stage,pass_,backend", CORE_CASES)
+def test_lsa_attention_core(benchmark, roofline, image, stage, pass_, backend):
     skip_unless_available(backend)
     dim, heads = SVT_S_STAGES[stage]
     height, width = stage_map(image, stage)
     batch = IMAGE_SIZES[image]
     qkv = torch.randn(batch, height * width, 3 * dim, device=DEVICE, dtype=DTYPES["bf16"])
-    bias = torch.randn(3 * dim, device=DEVICE, dtype=DTYPES["bf16"])
-    benchmark.group = f"lsa-core-fwd-svt_s-stage{stage + 1}-{image}-bs{batch}-bf16"
+    bias = torch.randn(3 * dim, device=DEVICE, dtype=DTYPES["bf16"], requires_grad=True)
+    benchmark.group = f"lsa-core-{pass_}-svt_s-stage{stage + 1}-{image}-bs{batch}-bf16"
 
-    def run():
-        lsa(qkv, bias, (height, width), heads, WS, backend=backend)
-    record(benchmark, run, roofline, bytes_moved=4 * batch * height * width * dim * qkv.element_size(),
-           flops=4 * batch * padded_tokens(height, width) * WS * WS * dim, op="lsa-core", pass_="fwd",
+    def core(qkv, size):
+        return lsa(qkv, bias, size, heads, WS, backend=backend)
+    tokens_c = batch * height * width * dim
+    flops_fwd = 4 * batch * padded_tokens(height, width) * WS * WS * dim
+    record(benchmark, timed_pass(core, qkv, (height, width), pass_), roofline,
+           bytes_moved=(4 if pass_ == "fwd" else 12) * tokens_c * qkv.element_size(),
+           flops=flops_fwd * (1 if pass_ == "fwd" else ATTENTION_FWDBWD_FLOPS), op="lsa-core", pass_=pass_,
            variant=backend, image=image, stage=stage + 1, batch=batch, dtype="bf16")

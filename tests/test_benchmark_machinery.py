@@ -110,9 +110,13 @@ def test_op_benchmark_cases_run(benchmarks_on_cpu, pass_):
         for model, stage in itertools.product(gsa.MODELS, (1, 3)):
             info = run_case(gsa.test_gsa_module, model, 64, stage, pass_, variant)
             assert info["variant"] == variant and info["achieved_gbs"] > 0
-    run_case(lsa.test_lsa_attention_core, 64, 1, "triton")
+    run_case(lsa.test_lsa_attention_core, 64, 1, pass_, "triton")
     for variant in ("sdpa", "triton"):
-        run_case(gsa.test_gsa_sr1_attention_core, 64, variant)
+        run_case(gsa.test_gsa_sr1_attention_core, 64, pass_, variant)
+    for variant in gsa.SUBSAMPLE_VARIANTS:
+        for stage in (0, 2):  # sr = 8 on an 16x16 map, sr = 2 at C = 320 on a 4x4 one
+            info = run_case(gsa.test_gsa_subsample, 64, stage, pass_, variant)
+            assert info["op"] == "gsa-subsample" and info["achieved_gbs"] > 0
 
 
 @pytest.mark.parametrize("mode", ["infer", "backbone", "train"])
@@ -143,6 +147,8 @@ def test_headline_cases_cover_each_prefix_and_run_compiles_last(tmp_path):
             assert variants == ["patched", "patched_compile", "timm", "timm_compile"], prefix
         elif "-core-" in prefix:
             assert {"triton", "cuda"} <= set(variants), prefix
+        elif "-subsample-" in prefix:
+            assert variants == ["timm", "timm_compile", "triton"], prefix
         else:
             assert variants == ["cuda", "timm", "timm_compile", "triton"], prefix
     assert all(case.startswith(bench.HEADLINE_PREFIXES) for case in headline)
