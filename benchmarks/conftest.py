@@ -2,7 +2,8 @@
 
 Every case is timed two ways: pytest-benchmark's own clock around a call that synchronizes the GPU
 (its table), and CUDA-event medians from ``triton.testing.do_bench`` (warm-up, L2 flushed between
-runs), which ``extra_info`` turns into achieved GB/s, TFLOP/s and % of the measured copy bandwidth.
+runs), which ``extra_info`` turns into achieved GB/s, TFLOP/s, % of the measured copy bandwidth and
+% of the measured roofline (the slower of the bytes at the copy bandwidth and the FLOPs at the matmul rate).
 The two ceilings (device-to-device copy bandwidth, bf16 matmul TFLOP/s) are measured once per session.
 Without a GPU every case is skipped with the reason, and the suite still passes.
 """
@@ -187,8 +188,20 @@ def roofline():
     return {"copy_gbs": copy_gbs, "bf16_matmul_tflops": matmul_tflops, "device": torch.cuda.get_device_name()}
 
 
+def roofline_floor(roofline, bytes_moved: float, flops: float) -> tuple[float, str]:
+    """The fewest milliseconds a case can take on this device (its bytes at the copy bandwidth, or its
+    FLOPs at the bf16 matmul rate, whichever is longer) and which of the two bounds it ("memory" or
+    "compute")."""
+    memory_ms = bytes_moved / (roofline["copy_gbs"] * 1e9) * 1e3
+    compute_ms = flops / (roofline["bf16_matmul_tflops"] * 1e12) * 1e3
+    return max(memory_ms, compute_ms), "memory" if memory_ms >= compute_ms else "compute"
+
+
 def record(benchmark, fn, roofline, *, bytes_moved: float, flops: float = 0.0, **info):
-    """Time ``fn`` (pytest-benchmark + CUDA-event median) and record throughput against the roofline."""
+    """Time ``fn`` (pytest-benchmark + CUDA-event median) and record throughput against the roofline:
+    % of the copy bandwidth, and % of the roofline (the floor over the time: 100 = as fast as the
+    device allows for the bytes and FLOPs counted), with the bound. Cases that count neither (the whole
+    models) record no roofline %."""
     fn()  # compile / autotune outside the timed region
     torch.cuda.synchronize()
     # Peak memory of one call on its own: do_bench allocates a 256 MiB buffer to flush L2 between runs,
@@ -205,6 +218,9 @@ def record(benchmark, fn, roofline, *, bytes_moved: float, flops: float = 0.0, *
 
     benchmark.pedantic(synchronized, rounds=30, iterations=1, warmup_rounds=5)
     gbs = bytes_moved / (ms * 1e-3) / 1e9
+    floor_ms, bound = roofline_floor(roofline, bytes_moved, flops)
+    if floor_ms > 0:
+        benchmark.extra_info.update(pct_roofline=100.0 * floor_ms / ms, bound=bound)
     benchmark.extra_info.update(
         median_ms=ms,
         bytes_moved=bytes_moved,

@@ -168,13 +168,22 @@ def speedup(variants: dict, baseline: str, variant: str) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
+def roofline_cell(info: dict) -> str:
+    """"62% (memory)": the case's floor on this device over its time, and what bounds it."""
+    if "pct_roofline" not in info:
+        return "–"
+    return f"{info['pct_roofline']:.0f}% ({info['bound']})"
+
+
 def markdown_table(cases, header) -> str:
     lines = [
         f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}, "
-        f"python {header['python']}; run {header['date']}. Medians of CUDA-event timings.",
+        f"python {header['python']}; run {header['date']}. Medians of CUDA-event timings. % of roofline: the "
+        f"fewest ms the case's bytes (at the measured copy bandwidth) or FLOPs (at the measured bf16 matmul "
+        f"rate) allow, over its median, and which of the two bounds it.",
         "",
-        "| case | variant | median ms | vs timm eager | vs timm + compile | GB/s | % of copy BW |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| case | variant | median ms | vs timm eager | vs timm + compile | GB/s | % of copy BW | % of roofline |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label in sorted(cases):
         variants = cases[label]
@@ -183,7 +192,7 @@ def markdown_table(cases, header) -> str:
             lines.append(
                 f"| {label} | {variant} | {info['median_ms']:.3f} | {speedup(variants, 'timm', variant)} | "
                 f"{speedup(variants, 'timm_compile', variant)} | {info.get('achieved_gbs', 0):.0f} | "
-                f"{info.get('pct_copy_bandwidth', 0):.0f}% |"
+                f"{info.get('pct_copy_bandwidth', 0):.0f}% | {roofline_cell(info)} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -22,12 +22,14 @@ def test_report_table_and_chart(tmp_path):
         "benchmarks": [bench("peg-fwd-a", "timm", 2.0), bench("peg-fwd-a", "timm_compile", 1.0),
                        bench("peg-fwd-a", "triton", 0.5), {"group": "skipped", "extra_info": {}}],
     }
+    data["benchmarks"][2]["extra_info"].update(pct_roofline=40.0, bound="memory")
     path = tmp_path / "results.json"
     path.write_text(json.dumps(data))
     assert report.main([str(path), "--out", str(tmp_path)]) == 0
     table = (tmp_path / "report.md").read_text()
     assert "Test GPU" in table and "torch 2.x" in table
-    assert "| peg-fwd-a | triton | 0.500 | 4.00× | 2.00× | 200 | 6% |" in table
+    assert "| peg-fwd-a | triton | 0.500 | 4.00× | 2.00× | 200 | 6% | 40% (memory) |" in table
+    assert "| peg-fwd-a | timm | 2.000 | 1.00× | 0.50× | 50 | 2% | – |" in table  # no roofline recorded
     assert (tmp_path / "speedups.png").stat().st_size > 1000
 
 
