@@ -1,8 +1,10 @@
 // Tensor-core attention kernels for fp16 and bf16 (compute capability 8.0+), on the same geometries as
 // attention.cuh's scalar kernels (see there for the Geometry contract): forward with an online softmax,
 // dq, and dk/dv, split as in FlashAttention-2. A query block is 4 warps of 16 queries each, looping
-// over its keys in staged tiles of 64; a key block is 4 warps of 16 keys each, looping over its
-// queries. Scores, probabilities and their gradients never leave registers (warp_mma.cuh's fragment
+// over its keys in staged tiles (64 keys; fewer at head_dim 128); a key block is 4 warps of 16 keys
+// each, looping over its queries. Tiles are staged with cp.async; a query block's queries and its
+// first key tile in one round, so that a block with one key tile (an LSA window, GSA at sr >= 4 on
+// Twins' maps) waits for memory once, not twice. Scores, probabilities and their gradients never leave registers (warp_mma.cuh's fragment
 // layouts) and nothing of size queries x keys is stored. Softmax and accumulation in fp32; the
 // probabilities and dS are rounded to the input dtype to be the next mma's operand, as in
 // FlashAttention. Every sum has a fixed order: deterministic.
@@ -23,9 +25,14 @@ constexpr int kMmaRows = 64;  // queries of a query block, keys of a key block: 
 template <int kHeadDim>
 struct MmaTiles {
   static constexpr int kThreads = kMmaRows / 16 * warp::kSize;
-  static constexpr int kKeyTile = 64;  // keys staged per step of the forward and dq
-  // Queries staged per step of dk/dv: at head_dim 128, 16 keep shared memory under the 48 KiB of a
-  // static allocation and registers (K, V fragments and dk, dv accumulators: 192) under 255.
+  // Keys staged per step of the forward and of dq, beside the block's queries (and, for dq, their output
+  // gradients) staged for the whole loop: at head_dim 128 fewer keep the static shared memory under
+  // 48 KiB (forward 34 KiB, dq 43 KiB).
+  static constexpr int kKeyTile = kHeadDim <= 64 ? 64 : 32;
+  static constexpr int kDqKeyTile = kHeadDim <= 64 ? 64 : 16;
+  // Queries staged per step of dk/dv, beside the block's keys and values (staged once): at head_dim 128,
+  // 16 keep shared memory under the 48 KiB of a static allocation (43 KiB) and registers (K, V
+  // fragments and dk, dv accumulators: 192) under 255.
   static constexpr int kQueryTile = kHeadDim <= 64 ? 64 : 16;
   static constexpr int kStride = kHeadDim + 8;  // a staged row, padded: fragment loads hit distinct banks
   static constexpr int kSteps = kHeadDim / 16;     // mma k-steps over the head dimension
@@ -41,16 +48,16 @@ __device__ __forceinline__ int lane_row() { return warp_row() + warp::lane_group
 
 // Staging copies rows of 16-bit values into shared tiles (rows padded to kStride) in chunks of 8
 // elements: the block's threads take consecutive chunks, so a row's chunks are read together
-// (coalesced), a thread's chunks are independent loads in flight together (the loop is unrolled), and
-// a chunk of a contiguous, 16-byte aligned row is one 16-byte load. Zeros where a row is missing (null)
-// or past head_dim.
+// (coalesced), and a chunk of a contiguous, 16-byte aligned row is one cp.async of 16 bytes, all of a
+// thread's in flight together until staging_barrier(). Other chunks are copied element by element
+// (zeros where a row is missing, null, or past head_dim).
 
 // Elements d0 .. d0 + 7 of a row (element d at row[d * stride]) into dst.
 template <typename scalar_t>
 __device__ __forceinline__ void stage_chunk(uint16_t* dst, const scalar_t* row, int64_t stride, int d0,
                                             int head_dim) {
   if (row != nullptr && stride == 1 && d0 + 8 <= head_dim && aligned_16(row + d0)) {
-    copy_16_bytes(dst, row + d0);
+    async_copy_16_bytes(dst, row + d0);
     return;
   }
 #pragma unroll
@@ -58,6 +65,12 @@ __device__ __forceinline__ void stage_chunk(uint16_t* dst, const scalar_t* row, 
     const int d = d0 + e;
     dst[e] = row != nullptr && d < head_dim ? warp::bits(row[d * stride]) : uint16_t{0};
   }
+}
+
+// The end of a staging round: this thread's copies have landed, then every thread's (a barrier).
+__device__ __forceinline__ void staging_barrier() {
+  async_copy_wait_all();
+  __syncthreads();
 }
 
 // stage(i, d0) for the chunk at element d0 of each row i of a kRows-row tile.
@@ -79,19 +92,58 @@ __device__ __forceinline__ void row_fragments(uint32_t (&a)[kHeadDim / 16][4], c
   for (int kk = 0; kk < kHeadDim / 16; ++kk) warp::load_a<MmaTiles<kHeadDim>::kStride>(a[kk], tile, r0, 16 * kk);
 }
 
-// A staged tile of keys and values and which of its keys count.
-template <int kHeadDim>
+// A block's own rows, staged once for the warps' A fragments: kParts sets of kMmaRows rows (a query
+// block's queries, and for dq their output gradients; a key block's keys and values). The stage
+// functions issue the copies; they land at the next staging_barrier().
+template <int kHeadDim, int kParts>
+struct BlockRows {
+  static constexpr int kStride = MmaTiles<kHeadDim>::kStride;
+  alignas(16) uint16_t rows[kParts * kMmaRows * kStride];
+
+  __device__ __forceinline__ uint16_t* row(int part, int i) { return rows + (part * kMmaRows + i) * kStride; }
+
+  template <typename scalar_t, typename Geometry, typename Block>
+  __device__ __forceinline__ void stage_queries(const Geometry& geo, const Block& block) {
+    for_each_chunk<kMmaRows, kHeadDim>([&](int i, int d0) {
+      Row<scalar_t> query;
+      const bool is_query = geo.query(block, i, query);
+      stage_chunk(row(0, i) + d0, is_query ? query.ptr : nullptr, query.stride, d0, geo.head_dim);
+      if constexpr (kParts == 2) {
+        stage_chunk(row(1, i) + d0, is_query ? geo.grad_out_row(block, query) : nullptr, 1, d0, geo.head_dim);
+      }
+    });
+  }
+
+  template <typename scalar_t, typename Geometry, typename Block>
+  __device__ __forceinline__ void stage_keys(const Geometry& geo, const Block& block) {
+    static_assert(kParts == 2, "keys and values");
+    for_each_chunk<kMmaRows, kHeadDim>([&](int i, int d0) {
+      KeyRow<scalar_t> key;
+      const bool is_key = geo.key_of(block, i, key);
+      stage_chunk(row(0, i) + d0, is_key ? key.k : nullptr, key.stride, d0, geo.head_dim);
+      stage_chunk(row(1, i) + d0, is_key ? key.v : nullptr, key.stride, d0, geo.head_dim);
+    });
+  }
+
+  // This warp's 16 rows of a part as A fragments over the head dimension.
+  __device__ __forceinline__ void fragments(uint32_t (&a)[kHeadDim / 16][4], int part) const {
+    row_fragments<kHeadDim>(a, rows, part * kMmaRows + warp_row());
+  }
+};
+
+// A staged tile of kKeys keys and values of a query block, and which of them count.
+template <int kHeadDim, int kKeys>
 struct KeyTile {
-  static constexpr int kKeys = MmaTiles<kHeadDim>::kKeyTile, kStride = MmaTiles<kHeadDim>::kStride;
-  static_assert(kKeys >= kMmaRows, "query blocks stage their queries through k (and dO through v)");
+  static constexpr int kStride = MmaTiles<kHeadDim>::kStride;
+  static_assert(kKeys % 16 == 0, "whole 16-key steps of the P V product");
   alignas(16) uint16_t k[kKeys * kStride];
   alignas(16) uint16_t v[kKeys * kStride];
   bool valid[kKeys];
 
-  // keys j0 .. j0 + kKeys of a query block; a barrier on each side
+  // Issues the copies of keys j0 .. j0 + kKeys; they land at the next staging_barrier(). The tile must
+  // be free: no thread still reading the previous one (a barrier between).
   template <typename scalar_t, typename Geometry, typename Block>
   __device__ __forceinline__ void stage(const Geometry& geo, const Block& block, int j0, int keys) {
-    __syncthreads();
     for_each_chunk<kKeys, kHeadDim>([&](int j, int d0) {
       KeyRow<scalar_t> key;
       const bool is_key = j0 + j < keys && geo.key(block, j0 + j, key);
@@ -99,22 +151,16 @@ struct KeyTile {
       stage_chunk(v + j * kStride + d0, is_key ? key.v : nullptr, key.stride, d0, geo.head_dim);
       if (d0 == 0) valid[j] = is_key;
     });
-    __syncthreads();
   }
 
-  // A query block's queries into k (kWithGrad: their output gradients into v); a barrier after. The
-  // tile is free again for keys once they are in registers (stage() starts with a barrier).
-  template <typename scalar_t, bool kWithGrad, typename Geometry, typename Block>
-  __device__ __forceinline__ void stage_queries(const Geometry& geo, const Block& block) {
-    for_each_chunk<kMmaRows, kHeadDim>([&](int i, int d0) {
-      Row<scalar_t> query;
-      const bool is_query = geo.query(block, i, query);
-      stage_chunk(k + i * kStride + d0, is_query ? query.ptr : nullptr, query.stride, d0, geo.head_dim);
-      if constexpr (kWithGrad) {
-        stage_chunk(v + i * kStride + d0, is_query ? geo.grad_out_row(block, query) : nullptr, 1, d0, geo.head_dim);
-      }
-    });
+  // The loop's tile from key j0: staged with the queries at j0 = 0; later ones once no thread still
+  // reads the previous one.
+  template <typename scalar_t, typename Geometry, typename Block>
+  __device__ __forceinline__ void stage_step(const Geometry& geo, const Block& block, int j0, int keys) {
+    if (j0 == 0) return;  // staged with the queries
     __syncthreads();
+    stage<scalar_t>(geo, block, j0, keys);
+    staging_barrier();
   }
 };
 
@@ -148,13 +194,17 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
     mma_attention_forward_kernel(Geometry geo, float scale) {
   using Tiles = MmaTiles<kHeadDim>;
   constexpr int kStride = Tiles::kStride, kKeyTiles = Tiles::kKeyTile / 8;
-  __shared__ KeyTile<kHeadDim> tile;
+  __shared__ BlockRows<kHeadDim, 1> queries;
+  __shared__ KeyTile<kHeadDim, Tiles::kKeyTile> tile;
   const int head_dim = geo.head_dim, col = 2 * warp::lane_in_group();
   const auto block = geo.query_block(blockIdx.x);
+  const int keys = geo.num_keys(block);
 
-  tile.template stage_queries<scalar_t, false>(geo, block);
+  queries.template stage_queries<scalar_t>(geo, block);
+  tile.template stage<scalar_t>(geo, block, 0, keys);
+  staging_barrier();
   uint32_t q_frag[Tiles::kSteps][4];
-  row_fragments<kHeadDim>(q_frag, tile.k, warp_row());
+  queries.fragments(q_frag, 0);
   Row<scalar_t> query[2];
   bool active[2];
   lane_queries(geo, block, query, active);
@@ -162,9 +212,8 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   float acc[Tiles::kDimTiles][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: this lane's share
   const float scale_log2 = scale * kLog2e;
-  const int keys = geo.num_keys(block);
   for (int j0 = 0; j0 < keys; j0 += Tiles::kKeyTile) {
-    tile.template stage<scalar_t>(geo, block, j0, keys);
+    tile.template stage_step<scalar_t>(geo, block, j0, keys);
     float s[kKeyTiles][4] = {};
     warp::mma_rows_tile_transposed<scalar_t, kStride>(s, q_frag, tile.k);
     // logits in log2 units; keys past the end or excluded get no weight
@@ -221,15 +270,19 @@ template <typename scalar_t, int kHeadDim, typename Geometry>
 __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
     mma_attention_dq_kernel(Geometry geo, float scale) {
   using Tiles = MmaTiles<kHeadDim>;
-  constexpr int kStride = Tiles::kStride, kKeyTiles = Tiles::kKeyTile / 8;
-  __shared__ KeyTile<kHeadDim> tile;
+  constexpr int kStride = Tiles::kStride, kKeyTiles = Tiles::kDqKeyTile / 8;
+  __shared__ BlockRows<kHeadDim, 2> queries;  // and their output gradients
+  __shared__ KeyTile<kHeadDim, Tiles::kDqKeyTile> tile;
   const int head_dim = geo.head_dim, col = 2 * warp::lane_in_group();
   const auto block = geo.query_block(blockIdx.x);
+  const int keys = geo.num_keys(block);
 
-  tile.template stage_queries<scalar_t, true>(geo, block);
+  queries.template stage_queries<scalar_t>(geo, block);
+  tile.template stage<scalar_t>(geo, block, 0, keys);
+  staging_barrier();
   uint32_t q_frag[Tiles::kSteps][4], grad_frag[Tiles::kSteps][4];
-  row_fragments<kHeadDim>(q_frag, tile.k, warp_row());
-  row_fragments<kHeadDim>(grad_frag, tile.v, warp_row());
+  queries.fragments(q_frag, 0);
+  queries.fragments(grad_frag, 1);
   Row<scalar_t> query[2];
   bool active[2];
   lane_queries(geo, block, query, active);
@@ -244,9 +297,8 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
 
   float dq[Tiles::kDimTiles][4] = {};
   const float scale_log2 = scale * kLog2e;
-  const int keys = geo.num_keys(block);
-  for (int j0 = 0; j0 < keys; j0 += Tiles::kKeyTile) {
-    tile.template stage<scalar_t>(geo, block, j0, keys);
+  for (int j0 = 0; j0 < keys; j0 += Tiles::kDqKeyTile) {
+    tile.template stage_step<scalar_t>(geo, block, j0, keys);
     float s[kKeyTiles][4] = {}, dp[kKeyTiles][4] = {};
     warp::mma_rows_tile_transposed<scalar_t, kStride>(s, q_frag, tile.k);
     warp::mma_rows_tile_transposed<scalar_t, kStride>(dp, grad_frag, tile.v);
@@ -279,6 +331,7 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
     mma_attention_dkdv_kernel(Geometry geo, float scale) {
   using Tiles = MmaTiles<kHeadDim>;
   constexpr int kStride = Tiles::kStride, kQueryTile = Tiles::kQueryTile, kQueryTiles = kQueryTile / 8;
+  __shared__ BlockRows<kHeadDim, 2> own;  // the block's keys and values
   alignas(16) __shared__ uint16_t q_tile[kQueryTile * kStride];  // queries (unscaled)
   alignas(16) __shared__ uint16_t grad_tile[kQueryTile * kStride];  // their output gradients
   __shared__ float lse_tile[kQueryTile];  // log2 units
@@ -286,34 +339,10 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   __shared__ bool q_valid[kQueryTile];
   const int head_dim = geo.head_dim, row = lane_row(), col = 2 * warp::lane_in_group();
   const auto block = geo.key_block(blockIdx.x);
-
-  // the block's keys and values as A fragments, staged through the query tiles, kQueryTile rows a round
-  uint32_t k_frag[Tiles::kSteps][4], v_frag[Tiles::kSteps][4];
-  const int first_row = warp_row();
-  for (int r0 = 0; r0 < kMmaRows; r0 += kQueryTile) {
-    for_each_chunk<kQueryTile, kHeadDim>([&](int i, int d0) {
-      KeyRow<scalar_t> key;
-      const bool is_key = geo.key_of(block, r0 + i, key);
-      stage_chunk(q_tile + i * kStride + d0, is_key ? key.k : nullptr, key.stride, d0, head_dim);
-      stage_chunk(grad_tile + i * kStride + d0, is_key ? key.v : nullptr, key.stride, d0, head_dim);
-    });
-    __syncthreads();
-    if (first_row >= r0 && first_row < r0 + kQueryTile) {
-      row_fragments<kHeadDim>(k_frag, q_tile, first_row - r0);
-      row_fragments<kHeadDim>(v_frag, grad_tile, first_row - r0);
-    }
-    __syncthreads();
-  }
-  KeyRow<scalar_t> key[2];
-  bool active[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) active[r] = geo.key_of(block, row + 8 * r, key[r]);
-
-  float dk[Tiles::kDimTiles][4] = {}, dv[Tiles::kDimTiles][4] = {};
-  const float scale_log2 = scale * kLog2e;
   const int queries = geo.num_queries(block);
-  for (int i0 = 0; i0 < queries; i0 += kQueryTile) {
-    __syncthreads();
+
+  // issues the copies of queries i0 .. i0 + kQueryTile, their output gradients, lse and delta
+  auto stage_query_tile = [&](int i0) {
     for_each_chunk<kQueryTile, kHeadDim>([&](int i, int d0) {
       Row<scalar_t> query;
       const bool is_query = i0 + i < queries && geo.query_of(block, i0 + i, query);
@@ -326,7 +355,27 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
         delta_tile[i] = is_query ? geo.delta[index] : 0.f;
       }
     });
-    __syncthreads();
+  };
+  // the block's keys and values and the first query tile in one round
+  own.template stage_keys<scalar_t>(geo, block);
+  stage_query_tile(0);
+  staging_barrier();
+  uint32_t k_frag[Tiles::kSteps][4], v_frag[Tiles::kSteps][4];
+  own.fragments(k_frag, 0);
+  own.fragments(v_frag, 1);
+  KeyRow<scalar_t> key[2];
+  bool active[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) active[r] = geo.key_of(block, row + 8 * r, key[r]);
+
+  float dk[Tiles::kDimTiles][4] = {}, dv[Tiles::kDimTiles][4] = {};
+  const float scale_log2 = scale * kLog2e;
+  for (int i0 = 0; i0 < queries; i0 += kQueryTile) {
+    if (i0 > 0) {  // the next query tile, once no thread still reads this one
+      __syncthreads();
+      stage_query_tile(i0);
+      staging_barrier();
+    }
     float st[kQueryTiles][4] = {}, dpt[kQueryTiles][4] = {};
     warp::mma_rows_tile_transposed<scalar_t, kStride>(st, k_frag, q_tile);
     warp::mma_rows_tile_transposed<scalar_t, kStride>(dpt, v_frag, grad_tile);

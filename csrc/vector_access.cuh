@@ -19,6 +19,32 @@ __device__ __forceinline__ void copy_16_bytes(void* dst, const void* src) {
 #endif
 }
 
+// 16 bytes from global to shared memory without passing through registers (cp.async.cg, compute
+// capability 8.0+): the copies a thread issues are in flight together, and need no register to land in,
+// until it reaches async_copy_wait_all(); only then may it read dst, and the block's other threads only
+// after a barrier that follows. Under the CPU emulation the copy lands at that wait, not before, so a
+// read of dst before it finds stale data (and ThreadSanitizer sees the write where the GPU makes it).
+// Both sides 16-byte aligned.
+__device__ __forceinline__ void async_copy_16_bytes(void* dst_shared, const void* src_global) {
+#if defined(TWINS_KERNELS_CUDA_EMULATION)
+  emulated_async_copy(dst_shared, src_global);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(dst_shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src_global) : "memory");
+#else
+  copy_16_bytes(dst_shared, src_global);
+#endif
+}
+
+// Every async_copy_16_bytes this thread issued has landed.
+__device__ __forceinline__ void async_copy_wait_all() {
+#if defined(TWINS_KERNELS_CUDA_EMULATION)
+  emulated_async_wait_all();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 // kCount values from src to dst: one access where kCount is 1, else 16-byte accesses (kCount * sizeof(T)
 // a multiple of 16, both sides aligned to 16).
 template <int kCount, typename T>

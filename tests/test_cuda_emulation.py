@@ -157,7 +157,8 @@ GSA_SHAPES = {
     "N150-M40-2-splits": (2, 150, 40, 2, 32, 2),  # splits of 128 and 22 queries
     "M1": (1, 20, 1, 1, 64, 1),
     "sr1-N130-3-splits": (1, 130, 130, 1, 16, 3),  # online softmax over 3 key tiles
-    "hd128": (1, 33, 7, 2, 128, 1),  # 16-row query tiles: the dk/dv kernel stages its keys in 4 rounds
+    "hd128": (1, 33, 7, 2, 128, 1),  # the mma dk/dv kernel's 16-query tiles (3 of them)
+    "hd128-M40": (1, 20, 40, 1, 128, 1),  # the mma forward's 32-key tiles (2 of them) and dq's 16-key ones (3)
     "hd36-unaligned": (1, 70, 9, 1, 36, 1),  # rows of 36 (q) and 72 (kv) values
 }
 # (batch, height, width, chans)

@@ -4,6 +4,7 @@
 // are function statics (one block at a time uses them).
 // Warps of 32 consecutive threads exchange registers for the warp-wide instructions the kernels use
 // (__shfl_xor_sync and mma.sync m16n8k16 through warp_mma.cuh), meeting at a barrier of their own.
+// cp.async copies (vector_access.cuh) land when their thread waits for them.
 // It checks the kernels' index arithmetic, masking, staging, fragment layouts and math, not GPU-only
 // behaviour (timing, bank conflicts, the tensor cores' internal summation order).
 #pragma once
@@ -71,6 +72,27 @@ inline void emulated_aligned_copy(void* dst, const void* src, size_t bytes) {
   std::memcpy(dst, src, bytes);
 }
 
+// cp.async: the 16-byte copies a thread has issued and not yet waited for. They land (are copied) when it
+// waits, as late as the GPU may land them; a thread that ends with copies in flight is a kernel bug.
+struct EmulatedAsyncCopy {
+  void* dst;
+  const void* src;
+};
+inline thread_local std::vector<EmulatedAsyncCopy> emulated_async_copies;
+
+inline void emulated_async_copy(void* dst, const void* src) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    fprintf(stderr, "misaligned cp.async: %p <- %p\n", dst, src);
+    std::abort();
+  }
+  emulated_async_copies.push_back({dst, src});
+}
+
+inline void emulated_async_wait_all() {
+  for (const EmulatedAsyncCopy& copy : emulated_async_copies) std::memcpy(copy.dst, copy.src, 16);
+  emulated_async_copies.clear();
+}
+
 // One 16-bit value of a fragment register: the lower index in the low half.
 template <typename scalar_t>
 float emulated_fragment_value(uint32_t reg, int half) {
@@ -135,6 +157,11 @@ void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, Kernel kernel) {
         emulated_warp = &warps[t / 32];
         emulated_lane = static_cast<int>(t % 32);
         kernel();
+        if (!emulated_async_copies.empty()) {
+          fprintf(stderr, "thread %u of block %u ended with %zu cp.async copies never waited for\n", t,
+                  blockIdx.x, emulated_async_copies.size());
+          std::abort();
+        }
       });
     }
     for (auto& worker : workers) worker.join();
