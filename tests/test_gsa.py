@@ -184,7 +184,7 @@ def test_backward_is_bitwise_reproducible():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-@pytest.mark.usefixtures("deterministic_cudnn")
+@pytest.mark.usefixtures("deterministic_torch_convs")
 @requires_gpu
 def test_cuda_backward_is_bitwise_reproducible():
     """sr = 8 on 56 x 56: one key tile a batch element and head, so the dk/dv query loop is split across

@@ -290,7 +290,7 @@ def test_gsa_offsets_past_2_to_the_31(backend):
     assert rel_err(last, expected) <= TOLERANCE[torch.bfloat16]
 
 
-@pytest.mark.usefixtures("deterministic_cudnn")
+@pytest.mark.usefixtures("deterministic_torch_convs")
 def test_patched_model_backward_is_bitwise_reproducible():
     """No float atomics anywhere: two backward passes of a patched model give identical gradients."""
     import timm
