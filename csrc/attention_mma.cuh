@@ -2,9 +2,10 @@
 // attention.cuh's scalar kernels (see there for the Geometry contract): forward with an online softmax,
 // dq, and dk/dv, split as in FlashAttention-2. A query block is 4 warps of 16 queries each, looping
 // over its keys in staged tiles (64 keys; fewer at head_dim 128); a key block is 4 warps of 16 keys
-// each, looping over its queries. Tiles are staged with cp.async; a query block's queries and its
-// first key tile in one round, so that a block with one key tile (an LSA window, GSA at sr >= 4 on
-// Twins' maps) waits for memory once, not twice. Scores, probabilities and their gradients never leave registers (warp_mma.cuh's fragment
+// each, looping over its queries. Tiles are staged with cp.async, a block's own rows together with its
+// first tile, so that a block with one tile (an LSA window; GSA at every stage of a 224² image) waits
+// for memory once, not twice; the forward also loads the next tile's keys and values while it
+// computes on this one's (FlashAttention-2's order, in the same shared memory). Scores, probabilities and their gradients never leave registers (warp_mma.cuh's fragment
 // layouts) and nothing of size queries x keys is stored. Softmax and accumulation in fp32; the
 // probabilities and dS are rounded to the input dtype to be the next mma's operand, as in
 // FlashAttention. Every sum has a fixed order: deterministic.
@@ -140,17 +141,24 @@ struct KeyTile {
   alignas(16) uint16_t v[kKeys * kStride];
   bool valid[kKeys];
 
-  // Issues the copies of keys j0 .. j0 + kKeys; they land at the next staging_barrier(). The tile must
-  // be free: no thread still reading the previous one (a barrier between).
-  template <typename scalar_t, typename Geometry, typename Block>
-  __device__ __forceinline__ void stage(const Geometry& geo, const Block& block, int j0, int keys) {
+  // Issue the copies of keys (kKeys, with valid) and values (kValues) j0 .. j0 + kKeys; they land when
+  // this thread waits for them, and are the block's after a barrier. What they overwrite must be free:
+  // no thread still reading the previous tile's (a barrier between).
+  template <typename scalar_t, bool kKeysToo, bool kValues, typename Geometry, typename Block>
+  __device__ __forceinline__ void stage_parts(const Geometry& geo, const Block& block, int j0, int keys) {
     for_each_chunk<kKeys, kHeadDim>([&](int j, int d0) {
       KeyRow<scalar_t> key;
       const bool is_key = j0 + j < keys && geo.key(block, j0 + j, key);
-      stage_chunk(k + j * kStride + d0, is_key ? key.k : nullptr, key.stride, d0, geo.head_dim);
-      stage_chunk(v + j * kStride + d0, is_key ? key.v : nullptr, key.stride, d0, geo.head_dim);
-      if (d0 == 0) valid[j] = is_key;
+      if constexpr (kKeysToo) {
+        stage_chunk(k + j * kStride + d0, is_key ? key.k : nullptr, key.stride, d0, geo.head_dim);
+        if (d0 == 0) valid[j] = is_key;
+      }
+      if constexpr (kValues) stage_chunk(v + j * kStride + d0, is_key ? key.v : nullptr, key.stride, d0, geo.head_dim);
     });
+  }
+  template <typename scalar_t, typename Geometry, typename Block>
+  __device__ __forceinline__ void stage(const Geometry& geo, const Block& block, int j0, int keys) {
+    stage_parts<scalar_t, true, true>(geo, block, j0, keys);
   }
 
   // The loop's tile from key j0: staged with the queries at j0 = 0; later ones once no thread still
@@ -200,9 +208,16 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   const auto block = geo.query_block(blockIdx.x);
   const int keys = geo.num_keys(block);
 
+  // Keys and values are in flight one step ahead of their use, as in FlashAttention-2, in two cp.async
+  // groups a tile: the next tile's keys load during this tile's softmax and P V, its values during the
+  // next Q K^T; every block issues its queries, first keys and first values before it first waits.
   queries.template stage_queries<scalar_t>(geo, block);
-  tile.template stage<scalar_t>(geo, block, 0, keys);
-  staging_barrier();
+  tile.template stage_parts<scalar_t, true, false>(geo, block, 0, keys);
+  async_copy_commit();
+  tile.template stage_parts<scalar_t, false, true>(geo, block, 0, keys);
+  async_copy_commit();
+  async_copy_wait<1>();  // queries and keys; the values may still be in flight
+  __syncthreads();
   uint32_t q_frag[Tiles::kSteps][4];
   queries.fragments(q_frag, 0);
   Row<scalar_t> query[2];
@@ -213,7 +228,7 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: this lane's share
   const float scale_log2 = scale * kLog2e;
   for (int j0 = 0; j0 < keys; j0 += Tiles::kKeyTile) {
-    tile.template stage_step<scalar_t>(geo, block, j0, keys);
+    const bool more = j0 + Tiles::kKeyTile < keys;  // the same for the whole block
     float s[kKeyTiles][4] = {};
     warp::mma_rows_tile_transposed<scalar_t, kStride>(s, q_frag, tile.k);
     // logits in log2 units; keys past the end or excluded get no weight
@@ -226,6 +241,11 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
       }
     }
+    if (more) {  // the next keys, once no thread reads these (or their valid flags)
+      __syncthreads();
+      tile.template stage_parts<scalar_t, true, false>(geo, block, j0 + Tiles::kKeyTile, keys);
+    }
+    async_copy_commit();
     float shift[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -248,8 +268,18 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
         row_sum[e >> 1] += s[n][e];
       }
     }
+    async_copy_wait<1>();  // this tile's values; the next keys may still be in flight
+    __syncthreads();
     warp::mma_accumulators_tile<scalar_t, kStride>(acc, s, tile.v);
+    if (more) {  // the next values, once no thread reads these; then the next keys must have landed
+      __syncthreads();
+      tile.template stage_parts<scalar_t, false, true>(geo, block, j0 + Tiles::kKeyTile, keys);
+      async_copy_commit();
+      async_copy_wait<1>();
+      __syncthreads();
+    }
   }
+  async_copy_wait<0>();  // the last tile's empty group (with no keys at all, the first values)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = warp::group_sum(row_sum[r]);

@@ -39,9 +39,29 @@ __device__ __forceinline__ void async_copy_16_bytes(void* dst_shared, const void
 // Every async_copy_16_bytes this thread issued has landed.
 __device__ __forceinline__ void async_copy_wait_all() {
 #if defined(TWINS_KERNELS_CUDA_EMULATION)
-  emulated_async_wait_all();
+  emulated_async_commit();
+  emulated_async_wait(0);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// The copies this thread issued since its last commit form a group (possibly empty) ...
+__device__ __forceinline__ void async_copy_commit() {
+#if defined(TWINS_KERNELS_CUDA_EMULATION)
+  emulated_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// ... and every group but the kPending newest it committed has landed.
+template <int kPending>
+__device__ __forceinline__ void async_copy_wait() {
+#if defined(TWINS_KERNELS_CUDA_EMULATION)
+  emulated_async_wait(kPending);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 #endif
 }
 

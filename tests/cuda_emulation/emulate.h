@@ -72,13 +72,15 @@ inline void emulated_aligned_copy(void* dst, const void* src, size_t bytes) {
   std::memcpy(dst, src, bytes);
 }
 
-// cp.async: the 16-byte copies a thread has issued and not yet waited for. They land (are copied) when it
-// waits, as late as the GPU may land them; a thread that ends with copies in flight is a kernel bug.
+// cp.async: the 16-byte copies a thread has issued and not yet waited for, in the groups it committed
+// (oldest first) and those issued since. A group lands (is copied) when its thread waits for it, as late
+// as the GPU may land it; a thread that ends with copies in flight is a kernel bug.
 struct EmulatedAsyncCopy {
   void* dst;
   const void* src;
 };
-inline thread_local std::vector<EmulatedAsyncCopy> emulated_async_copies;
+inline thread_local std::deque<std::vector<EmulatedAsyncCopy>> emulated_async_groups;
+inline thread_local std::vector<EmulatedAsyncCopy> emulated_async_copies;  // not committed yet
 
 inline void emulated_async_copy(void* dst, const void* src) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
@@ -88,9 +90,23 @@ inline void emulated_async_copy(void* dst, const void* src) {
   emulated_async_copies.push_back({dst, src});
 }
 
-inline void emulated_async_wait_all() {
-  for (const EmulatedAsyncCopy& copy : emulated_async_copies) std::memcpy(copy.dst, copy.src, 16);
+inline void emulated_async_commit() {
+  emulated_async_groups.push_back(std::move(emulated_async_copies));
   emulated_async_copies.clear();
+}
+
+// cp.async.wait_group pending: every committed group but the `pending` newest lands.
+inline void emulated_async_wait(size_t pending) {
+  while (emulated_async_groups.size() > pending) {
+    for (const EmulatedAsyncCopy& copy : emulated_async_groups.front()) std::memcpy(copy.dst, copy.src, 16);
+    emulated_async_groups.pop_front();
+  }
+}
+
+inline size_t emulated_async_in_flight() {
+  size_t copies = emulated_async_copies.size();
+  for (const auto& group : emulated_async_groups) copies += group.size();
+  return copies;
 }
 
 // One 16-bit value of a fragment register: the lower index in the low half.
@@ -157,9 +173,9 @@ void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, Kernel kernel) {
         emulated_warp = &warps[t / 32];
         emulated_lane = static_cast<int>(t % 32);
         kernel();
-        if (!emulated_async_copies.empty()) {
+        if (const size_t copies = emulated_async_in_flight(); copies > 0) {
           fprintf(stderr, "thread %u of block %u ended with %zu cp.async copies never waited for\n", t,
-                  blockIdx.x, emulated_async_copies.size());
+                  blockIdx.x, copies);
           std::abort();
         }
       });
