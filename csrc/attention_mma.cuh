@@ -5,8 +5,9 @@
 // each, looping over its queries. Tiles are staged with cp.async, a block's own rows together with its
 // first tile, so that a block with one tile (an LSA window; GSA at every stage of a 224² image) waits
 // for memory once, not twice; the forward also loads the next tile's keys and values while it
-// computes on this one's (FlashAttention-2's order, in the same shared memory). Scores, probabilities and their gradients never leave registers (warp_mma.cuh's fragment
-// layouts) and nothing of size queries x keys is stored. Softmax and accumulation in fp32; the
+// computes on this one's (FlashAttention-2's order, in the same shared memory). Scores, probabilities
+// and their gradients never leave registers (warp_mma.cuh's fragment layouts) and nothing of size
+// queries x keys is stored. Softmax and accumulation in fp32; the
 // probabilities and dS are rounded to the input dtype to be the next mma's operand, as in
 // FlashAttention. Every sum has a fixed order: deterministic.
 #pragma once
@@ -141,19 +142,21 @@ struct KeyTile {
   alignas(16) uint16_t v[kKeys * kStride];
   bool valid[kKeys];
 
-  // Issue the copies of keys (kKeys, with valid) and values (kValues) j0 .. j0 + kKeys; they land when
-  // this thread waits for them, and are the block's after a barrier. What they overwrite must be free:
-  // no thread still reading the previous tile's (a barrier between).
-  template <typename scalar_t, bool kKeysToo, bool kValues, typename Geometry, typename Block>
+  // Issue the copies of the keys (kWithKeys, and their valid flags) and values (kWithValues) j0 ..
+  // j0 + kKeys; they land when this thread waits for them, and are the block's after a barrier. What
+  // they overwrite must be free: no thread still reading the previous tile's (a barrier between).
+  template <typename scalar_t, bool kWithKeys, bool kWithValues, typename Geometry, typename Block>
   __device__ __forceinline__ void stage_parts(const Geometry& geo, const Block& block, int j0, int keys) {
     for_each_chunk<kKeys, kHeadDim>([&](int j, int d0) {
       KeyRow<scalar_t> key;
       const bool is_key = j0 + j < keys && geo.key(block, j0 + j, key);
-      if constexpr (kKeysToo) {
+      if constexpr (kWithKeys) {
         stage_chunk(k + j * kStride + d0, is_key ? key.k : nullptr, key.stride, d0, geo.head_dim);
         if (d0 == 0) valid[j] = is_key;
       }
-      if constexpr (kValues) stage_chunk(v + j * kStride + d0, is_key ? key.v : nullptr, key.stride, d0, geo.head_dim);
+      if constexpr (kWithValues) {
+        stage_chunk(v + j * kStride + d0, is_key ? key.v : nullptr, key.stride, d0, geo.head_dim);
+      }
     });
   }
   template <typename scalar_t, typename Geometry, typename Block>

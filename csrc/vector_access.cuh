@@ -21,10 +21,10 @@ __device__ __forceinline__ void copy_16_bytes(void* dst, const void* src) {
 
 // 16 bytes from global to shared memory without passing through registers (cp.async.cg, compute
 // capability 8.0+): the copies a thread issues are in flight together, and need no register to land in,
-// until it reaches async_copy_wait_all(); only then may it read dst, and the block's other threads only
-// after a barrier that follows. Under the CPU emulation the copy lands at that wait, not before, so a
-// read of dst before it finds stale data (and ThreadSanitizer sees the write where the GPU makes it).
-// Both sides 16-byte aligned.
+// until it waits for them (async_copy_wait_all, or async_copy_wait for the groups it committed); only
+// then may it read dst, and the block's other threads only after a barrier that follows. Under the CPU
+// emulation a copy lands at that wait, not before, so a read of dst before it finds stale data (and
+// ThreadSanitizer sees the write where the GPU makes it). Both sides 16-byte aligned.
 __device__ __forceinline__ void async_copy_16_bytes(void* dst_shared, const void* src_global) {
 #if defined(TWINS_KERNELS_CUDA_EMULATION)
   emulated_async_copy(dst_shared, src_global);
