@@ -244,33 +244,45 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def summary_table(cases, header) -> str:
     """Per op (chart panel) and variant: cases, geometric mean and range of the speedup over timm
-    eager, and geometric mean over timm + torch.compile. Cases with neither baseline (the attention
-    cores) are in the full table only."""
+    eager, geometric mean over timm + torch.compile, and the median % of the roofline. Rows with none
+    of the three (a variant that is itself the baseline, cases that count no bytes) are left out."""
     rows: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for label, variants in cases.items():
-        for variant in variants:
+        for variant, info in variants.items():
             if variant == "timm":
                 continue
-            speedups = rows[(op_of(variants), variant)]
+            row = rows[(op_of(variants), variant)]
             for baseline in BASELINES:
                 if baseline in variants and baseline != variant:
-                    speedups[baseline].append(time_ratio(variants, baseline, variant))
+                    row[baseline].append(time_ratio(variants, baseline, variant))
+            if "pct_roofline" in info:
+                row["roofline"].append(info["pct_roofline"])
     lines = [
         f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}; run "
-        f"{header['date']}. Speedups of median CUDA-event timings, geometric mean over the cases (range).",
+        f"{header['date']}. Speedups of median CUDA-event timings, geometric mean over the cases (range); "
+        f"% of roofline: the case's floor on this device (bytes at the measured copy bandwidth or FLOPs at "
+        f"the measured bf16 matmul rate) over its time, median over the cases.",
         "",
-        "| op | variant | cases | vs timm eager | vs timm + compile |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| op | variant | cases | vs timm eager | vs timm + compile | % of roofline |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for (panel, variant), speedups in sorted(rows.items()):
-        eager, compiled = speedups.get("timm", []), speedups.get("timm_compile", [])
-        if not eager and not compiled:
+    for (panel, variant), row in sorted(rows.items()):
+        eager, compiled, roofline = row.get("timm", []), row.get("timm_compile", []), row.get("roofline", [])
+        if not eager and not compiled and not roofline:
             continue
         vs_eager = (f"{geometric_mean(eager):.2f}× ({min(eager):.2f}–{max(eager):.2f})" if eager else "–")
         vs_compile = f"{geometric_mean(compiled):.2f}×" if compiled else "–"
-        lines.append(f"| {panel} | {variant} | {max(len(eager), len(compiled))} | {vs_eager} | {vs_compile} |")
+        of_roofline = f"{median(roofline):.0f}%" if roofline else "–"
+        lines.append(f"| {panel} | {variant} | {max(len(eager), len(compiled), len(roofline))} | {vs_eager} | "
+                     f"{vs_compile} | {of_roofline} |")
     return "\n".join(lines) + "\n"
 
 

@@ -114,9 +114,17 @@ def test_readme_summary_is_written_between_the_markers(tmp_path):
     assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{end}\nafter\n")
     assert "old numbers" not in text and "Test GPU" in text
     # peg triton: 4x and 1x over timm eager (geometric mean 2x), 2x over timm + compile (one case)
-    assert "| peg | triton | 2 | 2.00× (1.00–4.00) | 2.00× |" in text
-    assert "| peg | timm_compile | 1 | 2.00× (2.00–2.00) | – |" in text
-    assert "](results/speedups.png)" in text and "| gsa-core |" not in text  # no baseline: no summary row
+    assert "| peg | triton | 2 | 2.00× (1.00–4.00) | 2.00× | – |" in text
+    assert "| peg | timm_compile | 1 | 2.00× (2.00–2.00) | – | – |" in text
+    assert "](results/speedups.png)" in text and "| gsa-core |" not in text  # no baseline, no roofline
+    # with a roofline %, the cores (no timm baseline) get a row: the median over their cases
+    cores = [bench("gsa-core-c", "triton", 1.0, "gsa-core"), bench("gsa-core-d", "triton", 1.0, "gsa-core"),
+             bench("gsa-core-e", "triton", 1.0, "gsa-core")]
+    for entry, pct in zip(cores, (20.0, 70.0, 40.0)):
+        entry["extra_info"].update(pct_roofline=pct, bound="compute")
+    write_run(run, "2026-11-25T10:00:00", cores)
+    assert report.main([str(run), "--out", str(out), "--readme", str(readme)]) == 0
+    assert "| gsa-core | triton | 3 | – | – | 40% |" in readme.read_text()
     readme.write_text("no markers\n")
     assert report.main([str(run), "--out", str(out), "--readme", str(readme)]) == 2
 
