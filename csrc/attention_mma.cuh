@@ -5,11 +5,12 @@
 // each, looping over its queries. Tiles are staged with cp.async, a block's own rows together with its
 // first tile, so that a block with one tile (an LSA window; GSA at every stage of a 224² image) waits
 // for memory once, not twice; the forward also loads the next tile's keys and values while it
-// computes on this one's (FlashAttention-2's order, in the same shared memory). Scores, probabilities
+// computes on this one's (FlashAttention-2's order, in the same shared memory), and query blocks'
+// results leave through shared memory in 16-byte chunks (store_block_rows). Scores, probabilities
 // and their gradients never leave registers (warp_mma.cuh's fragment layouts) and nothing of size
-// queries x keys is stored. Softmax and accumulation in fp32; the
-// probabilities and dS are rounded to the input dtype to be the next mma's operand, as in
-// FlashAttention. Every sum has a fixed order: deterministic.
+// queries x keys is stored. Softmax and accumulation in fp32; the probabilities and dS are rounded to
+// the input dtype to be the next mma's operand, as in FlashAttention. Every sum has a fixed order:
+// deterministic.
 #pragma once
 
 #include "attention.cuh"
@@ -189,6 +190,41 @@ __device__ __forceinline__ void for_each_lane_column(int head_dim, Fn fn) {
   }
 }
 
+// A query block's results to memory through the shared tile `buffer` (kMmaRows rows of kStride, no
+// longer read by any warp once every warp has passed a barrier since): value(r, n, e), the lane's
+// accumulator value of its row r (0, 1) and column 8 n + 2 t + e, rounded to scalar_t, two columns a
+// 4-byte store into the tile; then row i's chunks of 8 columns to dst_row(i) (null: no query there) by
+// the block's threads in turn, a row's chunks together, one 16-byte store a chunk where the row is
+// 16-byte aligned, else element by element. A lane's own stores would be 2 bytes each, 16 a lane at
+// head_dim 32, the four lanes of a row writing every other column: 8 times the store instructions.
+template <typename scalar_t, int kHeadDim, typename Value, typename DstRow>
+__device__ __forceinline__ void store_block_rows(uint16_t* buffer, int head_dim, Value value, DstRow dst_row) {
+  using Tiles = MmaTiles<kHeadDim>;
+  constexpr int kStride = Tiles::kStride;
+  const int col = 2 * warp::lane_in_group();
+  __syncthreads();  // buffer is free: no thread still reads what it held
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    uint16_t* row = buffer + (lane_row() + 8 * r) * kStride + col;
+#pragma unroll
+    for (int n = 0; n < Tiles::kDimTiles; ++n) {
+      warp::store_pair(row + 8 * n, warp::pack(warp::round_to_bits<scalar_t>(value(r, n, 0)),
+                                               warp::round_to_bits<scalar_t>(value(r, n, 1))));
+    }
+  }
+  __syncthreads();
+  for_each_chunk<kMmaRows, kHeadDim>([&](int i, int d0) {
+    scalar_t* dst = dst_row(i);
+    const uint16_t* src = buffer + i * kStride + d0;
+    if (dst == nullptr || d0 >= head_dim) return;
+    if (d0 + 8 <= head_dim && aligned_16(dst + d0)) {
+      copy_16_bytes(dst + d0, src);
+      return;
+    }
+    for (int e = 0; e < 8 && d0 + e < head_dim; ++e) dst[d0 + e] = scalar_t(src[e], scalar_t::from_bits());
+  });
+}
+
 // This lane's two queries of a query block; false where the block has none there.
 template <typename scalar_t, typename Geometry, typename Block>
 __device__ __forceinline__ void lane_queries(const Geometry& geo, const Block& block, Row<scalar_t> (&query)[2],
@@ -283,16 +319,18 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
     }
   }
   async_copy_wait<0>();  // the last tile's empty group (with no keys at all, the first values)
+  float sum[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float sum = warp::group_sum(row_sum[r]);
-    if (!active[r]) continue;
-    scalar_t* out = geo.out_row(block, query[r]);
-    for_each_lane_column<Tiles::kDimTiles>(head_dim, [&](int d, int n, int e) {
-      out[d] = static_cast<scalar_t>(acc[n][2 * r + e] / sum);
-    });
-    if (col == 0) geo.lse[geo.lse_index(block, query[r])] = (row_max[r] + log2f(sum)) * kLn2;
+    sum[r] = warp::group_sum(row_sum[r]);
+    if (active[r] && col == 0) geo.lse[geo.lse_index(block, query[r])] = (row_max[r] + log2f(sum[r])) * kLn2;
   }
+  store_block_rows<scalar_t, kHeadDim>(
+      queries.rows, head_dim, [&](int r, int n, int e) { return acc[n][2 * r + e] / sum[r]; },
+      [&](int i) -> scalar_t* {
+        Row<scalar_t> row;
+        return geo.query(block, i, row) ? geo.out_row(block, row) : nullptr;
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -345,14 +383,12 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
     }
     warp::mma_accumulators_tile<scalar_t, kStride>(dq, s, tile.k);
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (!active[r]) continue;
-    scalar_t* dst = geo.dq_row(block, query[r]);
-    for_each_lane_column<Tiles::kDimTiles>(head_dim, [&](int d, int n, int e) {
-      dst[d] = static_cast<scalar_t>(dq[n][2 * r + e] * scale);
-    });
-  }
+  store_block_rows<scalar_t, kHeadDim>(
+      queries.rows, head_dim, [&](int r, int n, int e) { return dq[n][2 * r + e] * scale; },
+      [&](int i) -> scalar_t* {
+        Row<scalar_t> row;
+        return geo.query(block, i, row) ? geo.dq_row(block, row) : nullptr;
+      });
 }
 
 // ---------------------------------------------------------------------------------------------

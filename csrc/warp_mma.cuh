@@ -60,6 +60,15 @@ __device__ __forceinline__ uint32_t load_pair(const uint16_t* p) {
 #endif
 }
 
+// value to p[0] (low half) and p[1] (high half); p is 4-byte aligned
+__device__ __forceinline__ void store_pair(uint16_t* p, uint32_t value) {
+#ifndef TWINS_KERNELS_CUDA_EMULATION
+  *reinterpret_cast<uint32_t*>(p) = value;
+#else
+  emulated_aligned_copy(p, &value, sizeof(value));
+#endif
+}
+
 // Fragment loads from a row-major tile t with kStride elements a row (kStride even).
 // A: rows m0.., columns k0.. of t.
 template <int kStride>
