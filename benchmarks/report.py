@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +33,8 @@ FUSED = ("triton", "cuda")
 README_MARKERS = ("<!-- benchmark summary: written by benchmarks/report.py --readme -->",
                   "<!-- end of benchmark summary -->")
 HEADER_FIELDS = ("device", "date", "torch", "triton", "python")
+ROOFLINE_MEANING = ("% of roofline: the fewest ms a case's bytes (at the measured copy bandwidth) or FLOPs (at the "
+                    "measured bf16 matmul rate) allow, over its median time, and which of the two bounds it")
 
 
 @dataclass(frozen=True)
@@ -178,9 +181,7 @@ def roofline_cell(info: dict) -> str:
 def markdown_table(cases, header) -> str:
     lines = [
         f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}, "
-        f"python {header['python']}; run {header['date']}. Medians of CUDA-event timings. % of roofline: the "
-        f"fewest ms the case's bytes (at the measured copy bandwidth) or FLOPs (at the measured bf16 matmul "
-        f"rate) allow, over its median, and which of the two bounds it.",
+        f"python {header['python']}; run {header['date']}. Medians of CUDA-event timings. {ROOFLINE_MEANING}.",
         "",
         "| case | variant | median ms | vs timm eager | vs timm + compile | GB/s | % of copy BW | % of roofline |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -244,12 +245,6 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def summary_table(cases, header) -> str:
     """Per op (chart panel) and variant: cases, geometric mean and range of the speedup over timm
     eager, geometric mean over timm + torch.compile, and the median % of the roofline. Rows with none
@@ -268,8 +263,7 @@ def summary_table(cases, header) -> str:
     lines = [
         f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}; run "
         f"{header['date']}. Speedups of median CUDA-event timings, geometric mean over the cases (range); "
-        f"% of roofline: the case's floor on this device (bytes at the measured copy bandwidth or FLOPs at "
-        f"the measured bf16 matmul rate) over its time, median over the cases.",
+        f"{ROOFLINE_MEANING} (the median over the cases).",
         "",
         "| op | variant | cases | vs timm eager | vs timm + compile | % of roofline |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
@@ -280,7 +274,7 @@ def summary_table(cases, header) -> str:
             continue
         vs_eager = (f"{geometric_mean(eager):.2f}× ({min(eager):.2f}–{max(eager):.2f})" if eager else "–")
         vs_compile = f"{geometric_mean(compiled):.2f}×" if compiled else "–"
-        of_roofline = f"{median(roofline):.0f}%" if roofline else "–"
+        of_roofline = f"{statistics.median(roofline):.0f}%" if roofline else "–"
         lines.append(f"| {panel} | {variant} | {max(len(eager), len(compiled), len(roofline))} | {vs_eager} | "
                      f"{vs_compile} | {of_roofline} |")
     return "\n".join(lines) + "\n"

@@ -120,7 +120,7 @@ def test_op_benchmark_cases_run(benchmarks_on_cpu, pass_):
     for variant in ("sdpa", "triton"):
         run_case(gsa.test_gsa_sr1_attention_core, 64, pass_, variant)
     for variant in gsa.SUBSAMPLE_VARIANTS:
-        for stage in (0, 2):  # sr = 8 on an 16x16 map, sr = 2 at C = 320 on a 4x4 one
+        for stage in (0, 2):  # sr = 8 on a 16x16 map, sr = 2 at C = 320 on a 4x4 one
             info = run_case(gsa.test_gsa_subsample, 64, stage, pass_, variant)
             assert info["op"] == "gsa-subsample" and info["achieved_gbs"] > 0
 
