@@ -13,13 +13,13 @@ from twins_kernels.ops.gsa import (
     _attention_backward_reference,
     _attention_forward_reference,
     gsa_attention_backward_triton,
-    gsa_attention_forward_op,
-    gsa_subsample_forward_op,
 )
 from twins_kernels.testing import module_parity_errors
 
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_unless_available
-from parity import DTYPE_IDS, TOLERANCE, assert_rel_close, check_module_parity, make_tokens
+from parity import (
+    DTYPE_IDS, TOLERANCE, assert_rel_close, check_compiled_matches_eager, check_module_parity, make_tokens,
+)
 
 # (B, H, W, dim, heads, sr): Twins' head dims 32 and 64 and the 16 / 128 ends, every sr Twins uses and 3,
 # maps that are and are not multiples of sr, M = 1 (sr 8 on 14 x 14), a head_dim that is not a power of two
@@ -198,20 +198,9 @@ def test_cuda_backward_is_bitwise_reproducible():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_compile_fullgraph_matches_eager(backend):
-    """The custom ops keep the kernels opaque to dynamo: no graph break, same numbers, backward runs."""
+    """The custom ops keep the kernels opaque to dynamo: no graph break, same numbers and gradients."""
     module = FusedGSA(32, num_heads=2, sr_ratio=2, backend=backend).to(KERNEL_DEVICE)
-    x = make_tokens(2, 4, 6, 32, torch.float32, KERNEL_DEVICE).requires_grad_()
-
-    def block(tokens):
-        return module(tokens, (4, 6)).relu() * 2
-
-    expected = block(x)
-    torch._dynamo.reset()
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    actual = compiled(x)
-    torch.testing.assert_close(actual, expected)
-    actual.sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    check_compiled_matches_eager(module, make_tokens(2, 4, 6, 32, torch.float32, KERNEL_DEVICE), (4, 6), "aot_eager")
 
 
 def test_attention_dropout_in_training_runs_the_reference():
@@ -254,20 +243,6 @@ def test_head_dim_outside_the_kernels_raises_on_kernel_backends_only():
     expected = gsa_attention_reference(q, kv, 2)
     torch.testing.assert_close(gsa_attention(q, kv, 2, backend="torch"), expected)
     torch.testing.assert_close(gsa_attention(q, kv, 2, backend="auto"), expected)
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-def test_opcheck(backend):
-    """torch.library's own checks: schema, fake (meta) outputs against real ones, autograd registration."""
-    if backend == "cuda":
-        skip_unless_available("cuda")
-
-    def make(*shape):
-        return torch.randn(*shape, device=KERNEL_DEVICE, requires_grad=True)
-
-    torch.library.opcheck(gsa_attention_forward_op, (make(2, 7, 32), make(2, 3, 64), 2, 0.25, backend))
-    subsample_args = (make(1, 15, 16), make(16, 16, 2, 2), make(16), make(16), make(16), 3, 5, 2, 1e-5, backend)
-    torch.library.opcheck(gsa_subsample_forward_op, subsample_args)
 
 
 def _attention_case(call):

@@ -9,7 +9,7 @@ from twins_kernels import FusedLSA
 from twins_kernels.ops import lsa, lsa_reference
 
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu, skip_unless_available
-from parity import DTYPE_IDS, assert_rel_close, check_module_parity, make_tokens, rel_err
+from parity import DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity, make_tokens, rel_err
 
 
 class MmsegMaskedAttn(LocallyGroupedAttn):
@@ -228,19 +228,7 @@ def test_padded_bias_gradient_is_bitwise_reproducible():
 def test_torch_compile_fullgraph_matches_eager(pad_mode):
     """The custom op keeps the kernels opaque to dynamo: no graph break (fullgraph), same numbers."""
     module = FusedLSA(32, 2, ws=7, backend="triton", pad_mode=pad_mode).to(KERNEL_DEVICE)
-    x = make_tokens(1, 9, 8, 32, torch.float32, KERNEL_DEVICE).requires_grad_()
-
-    def block(tokens):
-        return module(tokens, (9, 8)).relu() * 2
-
-    expected = block(x)
-    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
-    torch._dynamo.reset()
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    actual = compiled(x)
-    torch.testing.assert_close(actual, expected)
-    (actual_grad,) = torch.autograd.grad(actual.sum(), x)
-    torch.testing.assert_close(actual_grad, expected_grad)
+    check_compiled_matches_eager(module, make_tokens(1, 9, 8, 32, torch.float32, KERNEL_DEVICE), (9, 8), "aot_eager")
 
 
 @requires_gpu

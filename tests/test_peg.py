@@ -8,7 +8,7 @@ from twins_kernels import FusedPEG
 from twins_kernels.ops import peg, peg_reference
 
 from conftest import HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_unless_available
-from parity import DTYPE_IDS, check_module_parity, make_tokens
+from parity import DTYPE_IDS, check_compiled_matches_eager, check_module_parity, make_tokens
 
 # (B, H, W, C): Twins' real stage widths, and odd sizes: batch 1, a single row, a prime token count,
 # channels that are not a multiple of any block
@@ -106,28 +106,14 @@ def test_weight_grad_is_bitwise_reproducible():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    module = FusedPEG(32, 32, backend="torch" if not HAS_GPU else None).to(KERNEL_DEVICE)
-    x = make_tokens(2, 5, 7, 32, torch.float32, KERNEL_DEVICE).requires_grad_()
-
-    def block(tokens):
-        return module(tokens, (5, 7)).relu() * 2
-
-    expected = block(x)
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if not HAS_GPU else "inductor")
-    torch._dynamo.reset()
-    actual = compiled(x)
-    torch.testing.assert_close(actual, expected)
-    actual.sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
-
-
-def test_torch_compile_fullgraph_triton_interpreter():
-    """The custom op keeps the Triton kernels opaque to dynamo: no graph break, same numbers."""
-    module = FusedPEG(16, 16, backend="triton").to(KERNEL_DEVICE)
-    x = make_tokens(1, 4, 6, 16, torch.float32, KERNEL_DEVICE)
-    compiled = torch.compile(lambda t: module(t, (4, 6)), fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), module(x, (4, 6)))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_matches_eager(backend):
+    """The custom ops keep the kernels opaque to dynamo: no graph break, eager's output and gradients (on a
+    GPU under inductor, whose generated code asserts the strides the ops' fakes promise)."""
+    module = FusedPEG(32, 32, backend=backend).to(KERNEL_DEVICE)
+    x = make_tokens(2, 5, 7, 32, torch.float32, KERNEL_DEVICE)
+    # inductor may fuse the residual and bias adds differently: fp32 rounding, not another result
+    check_compiled_matches_eager(module, x, (5, 7), "inductor" if HAS_GPU else "aot_eager", rtol=1e-4, atol=1e-4)
 
 
 def test_state_dict_keys_and_sharing_match_timm():

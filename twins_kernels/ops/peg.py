@@ -252,8 +252,10 @@ def _kernel_backend(x: torch.Tensor, weight: torch.Tensor, stride: int, requeste
 
 
 def _split_partial(sums: torch.Tensor, weight: torch.Tensor):
-    # copies, never views of ``sums``: a custom op's outputs must not alias each other
-    grad_w = sums[:NUM_TAPS].t().reshape(weight.shape).to(weight.dtype, copy=True)
+    # Copies, never views of ``sums`` (a custom op's outputs must not alias each other), and contiguous as
+    # the fake promises: compiled code asserts the strides (a copy of the transposed taps would keep them).
+    grad_w = weight.new_empty(weight.shape)
+    grad_w.view(weight.shape[0], NUM_TAPS).copy_(sums[:NUM_TAPS].t())
     return grad_w, sums[NUM_TAPS].to(weight.dtype, copy=True)
 
 

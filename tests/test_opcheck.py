@@ -1,0 +1,83 @@
+"""torch.library's own checks of every registered op, forward and backward, on every backend: the schema,
+the fake (meta) implementation against the real outputs (shapes, dtypes and strides: torch.compile's
+generated code asserts the fake's strides), and the autograd registration of the forward ops.
+
+The backward ops are checked on their own: the forward ops' checks reach them only through an autograd
+graph, where a stride the fake does not promise may go unnoticed until inductor's code asserts it."""
+import pytest
+import torch
+
+from twins_kernels.ops.gsa import (
+    gsa_attention_backward_op,
+    gsa_attention_forward_op,
+    gsa_subsample_backward_op,
+    gsa_subsample_forward_op,
+)
+from twins_kernels.ops.lsa import lsa_backward_op, lsa_forward_op
+from twins_kernels.ops.peg import peg_backward_op, peg_forward_op
+
+from conftest import KERNEL_DEVICE, skip_unless_available
+
+BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+
+
+def skip_unless_runs(backend):
+    if backend == "cuda":  # torch runs everywhere, triton on CPU through its interpreter
+        skip_unless_available("cuda")
+
+
+def randn(*shape, requires_grad=False):
+    return torch.randn(*shape, device=KERNEL_DEVICE, requires_grad=requires_grad)
+
+
+def check_forward_and_backward(forward_op, forward_args, backward_op, backward_args):
+    """opcheck the forward op on inputs that require grad, then the backward op on plain ones built by
+    backward_args(forward outputs)."""
+    torch.library.opcheck(forward_op, forward_args)
+    with torch.no_grad():
+        outputs = forward_op(*(a.detach() if isinstance(a, torch.Tensor) else a for a in forward_args))
+    torch.library.opcheck(backward_op, backward_args(outputs))
+
+
+@BACKENDS
+def test_peg_ops(backend):
+    skip_unless_runs(backend)
+    x, weight, bias = randn(2, 35, 24, requires_grad=True), randn(24, 1, 3, 3, requires_grad=True), randn(24)
+    check_forward_and_backward(
+        peg_forward_op, (x, weight, bias, 5, 7, 1, backend),
+        peg_backward_op, lambda out: (torch.randn_like(out), x.detach(), weight.detach(), 5, 7, 1, backend))
+
+
+@BACKENDS
+def test_lsa_ops(backend):
+    skip_unless_runs(backend)
+    qkv, bias = randn(2, 5 * 6, 96, requires_grad=True), randn(96, requires_grad=True)  # C 32, 2 heads
+    for mask_padding in (False, True):
+        shape = (5, 6, 4, 2, 0.25, mask_padding, backend)
+        check_forward_and_backward(
+            lsa_forward_op, (qkv, bias, *shape),
+            lsa_backward_op, lambda outputs: (torch.randn_like(outputs[0]), qkv.detach(), bias.detach(), *outputs,
+                                              *shape))
+
+
+@BACKENDS
+def test_gsa_attention_ops(backend):
+    skip_unless_runs(backend)
+    q, kv = randn(2, 7, 32, requires_grad=True), randn(2, 3, 64, requires_grad=True)
+    check_forward_and_backward(
+        gsa_attention_forward_op, (q, kv, 2, 0.25, backend),
+        gsa_attention_backward_op, lambda outputs: (torch.randn_like(outputs[0]), q.detach(), kv.detach(), *outputs,
+                                                    2, 0.25, backend))
+
+
+@BACKENDS
+def test_gsa_subsample_ops(backend):
+    skip_unless_runs(backend)
+    x, sr_weight = randn(1, 15, 16, requires_grad=True), randn(16, 16, 2, 2, requires_grad=True)
+    norm_weight = randn(16, requires_grad=True)
+    args = (x, sr_weight, randn(16, requires_grad=True), norm_weight, randn(16, requires_grad=True), 3, 5, 2, 1e-5,
+            backend)
+    check_forward_and_backward(
+        gsa_subsample_forward_op, args,
+        gsa_subsample_backward_op, lambda outputs: (torch.randn_like(outputs[0]), x.detach(), sr_weight.detach(),
+                                                    norm_weight.detach(), *outputs[1:], 3, 5, 2, backend))
