@@ -203,6 +203,16 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     check_compiled_matches_eager(module, make_tokens(2, 4, 6, 32, torch.float32, KERNEL_DEVICE), (4, 6), "aot_eager")
 
 
+def test_from_module_keeps_the_eval_mode_and_input_errors_name_x():
+    timm_module = GlobalSubSampleAttn(32, num_heads=2, attn_drop=0.5, sr_ratio=2).eval()
+    fused = FusedGSA.from_module(timm_module, backend="torch")
+    assert not fused.training
+    x = make_tokens(2, 4, 6, 32, torch.float32, "cpu")
+    torch.testing.assert_close(fused(x, (4, 6)), timm_module(x, (4, 6)))
+    with pytest.raises(ValueError, match="x has C=16 channels, expected 32"):
+        fused(x[..., :16], (4, 6))
+
+
 def test_attention_dropout_in_training_runs_the_reference():
     timm_module = GlobalSubSampleAttn(32, num_heads=2, attn_drop=0.5, sr_ratio=2)
     timm_module.fused_attn = True  # SDPA's dropout, which the reference path uses too

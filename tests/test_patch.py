@@ -10,7 +10,8 @@ from torch import nn
 
 import twins_kernels
 from twins_kernels import FusedPEG, PatchSkip, patch_model, patched, register_patch, unpatch_model
-from twins_kernels.patch import KINDS, _register_builtins, _registry
+import twins_kernels.patch
+from twins_kernels.patch import KINDS, _registry
 
 from conftest import HAS_GPU, KERNEL_DEVICE, SHALLOW, requires_gpu
 from parity import DTYPE_IDS, TOLERANCE, rel_err
@@ -19,12 +20,6 @@ from twins_kernels.testing import model_error_allowed
 VARIANTS = ["twins_pcpvt_small", "twins_pcpvt_base", "twins_pcpvt_large",
             "twins_svt_small", "twins_svt_base", "twins_svt_large"]
 TIMM_CLASSES = {"lsa": twins.LocallyGroupedAttn, "gsa": twins.GlobalSubSampleAttn, "peg": twins.PosConv}
-
-
-def fused_kinds():
-    """The kinds the package fuses (all three once every op has landed)."""
-    _register_builtins()
-    return sorted({registration.kind for registration in _registry.values()} & set(KINDS))
 
 
 def count(model, cls):
@@ -38,11 +33,11 @@ def small_model(name, **kwargs):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_replaces_every_module_and_keeps_the_state_dict(name):
     model = small_model(name)
-    expected = {kind: count(model, TIMM_CLASSES[kind]) for kind in fused_kinds()}
+    expected = {kind: count(model, TIMM_CLASSES[kind]) for kind in KINDS}
     state = copy.deepcopy(model.state_dict())
     report = patch_model(model)
     assert dict(report.replaced) == {k: v for k, v in expected.items() if v}
-    for kind in fused_kinds():
+    for kind in KINDS:
         assert count(model, TIMM_CLASSES[kind]) == 0
     patched_state = model.state_dict()
     assert list(patched_state) == list(state)
@@ -89,8 +84,8 @@ def model_parity(name, backend, dtype, device, image=(64, 96), batch=1, autocast
     tolerance or twice the unpatched timm model's own error in that dtype (timm in bf16 is itself
     about 1e-2 off on the logits and up to 7e-2 on LayerNorm weight gradients).
 
-    The default image, 64x96, is no multiple of 32: Twins-SVT's first map (16x24) is padded to LSA's
-    7x7 windows, and the last stage's GSA / PCPVT's sr=8 stage see a handful of keys."""
+    The default image, 64x96, makes maps that are no multiple of 7: Twins-SVT's first map (16x24) is
+    padded to LSA's 7x7 windows, and the last stage's GSA / PCPVT's sr=8 stage see a handful of keys."""
     torch.manual_seed(0)
     plain = small_model(name, **model_kwargs).to(device, dtype)
     reference = copy.deepcopy(plain).to(torch.float64)
@@ -235,6 +230,24 @@ def test_register_patch_for_another_implementation():
         assert type(model[0]) is PosCNN
     finally:
         del _registry[PosCNN]
+
+
+def test_a_users_registration_of_a_timm_class_stays(monkeypatch):
+    """timm's classes are registered on the first patch_model; a register_patch of one of them made
+    before that stays, and its converter runs."""
+    monkeypatch.setattr(twins_kernels.patch, "_registry", {})
+    monkeypatch.setattr(twins_kernels.patch, "_builtins_registered", False)
+    converted = []
+
+    def convert(module, backend):
+        converted.append(module)
+        return FusedPEG.from_module(module, backend)
+
+    register_patch(twins.PosConv, "peg", convert)
+    model = nn.ModuleList([twins.PosConv(16, 16), twins.LocallyGroupedAttn(16, 2, ws=7)])
+    original = model[0]
+    report = patch_model(model)
+    assert converted == [original] and dict(report.replaced) == {"peg": 1, "lsa": 1}
 
 
 def test_register_patch_rejects_bad_arguments():

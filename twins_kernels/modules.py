@@ -10,16 +10,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .ops.common import check_int, check_tokens
 from .ops.gsa import gsa_attention, gsa_attention_reference, gsa_subsample
 from .ops.lsa import PAD_MODES, lsa, lsa_reference
-from .ops.peg import peg, peg_reference
+from .ops.peg import peg
 
 
 def _sharing(cls, module: nn.Module, attributes, **settings):
     """A ``cls`` built without ``__init__`` that takes ``attributes`` (submodules, so their parameters,
-    and settings) from ``module`` itself, plus ``settings``."""
+    and settings) and its train/eval mode from ``module`` itself, plus ``settings``."""
     fused = cls.__new__(cls)
     nn.Module.__init__(fused)
+    fused.training = module.training
     for name in attributes:
         setattr(fused, name, getattr(module, name))
     for name, value in settings.items():
@@ -51,8 +53,6 @@ class FusedPEG(nn.Module):
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
         conv = self.proj[0]
-        if conv.in_channels != conv.out_channels:
-            return peg_reference(x, conv.weight, conv.bias, size, self.stride)
         return peg(x, conv.weight, conv.bias, size, self.stride, backend=self.backend)
 
     def no_weight_decay(self):
@@ -103,6 +103,7 @@ class FusedGSA(nn.Module):
                                       "sr_ratio", "sr", "norm"), backend=backend)
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
+        check_tokens(x, size, channels=self.dim)  # naming x, not the sub-sampling's weight or a Linear's
         kv_tokens = x
         if self.sr is not None:
             kv_tokens = gsa_subsample(x, size, self.sr.weight, self.sr.bias, self.norm.weight, self.norm.bias,
@@ -134,7 +135,7 @@ class FusedLSA(nn.Module):
                  device=None, dtype=None, backend: str | None = None, pad_mode: str = "zero"):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        if ws == 1:
+        if check_int(ws, "ws") == 1:
             raise ValueError("ws=1 is global attention over all tokens: use FusedGSA with sr_ratio=1")
         if dim % num_heads != 0:
             raise ValueError(f"dim {dim} should be divided by num_heads {num_heads}.")
@@ -160,7 +161,8 @@ class FusedLSA(nn.Module):
                         backend=backend, pad_mode=pad_mode)
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
-        qkv = self.qkv(x)
+        check_tokens(x, size, channels=self.dim)  # naming x, not the qkv Linear's output (nor failing inside
+        qkv = self.qkv(x)                         # the reference that attention dropout runs)
         # a Linear without bias maps a padded (zero) token to zero
         bias = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(qkv.shape[-1])
         if self.training and self.attn_drop.p > 0:

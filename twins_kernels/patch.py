@@ -66,7 +66,8 @@ def _convert_posconv(module: nn.Module, backend: str | None) -> nn.Module:
 
 
 def _register_builtins() -> None:
-    """timm's classes, registered on first use so that importing twins_kernels never needs timm."""
+    """timm's classes, registered on first use so that importing twins_kernels never needs timm; a
+    user's ``register_patch`` of one of them, made before, stays."""
     global _builtins_registered
     if _builtins_registered:
         return
@@ -75,13 +76,14 @@ def _register_builtins() -> None:
         from timm.models import twins
     except ImportError:
         return
-    from . import modules
+    from .modules import FusedGSA, FusedLSA
 
-    register_patch(twins.PosConv, "peg", _convert_posconv)
-    if hasattr(modules, "FusedLSA"):
-        register_patch(twins.LocallyGroupedAttn, "lsa", lambda m, backend: modules.FusedLSA.from_module(m, backend))
-    if hasattr(modules, "FusedGSA"):
-        register_patch(twins.GlobalSubSampleAttn, "gsa", lambda m, backend: modules.FusedGSA.from_module(m, backend))
+    for cls, kind, converter in [
+        (twins.PosConv, "peg", _convert_posconv),
+        (twins.LocallyGroupedAttn, "lsa", FusedLSA.from_module),
+        (twins.GlobalSubSampleAttn, "gsa", FusedGSA.from_module),
+    ]:
+        _registry.setdefault(cls, _Registration(kind, converter))
 
 
 @dataclass

@@ -181,6 +181,14 @@ def refuse_double_backward(backward_op, op: str) -> None:
     backward_op.register_autograd(double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def reference_outside_kernels(requested: str, backend: str, what: str) -> str:
+    """For a call outside what the ``backend`` kernels support (``what`` says how): the reference
+    ("torch") where the choice was ``auto``; naming a kernel backend raises a ValueError saying so."""
+    if (requested or get_backend()).lower() == "auto":
+        return "torch"
+    raise ValueError(f"{what}, which the {backend} kernels support; use backend='torch'")
+
+
 def attention_backend(x: torch.Tensor, chans: int, num_heads: int, requested: str) -> str:
     """The backend an attention op runs on (``op_backend``): the kernel backends need head_dim in
     16..128 (``auto`` runs the reference outside it; naming a kernel backend raises), and the CUDA
@@ -190,12 +198,9 @@ def attention_backend(x: torch.Tensor, chans: int, num_heads: int, requested: st
         return backend
     head_dim = chans // num_heads
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        if (requested or get_backend()).lower() == "auto":
-            return "torch"
-        raise ValueError(
-            f"head_dim = C / num_heads = {chans} / {num_heads} = {head_dim} is outside "
-            f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM}, which the {backend} kernels support; use backend='torch'"
-        )
+        return reference_outside_kernels(
+            requested, backend,
+            f"head_dim = C / num_heads = {chans} / {num_heads} = {head_dim} is outside {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
     if backend == "cuda" and x.dtype == torch.float64:
         return "torch"
     return backend

@@ -38,7 +38,8 @@ Backends (see ``twins_kernels.backend``):
           float64 runs the PyTorch reference).
   torch   the PyTorch reference (windows materialized), fp32 accumulation.
   The kernel backends need head_dim = C / num_heads in 16..128: with ``auto`` a head_dim outside it
-  runs the reference; naming triton or cuda raises. ws must be 2..16 on every backend.
+  runs the reference; naming triton or cuda raises. Likewise ws: 2..16 on the kernel backends, any
+  ws >= 2 on the reference (ws = 1 is global attention: GSA).
 
 The CUDA extension's contract (csrc/twins_kernels.h), the same as the Triton launchers':
   lsa_forward(Tensor qkv, Tensor qkv_bias, int height, int width, int ws, int num_heads, float scale,
@@ -85,6 +86,7 @@ from .common import (
     fma_warps,
     launch_device,
     next_pow2,
+    reference_outside_kernels,
     refuse_double_backward,
     scalar_arg,
 )
@@ -566,8 +568,11 @@ def lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height: int, width: i
 # ----------------------------------------------------------------------------------------------
 # Backend dispatch, torch.library registration, autograd
 # ----------------------------------------------------------------------------------------------
-def _kernel_backend(qkv: torch.Tensor, num_heads: int, requested: str) -> str:
-    return attention_backend(qkv, qkv.shape[2] // 3, num_heads, requested)
+def _kernel_backend(qkv: torch.Tensor, num_heads: int, ws: int, requested: str) -> str:
+    backend = attention_backend(qkv, qkv.shape[2] // 3, num_heads, requested)
+    if backend != "torch" and ws > MAX_WS:
+        return reference_outside_kernels(requested, backend, f"ws = {ws} is above {MAX_WS}")
+    return backend
 
 
 @torch.library.custom_op("twins_kernels::lsa_forward", mutates_args=())
@@ -576,7 +581,7 @@ def lsa_forward_op(
     scale: float, mask_padding: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding)
-    kernel = _kernel_backend(qkv, num_heads, backend)
+    kernel = _kernel_backend(qkv, num_heads, ws, backend)
     if kernel == "triton":
         return lsa_forward_triton(*args)
     if kernel == "cuda":
@@ -597,7 +602,7 @@ def lsa_backward_op(
     grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     height: int, width: int, ws: int, num_heads: int, scale: float, mask_padding: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kernel = _kernel_backend(qkv, num_heads, backend)
+    kernel = _kernel_backend(qkv, num_heads, ws, backend)
     if kernel == "triton":
         grad_qkv, grad_bias = lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height, width, ws, num_heads,
                                                   scale, mask_padding)
@@ -646,7 +651,7 @@ def lsa(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None
     ``scale`` defaults to D ** -0.5. ``pad_mode``: "zero" (timm: padded keys hold the bias and take part
     in the softmax) or "mask" (mmsegmentation: padded keys are excluded). Returns (B, N, C) in token order.
     ``backend``: "auto" | "triton" | "cuda" | "torch", or None for the ambient choice; the kernel
-    backends need D in 16..128 (``auto`` runs the reference outside it). ws must be in 2..16.
+    backends need D in 16..128 and ws <= 16 (``auto`` runs the reference outside them); ws >= 2.
     """
     _, _, chans3, height, width = check_tokens(qkv, size, name="qkv")
     if chans3 % 3 != 0:
@@ -655,12 +660,12 @@ def lsa(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None
     num_heads = check_int(num_heads, "num_heads")
     if chans % num_heads != 0:
         raise ValueError(f"C = {chans3} / 3 = {chans} is not divisible by num_heads={num_heads}")
-    ws = check_int(ws, "ws", MIN_WS, MAX_WS)
+    ws = check_int(ws, "ws", MIN_WS)
     check_param(qkv_bias, "qkv_bias", (chans3,), qkv)
     if pad_mode not in PAD_MODES:
         raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
     scale = (chans // num_heads) ** -0.5 if scale is None else check_float(scale, "scale")
     if not torch.compiler.is_compiling():
-        _kernel_backend(qkv, num_heads, backend or "")  # fail here, naming what is wrong, not inside the op
+        _kernel_backend(qkv, num_heads, ws, backend or "")  # fail here, naming what is wrong, not inside the op
     return lsa_forward_op(qkv, qkv_bias, height, width, ws, num_heads, float(scale), pad_mode == "mask",
                           backend or "")[0]
