@@ -17,8 +17,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
+# pip runs this file once per build hook (metadata, then the wheel): only the build says what it does
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
+
+
 def say(message):
-    print(f"twins_kernels setup: {message}", file=sys.stderr)
+    if BUILD_COMMANDS & set(sys.argv[1:]):
+        print(f"twins_kernels setup: {message}", file=sys.stderr)
 
 
 def cuda_extension():

@@ -8,7 +8,7 @@ from twins_kernels import FusedPEG
 from twins_kernels.ops import peg, peg_reference
 
 from conftest import HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_unless_available
-from parity import DTYPE_IDS, check_compiled_matches_eager, check_module_parity, make_tokens
+from parity import DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity, make_tokens
 
 # (B, H, W, C): Twins' real stage widths, and odd sizes: batch 1, a single row, a prime token count,
 # channels that are not a multiple of any block
@@ -114,6 +114,25 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     x = make_tokens(2, 5, 7, 32, torch.float32, KERNEL_DEVICE)
     # inductor may fuse the residual and bias adds differently: fp32 rounding, not another result
     check_compiled_matches_eager(module, x, (5, 7), "inductor" if HAS_GPU else "aot_eager", rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_parameters_of_another_dtype_are_used_in_x_dtype(backend):
+    """fp16 tokens through a module with fp32 parameters (as autocast hands them over): the same on every
+    backend, with gradients in the parameters' dtype."""
+    module = FusedPEG(16, 16, backend=backend).to(KERNEL_DEVICE)
+    conv = module.proj[0]
+    x = make_tokens(2, 5, 7, 16, torch.float16, KERNEL_DEVICE).requires_grad_()
+    out = module(x, (5, 7))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, conv.weight, conv.bias))
+    expected = peg_reference(x64, w64, b64, (5, 7))
+    expected.backward(grad.double())
+    assert out.dtype == torch.float16 and conv.weight.grad.dtype == conv.bias.grad.dtype == torch.float32
+    for actual, wanted, what in ((out, expected, "out"), (x.grad, x64.grad, "grad x"),
+                                 (conv.weight.grad, w64.grad, "grad weight"), (conv.bias.grad, b64.grad, "grad bias")):
+        assert_rel_close(actual, wanted, torch.float16, what)
 
 
 def test_state_dict_keys_and_sharing_match_timm():

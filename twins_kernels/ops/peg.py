@@ -52,22 +52,25 @@ def peg_output_size(height: int, width: int, stride: int) -> tuple[int, int]:
 # PyTorch reference
 # ----------------------------------------------------------------------------------------------
 def peg_reference(x, weight, bias, size, stride: int = 1):
-    """timm's PosConv math on (B, N, C) tokens, any stride and channel grouping."""
+    """timm's PosConv math on (B, N, C) tokens, any stride and channel grouping; the parameters used in
+    x's dtype, as the kernels use them (and autocast would give timm's conv)."""
     batch, _, chans = x.shape
     feat = x.transpose(1, 2).reshape(batch, chans, *size)
-    out = F.conv2d(feat, weight, bias, stride, 1, groups=weight.shape[0])
+    bias = None if bias is None else bias.to(x.dtype)
+    out = F.conv2d(feat, weight.to(x.dtype), bias, stride, 1, groups=weight.shape[0])
     if stride == 1:
         out = out + feat
     return out.flatten(2).transpose(1, 2)
 
 
 def peg_reference_backward(grad_out, x, weight, size, stride: int):
+    """Gradients of peg_reference: x's and the parameters', all in x's dtype."""
     batch, _, chans = x.shape
     feat = x.transpose(1, 2).reshape(batch, chans, *size)
     out_size = peg_output_size(*size, stride)
     g = grad_out.transpose(1, 2).reshape(batch, weight.shape[0], *out_size)
     groups = weight.shape[0]
-    grad_x = torch.nn.grad.conv2d_input(feat.shape, weight, g, stride, 1, 1, groups)
+    grad_x = torch.nn.grad.conv2d_input(feat.shape, weight.to(x.dtype), g, stride, 1, 1, groups)
     if stride == 1:
         grad_x = grad_x + g
     grad_w = torch.nn.grad.conv2d_weight(feat, weight.shape, g, stride, 1, 1, groups)
@@ -292,7 +295,7 @@ def peg_backward_op(
         grad_x = ops.peg_conv3x3(grad_out, weight, None, height, width, True)
         return (grad_x, *_split_partial(ops.peg_weight_grad(grad_out, x, height, width), weight))
     grad_x, grad_w, grad_b = peg_reference_backward(grad_out, x, weight, (height, width), stride)
-    return grad_x.contiguous(), grad_w.contiguous(), grad_b.to(weight.dtype)
+    return grad_x.contiguous(), grad_w.to(weight.dtype).contiguous(), grad_b.to(weight.dtype)
 
 
 @peg_backward_op.register_fake
