@@ -4,13 +4,13 @@
 // over its keys in staged tiles (64 keys; fewer at head_dim 128); a key block is 4 warps of 16 keys
 // each, looping over its queries. Tiles are staged with cp.async, a block's own rows together with its
 // first tile, so that a block with one tile (an LSA window; GSA at every stage of a 224² image) waits
-// for memory once, not twice; the forward also loads the next tile's keys and values while it
-// computes on this one's (FlashAttention-2's order, in the same shared memory), and query blocks'
-// results leave through shared memory in 16-byte chunks (store_block_rows). Scores, probabilities
-// and their gradients never leave registers (warp_mma.cuh's fragment layouts) and nothing of size
-// queries x keys is stored. Softmax and accumulation in fp32; the probabilities and dS are rounded to
-// the input dtype to be the next mma's operand, as in FlashAttention. Every sum has a fixed order:
-// deterministic.
+// for memory once, not twice; the forward and dk/dv load the next tile's parts while they compute on
+// this one's, each part as soon as the last product reading it is taken (FlashAttention-2's order, in
+// the same shared memory), and query blocks' results leave through shared memory in 16-byte chunks
+// (store_block_rows). Scores, probabilities and their gradients never leave registers (warp_mma.cuh's
+// fragment layouts) and nothing of size queries x keys is stored. Softmax and accumulation in fp32;
+// the probabilities and dS are rounded to the input dtype to be the next mma's operand, as in
+// FlashAttention. Every sum has a fixed order: deterministic.
 #pragma once
 
 #include "attention.cuh"
@@ -52,8 +52,8 @@ __device__ __forceinline__ int lane_row() { return warp_row() + warp::lane_group
 // Staging copies rows of 16-bit values into shared tiles (rows padded to kStride) in chunks of 8
 // elements: the block's threads take consecutive chunks, so a row's chunks are read together
 // (coalesced), and a chunk of a contiguous, 16-byte aligned row is one cp.async of 16 bytes, all of a
-// thread's in flight together until staging_barrier(). Other chunks are copied element by element
-// (zeros where a row is missing, null, or past head_dim).
+// thread's in flight together until it waits for them (staging_barrier(), or for a cp.async group).
+// Other chunks are copied element by element (zeros where a row is missing, null, or past head_dim).
 
 // Elements d0 .. d0 + 7 of a row (element d at row[d * stride]) into dst.
 template <typename scalar_t>
@@ -97,7 +97,7 @@ __device__ __forceinline__ void row_fragments(uint32_t (&a)[kHeadDim / 16][4], c
 
 // A block's own rows, staged once for the warps' A fragments: kParts sets of kMmaRows rows (a query
 // block's queries, and for dq their output gradients; a key block's keys and values). The stage
-// functions issue the copies; they land at the next staging_barrier().
+// functions issue the copies; they land when the thread waits for them.
 template <int kHeadDim, int kParts>
 struct BlockRows {
   static constexpr int kStride = MmaTiles<kHeadDim>::kStride;
@@ -173,6 +173,42 @@ struct KeyTile {
     __syncthreads();
     stage<scalar_t>(geo, block, j0, keys);
     staging_barrier();
+  }
+};
+
+// A staged tile of kQueries queries of a key block, their output gradients, and per query whether it
+// counts, its log-sum-exp (log2 units) and delta.
+template <int kHeadDim, int kQueries>
+struct QueryTile {
+  static constexpr int kStride = MmaTiles<kHeadDim>::kStride;
+  static_assert(kQueries % 16 == 0, "whole 16-query steps of the dS^T Q and P^T dO products");
+  alignas(16) uint16_t q[kQueries * kStride];  // unscaled
+  alignas(16) uint16_t grad[kQueries * kStride];
+  float lse[kQueries];
+  float delta[kQueries];
+  bool valid[kQueries];
+
+  // Issue the copies of the queries i0 .. i0 + kQueries (kWithQueries, with their valid flags, lse and
+  // delta, which are plain loads and stores) and of their output gradients (kWithGrads); as KeyTile's.
+  template <typename scalar_t, bool kWithQueries, bool kWithGrads, typename Geometry, typename Block>
+  __device__ __forceinline__ void stage_parts(const Geometry& geo, const Block& block, int i0, int queries) {
+    for_each_chunk<kQueries, kHeadDim>([&](int i, int d0) {
+      Row<scalar_t> query;
+      const bool is_query = i0 + i < queries && geo.query_of(block, i0 + i, query);
+      if constexpr (kWithQueries) {
+        stage_chunk(q + i * kStride + d0, is_query ? query.ptr : nullptr, query.stride, d0, geo.head_dim);
+        if (d0 == 0) {
+          const int64_t index = is_query ? geo.lse_index(block, query) : 0;
+          valid[i] = is_query;
+          lse[i] = is_query ? geo.lse[index] * kLog2e : 0.f;
+          delta[i] = is_query ? geo.delta[index] : 0.f;
+        }
+      }
+      if constexpr (kWithGrads) {
+        stage_chunk(grad + i * kStride + d0, is_query ? geo.grad_out_row(block, query) : nullptr, 1, d0,
+                    geo.head_dim);
+      }
+    });
   }
 };
 
@@ -401,34 +437,23 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   using Tiles = MmaTiles<kHeadDim>;
   constexpr int kStride = Tiles::kStride, kQueryTile = Tiles::kQueryTile, kQueryTiles = kQueryTile / 8;
   __shared__ BlockRows<kHeadDim, 2> own;  // the block's keys and values
-  alignas(16) __shared__ uint16_t q_tile[kQueryTile * kStride];  // queries (unscaled)
-  alignas(16) __shared__ uint16_t grad_tile[kQueryTile * kStride];  // their output gradients
-  __shared__ float lse_tile[kQueryTile];  // log2 units
-  __shared__ float delta_tile[kQueryTile];
-  __shared__ bool q_valid[kQueryTile];
+  __shared__ QueryTile<kHeadDim, kQueryTile> tile;
   const int head_dim = geo.head_dim, row = lane_row(), col = 2 * warp::lane_in_group();
   const auto block = geo.key_block(blockIdx.x);
   const int queries = geo.num_queries(block);
 
-  // issues the copies of queries i0 .. i0 + kQueryTile, their output gradients, lse and delta
-  auto stage_query_tile = [&](int i0) {
-    for_each_chunk<kQueryTile, kHeadDim>([&](int i, int d0) {
-      Row<scalar_t> query;
-      const bool is_query = i0 + i < queries && geo.query_of(block, i0 + i, query);
-      stage_chunk(q_tile + i * kStride + d0, is_query ? query.ptr : nullptr, query.stride, d0, head_dim);
-      stage_chunk(grad_tile + i * kStride + d0, is_query ? geo.grad_out_row(block, query) : nullptr, 1, d0, head_dim);
-      if (d0 == 0) {
-        const int64_t index = is_query ? geo.lse_index(block, query) : 0;
-        q_valid[i] = is_query;
-        lse_tile[i] = is_query ? geo.lse[index] * kLog2e : 0.f;
-        delta_tile[i] = is_query ? geo.delta[index] : 0.f;
-      }
-    });
-  };
-  // the block's keys and values and the first query tile in one round
+  // Each tile's output gradients and queries are read at both ends of a step (dP^T = V dO^T ... dv,
+  // S^T = K Q^T ... dk), so with one buffer each the next ones can load only once the last product
+  // reading them is taken: the output gradients after dv, during dk; the queries after dk, during the
+  // next step's dP^T, which comes first for that. Two cp.async groups a tile. The block's keys and
+  // values and the first tile are issued before the first wait.
   own.template stage_keys<scalar_t>(geo, block);
-  stage_query_tile(0);
-  staging_barrier();
+  tile.template stage_parts<scalar_t, false, true>(geo, block, 0, queries);
+  async_copy_commit();
+  tile.template stage_parts<scalar_t, true, false>(geo, block, 0, queries);
+  async_copy_commit();
+  async_copy_wait<1>();  // keys, values and output gradients; the queries may still be in flight
+  __syncthreads();
   uint32_t k_frag[Tiles::kSteps][4], v_frag[Tiles::kSteps][4];
   own.fragments(k_frag, 0);
   own.fragments(v_frag, 1);
@@ -440,27 +465,39 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   float dk[Tiles::kDimTiles][4] = {}, dv[Tiles::kDimTiles][4] = {};
   const float scale_log2 = scale * kLog2e;
   for (int i0 = 0; i0 < queries; i0 += kQueryTile) {
-    if (i0 > 0) {  // the next query tile, once no thread still reads this one
-      __syncthreads();
-      stage_query_tile(i0);
-      staging_barrier();
-    }
+    const bool more = i0 + kQueryTile < queries;  // the same for the whole block
     float st[kQueryTiles][4] = {}, dpt[kQueryTiles][4] = {};
-    warp::mma_rows_tile_transposed<scalar_t, kStride>(st, k_frag, q_tile);
-    warp::mma_rows_tile_transposed<scalar_t, kStride>(dpt, v_frag, grad_tile);
+    warp::mma_rows_tile_transposed<scalar_t, kStride>(dpt, v_frag, tile.grad);
+    async_copy_wait<0>();  // this tile's queries
+    __syncthreads();
+    warp::mma_rows_tile_transposed<scalar_t, kStride>(st, k_frag, tile.q);
 #pragma unroll
     for (int n = 0; n < kQueryTiles; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = 8 * n + col + (e & 1);
-        const float p = q_valid[i] ? exp2f(st[n][e] * scale_log2 - lse_tile[i]) : 0.f;
-        st[n][e] = p;                              // P^T
-        dpt[n][e] = p * (dpt[n][e] - delta_tile[i]);  // dS^T
+        const float p = tile.valid[i] ? exp2f(st[n][e] * scale_log2 - tile.lse[i]) : 0.f;
+        st[n][e] = p;                                 // P^T
+        dpt[n][e] = p * (dpt[n][e] - tile.delta[i]);  // dS^T
       }
     }
-    warp::mma_accumulators_tile<scalar_t, kStride>(dv, st, grad_tile);
-    warp::mma_accumulators_tile<scalar_t, kStride>(dk, dpt, q_tile);
+    warp::mma_accumulators_tile<scalar_t, kStride>(dv, st, tile.grad);
+    if (more) {  // the next output gradients, once no thread reads these
+      __syncthreads();
+      tile.template stage_parts<scalar_t, false, true>(geo, block, i0 + kQueryTile, queries);
+      async_copy_commit();
+    }
+    warp::mma_accumulators_tile<scalar_t, kStride>(dk, dpt, tile.q);
+    if (more) {  // the next queries, once no thread reads these (or their lse, delta, flags); then the
+                 // next output gradients must have landed
+      __syncthreads();
+      tile.template stage_parts<scalar_t, true, false>(geo, block, i0 + kQueryTile, queries);
+      async_copy_commit();
+      async_copy_wait<1>();
+      __syncthreads();
+    }
   }
+  async_copy_wait<0>();  // with no queries at all, the first queries
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (!active[r]) continue;
