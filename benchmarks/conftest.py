@@ -43,7 +43,7 @@ ATTENTION_FWDBWD_FLOPS = 3.5
 # The cases a GPU session times first (`-m headline`): for each speed target of the op and patch issues,
 # the case it names or, where it names a range, its first shape (SVT-S stage 1 at 224, the 512 padding
 # case for LSA, the SVT-S backbone at 512). A session has 15 minutes of device time, and the whole suite
-# (544 cases, 148 of them compiling a baseline anew) takes several times that. Also the sub-sampling
+# (550 cases, 148 of them compiling a baseline anew) takes several times that. Also the sub-sampling
 # comparison the GSA issue asks for (its fused kernel against timm's conv + LayerNorm) at its first shape.
 HEADLINE_PREFIXES = (
     "peg-fwd-svt_s-stage1-224-", "peg-fwdbwd-svt_s-stage1-224-",
@@ -150,8 +150,11 @@ def skip_unless_available(backend: str):
         pytest.skip(status.reason)
 
 
-def timed_pass(module, x, size, pass_: str):
-    """A callable running the forward (no grad) or forward+backward of ``module`` on ``x``."""
+def timed_pass(module, x, size, pass_: str, leaves=()):
+    """A callable running the forward (no grad) or forward+backward of ``module`` on ``x``. The backward
+    writes fresh gradients of x, of ``leaves`` (other tensors the call reads that require grad) and of
+    the module's parameters, as a training step after ``zero_grad()`` does: accumulated into the
+    previous call's, each would cost another read and write of its size in the timing."""
     if pass_ == "fwd":
         def run():
             with torch.no_grad():
@@ -161,16 +164,28 @@ def timed_pass(module, x, size, pass_: str):
     out = module(x, size)
     grad = torch.randn_like(out)
     del out
+    grad_leaves = [x, *leaves, *(module.parameters() if isinstance(module, torch.nn.Module) else ())]
 
     def run():
+        for leaf in grad_leaves:
+            leaf.grad = None
         module(x, size).backward(grad)
     return run
 
 
-def median_ms(fn) -> float:
+def median_ms(fn, min_runs: int = 20) -> float:
+    """The CUDA-event median of ``fn`` over at least 100 ms of runs and at least ``min_runs`` of them:
+    do_bench sizes its runs to its ``rep`` milliseconds, which for a whole model's 50-100 ms call would
+    be one or two."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=max(100.0, min_runs * start.elapsed_time(end)),
+                                   return_mode="median")
 
 
 @pytest.fixture(scope="session")
@@ -200,8 +215,8 @@ def roofline_floor(roofline, bytes_moved: float, flops: float) -> tuple[float, s
 def record(benchmark, fn, roofline, *, bytes_moved: float, flops: float = 0.0, **info):
     """Time ``fn`` (pytest-benchmark + CUDA-event median) and record throughput against the roofline:
     % of the copy bandwidth, and % of the roofline (the floor over the time: 100 = as fast as the
-    device allows for the bytes and FLOPs counted), with the bound. Cases that count neither (the whole
-    models) record no roofline %."""
+    device allows for the bytes and FLOPs counted), with the bound (the whole models count FLOPs only:
+    their % is of the matmul rate)."""
     fn()  # compile / autotune outside the timed region
     torch.cuda.synchronize()
     # Peak memory of one call on its own: do_bench allocates a 256 MiB buffer to flush L2 between runs,

@@ -4,9 +4,11 @@
     python benchmarks/report.py run1/benchmarks.json run2/benchmarks.json --out benchmarks/results/
     python benchmarks/report.py RUN*/benchmarks.json --out benchmarks/results/ --readme README.md
 
-Several files (a GPU session's device calls each run part of the suite) merge case by case: a case's
-variants are all taken from one file, the last one given that has the case, so every speedup compares
-timings from the same run; files from different devices are refused.
+Several files (a GPU session's device calls each run part of the suite) merge variant by variant: a
+case's variant from the last file given that has it. A call cut off at its deadline leaves the eager
+variants of the cases that compile a baseline in one file and (with ``--skip-timed``) their compiled
+variants in the next, and every one is kept; the table marks (†) a case whose ratios compare two
+runs. Files from different devices are refused.
 
 Each benchmark's ``extra_info`` carries its op, pass, variant, case and the CUDA-event median
 (see benchmarks/conftest.py). Rows are cases, with each variant's median time and its speedup over
@@ -123,9 +125,12 @@ TARGETS = (
 
 def load_run(path: str):
     """{case label: {variant: extra_info}} of one pytest-benchmark JSON, and its header (device,
-    versions, date)."""
-    with open(path) as f:
-        data = json.load(f)
+    versions, date). ValueError, naming the file, for one that cannot be read."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable pytest-benchmark JSON ({e})") from e
     cases: dict[str, dict[str, dict]] = defaultdict(dict)
     device = ""
     for bench in data.get("benchmarks", []):
@@ -146,14 +151,18 @@ def load_run(path: str):
 
 
 def load_cases(paths: list[str]):
-    """The runs merged case by case (a case from the last file that has it) and one header, whose
-    fields list each distinct value and whose date spans the first and last run."""
+    """The runs merged variant by variant (each variant of a case from the last file that has it: a
+    device call cut off at its deadline, then continued with ``--skip-timed``, leaves a case's eager
+    variants in one run and its compiled ones in the next; each info keeps its ``run``, the file's
+    index) and one header, whose fields list each distinct value and whose date spans the first and
+    last run."""
     cases: dict[str, dict[str, dict]] = {}
     headers = []
-    for path in paths:
+    for run, path in enumerate(paths):
         run_cases, header = load_run(path)
         if run_cases:
-            cases.update(run_cases)
+            for label, variants in run_cases.items():
+                cases.setdefault(label, {}).update({v: {**info, "run": run} for v, info in variants.items()})
             headers.append(header)
     devices = sorted({h["device"] for h in headers})
     if len(devices) > 1:
@@ -178,6 +187,19 @@ def roofline_cell(info: dict) -> str:
     return f"{info['pct_roofline']:.0f}% ({info['bound']})"
 
 
+def spans_runs(variants: dict) -> bool:
+    """Whether a case's variants were timed in more than one run (their ratios compare two calls)."""
+    return len({info.get("run", 0) for info in variants.values()}) > 1
+
+
+def bandwidth_cells(info: dict) -> str:
+    """"812 | 19%": achieved GB/s and % of the copy bandwidth; dashes for a case that counts no bytes (the
+    whole models)."""
+    if not info.get("bytes_moved", 1):
+        return "– | –"
+    return f"{info.get('achieved_gbs', 0):.0f} | {info.get('pct_copy_bandwidth', 0):.0f}%"
+
+
 def markdown_table(cases, header) -> str:
     lines = [
         f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}, "
@@ -188,13 +210,16 @@ def markdown_table(cases, header) -> str:
     ]
     for label in sorted(cases):
         variants = cases[label]
+        shown = f"{label} †" if spans_runs(variants) else label
         for variant in sorted(variants, key=lambda v: (v not in BASELINES, v)):
             info = variants[variant]
             lines.append(
-                f"| {label} | {variant} | {info['median_ms']:.3f} | {speedup(variants, 'timm', variant)} | "
-                f"{speedup(variants, 'timm_compile', variant)} | {info.get('achieved_gbs', 0):.0f} | "
-                f"{info.get('pct_copy_bandwidth', 0):.0f}% | {roofline_cell(info)} |"
+                f"| {shown} | {variant} | {info['median_ms']:.3f} | {speedup(variants, 'timm', variant)} | "
+                f"{speedup(variants, 'timm_compile', variant)} | {bandwidth_cells(info)} | {roofline_cell(info)} |"
             )
+    if any(spans_runs(variants) for variants in cases.values()):
+        lines += ["", "† the case's variants were timed in more than one run (a device call cut off at its "
+                      "deadline and continued): its ratios compare timings from different calls."]
     return "\n".join(lines) + "\n"
 
 
@@ -225,8 +250,8 @@ def chart(cases, header, path: str) -> bool:
         variants = sorted(others, key=lambda v: (v != "timm_compile", v))
         width = 0.8 / len(variants)
         for i, variant in enumerate(variants):
-            values = [time_ratio(cases[label], "timm", variant) if variant in cases[label] else 0.0
-                      for label in labels]
+            values = [time_ratio(cases[label], "timm", variant) if variant in cases[label] else math.nan
+                      for label in labels]  # no bar where a case lacks the variant
             ax.bar([x + i * width for x in range(len(labels))], values, width, label=variant)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))])

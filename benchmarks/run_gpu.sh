@@ -22,7 +22,7 @@
 # (with a start of up to two minutes) the four minutes a second machine needs: then the failing tests
 # again after a fix (`tests -k ...`), more benchmarks (`bench -m headline --skip-timed
 # RUN1/benchmarks.json`, RUN1 copied into the tree so that it travels), or the tile sweep of a kernel
-# behind its target (`sweep --sweep NAME`). The whole suite (544 cases, 148 compiling a baseline anew)
+# behind its target (`sweep --sweep NAME`). The whole suite (550 cases, 148 compiling a baseline anew)
 # takes several sessions; parts merge afterwards, here:
 #   python benchmarks/report.py RUN1/benchmarks.json RUN2/... --out DIR [--readme README.md]
 # Before the first call: `make gpu-versions`, then

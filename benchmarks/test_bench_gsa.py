@@ -34,9 +34,11 @@ CASES = [
 CORE_CASES = [
     pytest.param(image, pass_, variant,
                  id=f"gsa-core-sr1-{pass_}-svt_s-{image // 8}x{image // 8}-bs{IMAGE_SIZES[image]}-bf16-{variant}")
-    for image in (224, 512) for pass_ in ("fwd", "fwdbwd") for variant in ("sdpa", "triton", "cuda")
+    for image in (224, 512, 1024) for pass_ in ("fwd", "fwdbwd") for variant in ("sdpa", "triton", "cuda")
 ]
-SUBSAMPLE_VARIANTS = ("timm", "timm_compile", "triton")  # the cuda backend runs timm's ops for this part
+# the cuda backend's sub-sampling is the PyTorch reference (cuDNN's conv, then the LayerNorm in fp32 in
+# separate ops, keeping what the backward needs): timed inside the module cases, not alone
+SUBSAMPLE_VARIANTS = ("timm", "timm_compile", "triton")
 SUBSAMPLE_CASES = [
     pytest.param(image, stage, pass_, variant,
                  id=f"gsa-subsample-{pass_}-pcpvt_s-stage{stage + 1}-{image}-bs{IMAGE_SIZES[image]}-bf16-{variant}")
@@ -57,13 +59,19 @@ def test_gsa_module(benchmark, roofline, model, image, stage, pass_, variant):
     benchmark.group = f"gsa-{pass_}-{model}-stage{stage + 1}-{image}-bs{batch}-bf16"
     tokens = batch * height * width
     keys = batch * (height // sr) * (width // sr)
-    # x (read twice when sr > 1), q (written, read), kv (2C written, read), out (written, read), proj out
-    bytes_fwd = (tokens * (1 + (sr > 1) + 2 + 2 + 1) + keys * 4) * dim * x.element_size()
-    flops_fwd = 2 * tokens * dim * 2 * dim + 2 * keys * dim * 2 * dim + 4 * tokens * (keys // batch) * dim
-    passes = 1 if pass_ == "fwd" else 3
+    # per token: x (read by the q Linear, and by the sub-sampling or at sr = 1 the kv Linear), q (written,
+    # read), out (written, read), proj out; per key: kv (2C written, read), and at sr > 1 the sub-sampled
+    # tokens (written, read)
+    bytes_fwd = (tokens * (2 + 2 + 2 + 1) + keys * (4 + 2 * (sr > 1))) * dim * x.element_size()
+    # the q, kv and proj Linears and the sub-sampling conv; the attention
+    matmul_flops = 2 * tokens * dim * 2 * dim + 2 * keys * dim * 2 * dim + 2 * keys * dim * dim * sr * sr * (sr > 1)
+    attention_flops = 4 * tokens * (keys // batch) * dim
+    backward = pass_ != "fwd"
     record(benchmark, timed_pass(module, x, (height, width), pass_), roofline,
-           bytes_moved=bytes_fwd * passes, flops=flops_fwd * passes, op="gsa", pass_=pass_, variant=variant,
-           model=model, image=image, stage=stage + 1, batch=batch, dtype="bf16")
+           bytes_moved=bytes_fwd * (3 if backward else 1),
+           flops=matmul_flops * (3 if backward else 1) + attention_flops * (ATTENTION_FWDBWD_FLOPS if backward else 1),
+           op="gsa", pass_=pass_, variant=variant, model=model, image=image, stage=stage + 1, batch=batch,
+           dtype="bf16")
 
 
 def flash_sdpa(q, kv, heads: int):
@@ -96,7 +104,7 @@ def test_gsa_sr1_attention_core(benchmark, roofline, image, pass_, variant):
     tokens = batch * side * side
     benchmark.group = f"gsa-core-sr1-{pass_}-svt_s-{side}x{side}-bs{batch}-bf16"
     # forward: q, k, v read, out written; the backward reads q, k, v, out, grad_out and writes dq, dk, dv
-    record(benchmark, timed_pass(core, q, (side, side), pass_), roofline,
+    record(benchmark, timed_pass(core, q, (side, side), pass_, leaves=[kv]), roofline,
            bytes_moved=(4 if pass_ == "fwd" else 12) * tokens * dim * q.element_size(),
            flops=4 * tokens * side * side * dim * (1 if pass_ == "fwd" else ATTENTION_FWDBWD_FLOPS), op="gsa-core",
            pass_=pass_, variant=variant, image=image, batch=batch, dtype="bf16")
@@ -139,6 +147,6 @@ def test_gsa_subsample(benchmark, roofline, image, stage, pass_, variant):
     # forward: x read, the keys' tokens written; the backward reads grad_out and x, writes grad_x
     bytes_moved = (tokens + keys if pass_ == "fwd" else 3 * tokens + 2 * keys) * dim * x.element_size()
     flops = 2 * keys * dim * dim * sr * sr * (1 if pass_ == "fwd" else 3)  # the conv; input and weight grads
-    record(benchmark, timed_pass(subsample, x, (height, width), pass_), roofline, bytes_moved=bytes_moved,
-           flops=flops, op="gsa-subsample", pass_=pass_, variant=variant, image=image, stage=stage + 1,
-           batch=batch, dtype="bf16")
+    record(benchmark, timed_pass(subsample, x, (height, width), pass_, leaves=list(attn.parameters())), roofline,
+           bytes_moved=bytes_moved, flops=flops, op="gsa-subsample", pass_=pass_, variant=variant, image=image,
+           stage=stage + 1, batch=batch, dtype="bf16")

@@ -46,11 +46,13 @@ def test_lsa_module(benchmark, roofline, image, stage, pass_, variant):
     tokens = batch * height * width
     # x, qkv (3C, written and read), attention out (written and read), proj out: 1 + 6 + 2 + 1 = 10 C/token
     bytes_fwd = 10 * tokens * dim * x.element_size()
-    flops_fwd = 2 * tokens * dim * 4 * dim + 4 * batch * padded_tokens(height, width) * WS * WS * dim
-    passes = 1 if pass_ == "fwd" else 3
+    matmul_flops = 2 * tokens * dim * 4 * dim  # the qkv and proj Linears
+    attention_flops = 4 * batch * padded_tokens(height, width) * WS * WS * dim
+    backward = pass_ != "fwd"
     record(benchmark, timed_pass(module, x, (height, width), pass_), roofline,
-           bytes_moved=bytes_fwd * passes, flops=flops_fwd * passes, op="lsa", pass_=pass_, variant=variant,
-           image=image, stage=stage + 1, batch=batch, dtype="bf16")
+           bytes_moved=bytes_fwd * (3 if backward else 1),
+           flops=matmul_flops * (3 if backward else 1) + attention_flops * (ATTENTION_FWDBWD_FLOPS if backward else 1),
+           op="lsa", pass_=pass_, variant=variant, image=image, stage=stage + 1, batch=batch, dtype="bf16")
 
 
 @requires_gpu
@@ -68,7 +70,7 @@ def test_lsa_attention_core(benchmark, roofline, image, stage, pass_, backend):
         return lsa(qkv, bias, size, heads, WS, backend=backend)
     tokens_c = batch * height * width * dim
     flops_fwd = 4 * batch * padded_tokens(height, width) * WS * WS * dim
-    record(benchmark, timed_pass(core, qkv, (height, width), pass_), roofline,
+    record(benchmark, timed_pass(core, qkv, (height, width), pass_, leaves=[bias]), roofline,
            bytes_moved=(4 if pass_ == "fwd" else 12) * tokens_c * qkv.element_size(),
            flops=flops_fwd * (1 if pass_ == "fwd" else ATTENTION_FWDBWD_FLOPS), op="lsa-core", pass_=pass_,
            variant=backend, image=image, stage=stage + 1, batch=batch, dtype="bf16")

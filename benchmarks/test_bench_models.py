@@ -3,7 +3,8 @@ patched eager, patched + torch.compile.
 
 Inference at 224 (batch 256), the backbone (``forward_features``) at 512 (batch 16) and 1024
 (batch 4), and a training step (forward, backward, SGD update) at 224 (batch 64) with peak memory.
-``extra_info`` carries images/s.
+``extra_info`` carries images/s, and the FLOPs of a call (``model_flops``), so TFLOP/s and the % of
+the bf16 matmul rate: no byte count (a model's traffic depends on what its kernels keep on chip).
 """
 
 import pytest
@@ -31,6 +32,29 @@ def build(name: str, variant: str):
     return model
 
 
+_FLOPS: dict[tuple, float] = {}
+
+
+def model_flops(name: str, mode: str, image: int, batch: int) -> float:
+    """The FLOPs of one call of a case (a training step: forward and backward), counted once per case by
+    PyTorch's FlopCounterMode on timm's eager model: the patched model does the same math inside custom
+    ops, which the counter does not see into."""
+    key = (name, mode, image, batch)
+    if key not in _FLOPS:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model = build(name, "timm").train(mode == "train")
+        x = torch.randn(batch, 3, image, image, device=DEVICE, dtype=torch.bfloat16)
+        with FlopCounterMode(display=False) as counter:
+            if mode == "train":
+                model(x).float().logsumexp(-1).sum().backward()
+            else:
+                with torch.no_grad():
+                    (model.forward_features if mode == "backbone" else model)(x)
+        _FLOPS[key] = float(counter.get_total_flops())
+    return _FLOPS[key]
+
+
 @requires_gpu
 @pytest.mark.parametrize("name,mode,image,batch,variant", CASES)
 def test_model(benchmark, roofline, name, mode, image, batch, variant):
@@ -55,6 +79,6 @@ def test_model(benchmark, roofline, name, mode, image, batch, variant):
             with torch.no_grad():
                 forward(x)
     benchmark.group = f"model-{name}-{mode}-{image}-bs{batch}-bf16"
-    ms = record(benchmark, run, roofline, bytes_moved=0.0, op="model", pass_=mode, variant=variant, model=name,
-                image=image, batch=batch, dtype="bf16")
+    ms = record(benchmark, run, roofline, bytes_moved=0.0, flops=model_flops(name, mode, image, batch), op="model",
+                pass_=mode, variant=variant, model=name, image=image, batch=batch, dtype="bf16")
     benchmark.extra_info["images_per_s"] = batch / (ms * 1e-3)

@@ -23,6 +23,7 @@ def test_report_table_and_chart(tmp_path):
                        bench("peg-fwd-a", "triton", 0.5), {"group": "skipped", "extra_info": {}}],
     }
     data["benchmarks"][2]["extra_info"].update(pct_roofline=40.0, bound="memory")
+    data["benchmarks"][1]["extra_info"].update(bytes_moved=0.0)  # as a whole model records
     path = tmp_path / "results.json"
     path.write_text(json.dumps(data))
     assert report.main([str(path), "--out", str(tmp_path)]) == 0
@@ -30,6 +31,7 @@ def test_report_table_and_chart(tmp_path):
     assert "Test GPU" in table and "torch 2.x" in table
     assert "| peg-fwd-a | triton | 0.500 | 4.00× | 2.00× | 200 | 6% | 40% (memory) |" in table
     assert "| peg-fwd-a | timm | 2.000 | 1.00× | 0.50× | 50 | 2% | – |" in table  # no roofline recorded
+    assert "| peg-fwd-a | timm_compile | 1.000 | 2.00× | 1.00× | – | – | – |" in table  # no bytes counted
     assert (tmp_path / "speedups.png").stat().st_size > 1000
 
 
@@ -67,24 +69,38 @@ def write_run(path, date, benchmarks, device="Test GPU"):
     return str(path)
 
 
-def test_report_merges_runs_case_by_case(tmp_path):
-    """A GPU session's calls each run part of the suite; a case's speedups use one run's timings."""
+def test_report_merges_runs_variant_by_variant(tmp_path):
+    """A GPU session's calls each run part of the suite: a call cut off at its deadline has timed a
+    case's eager variants, the next (``--skip-timed``) its compiled one. Every variant is kept, the
+    last run's where two have it, and the case is marked as spanning runs."""
     report = load_benchmarks_module("report.py")
     first = write_run(tmp_path / "a.json", "2026-11-24T10:00:00",
                       [bench("lsa-fwd-a", "timm", 4.0), bench("lsa-fwd-a", "triton", 1.0),
                        bench("peg-fwd-a", "timm", 2.0), bench("peg-fwd-a", "triton", 0.5)])
-    # the second run has lsa-fwd-a again (a rerun, cut before its triton case) and a new case
     second = write_run(tmp_path / "b.json", "2026-11-24T11:00:00",
-                       [bench("lsa-fwd-a", "timm", 3.0), bench("gsa-fwd-a", "timm", 6.0),
-                        bench("gsa-fwd-a", "triton", 2.0)])
+                       [bench("lsa-fwd-a", "timm_compile", 2.0), bench("peg-fwd-a", "triton", 0.4),
+                        bench("gsa-fwd-a", "timm", 6.0), bench("gsa-fwd-a", "triton", 2.0)])
     cases, header = report.load_cases([first, second])
     assert sorted(cases) == ["gsa-fwd-a", "lsa-fwd-a", "peg-fwd-a"]
-    assert sorted(cases["lsa-fwd-a"]) == ["timm"]  # not the first run's triton against the second's timm
-    assert cases["peg-fwd-a"]["triton"]["median_ms"] == 0.5
+    assert sorted(cases["lsa-fwd-a"]) == ["timm", "timm_compile", "triton"]
+    assert cases["peg-fwd-a"]["triton"]["median_ms"] == 0.4 and cases["peg-fwd-a"]["timm"]["median_ms"] == 2.0
+    assert [report.spans_runs(cases[c]) for c in ("gsa-fwd-a", "lsa-fwd-a", "peg-fwd-a")] == [False, True, True]
     assert header["date"] == "2026-11-24T10:00:00 to 2026-11-24T11:00:00"
     assert header["device"] == "Test GPU" and header["torch"] == "2.x"
     assert report.main([first, second, "--out", str(tmp_path)]) == 0
-    assert "| gsa-fwd-a | triton | 2.000 | 3.00× |" in (tmp_path / "report.md").read_text()
+    table = (tmp_path / "report.md").read_text()
+    assert "| gsa-fwd-a | triton | 2.000 | 3.00× |" in table
+    assert "| lsa-fwd-a † | triton | 1.000 | 4.00× | 2.00× |" in table and "† the case's variants" in table
+
+
+def test_report_names_a_file_it_cannot_read(tmp_path, capsys):
+    report = load_benchmarks_module("report.py")
+    cut = tmp_path / "cut.json"
+    cut.write_text('{"benchmarks": [{"group": ')
+    assert report.main([str(cut), "--out", str(tmp_path)]) == 2
+    assert report.main([str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert "cut.json: not a readable pytest-benchmark JSON" in out and "missing.json" in out
 
 
 def test_report_refuses_runs_from_different_devices(tmp_path):
