@@ -2,6 +2,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "outputs.h"
 #include "twins_kernels.h"
 
 // Importing twins_kernels._C loads this library, which runs the registrations below.
@@ -23,6 +24,8 @@ TORCH_LIBRARY(twins_kernels_cuda, m) {
   m.def(
       "gsa_attention_backward(Tensor grad_out, Tensor q, Tensor kv, Tensor out, Tensor lse, int num_heads, "
       "float scale) -> (Tensor, Tensor)");
+  // outputs.h: NaN-filled outputs, for tests (twins_kernels.ops.common.poisoned_outputs)
+  m.def("set_poison_outputs(bool enabled) -> ()", [](bool enabled) { twins_kernels::poison_outputs() = enabled; });
 }
 
 TORCH_LIBRARY_IMPL(twins_kernels_cuda, CUDA, m) {

@@ -3,10 +3,10 @@
 // order, ready for proj. Nothing of size N x M is stored: the backward recomputes from the log-sum-exp.
 #include "attention_launch.cuh"
 #include "gsa_geometry.cuh"
+#include "outputs.h"
 #include "twins_kernels.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -58,8 +58,8 @@ std::tuple<at::Tensor, at::Tensor> gsa_attention_forward(const at::Tensor& q, co
                                                          double scale) {
   check_gsa(q, kv, num_heads);
   const c10::cuda::CUDAGuard guard(q.device());
-  auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  auto lse = at::empty({q.size(0), num_heads, q.size(1)}, q.options().dtype(at::kFloat));
+  auto out = empty_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lse = empty_output({q.size(0), num_heads, q.size(1)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const bool tensor_cores = attention::use_tensor_cores(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gsa_attention_forward", [&] {
@@ -76,24 +76,21 @@ std::tuple<at::Tensor, at::Tensor> gsa_attention_backward(const at::Tensor& grad
                                                           const at::Tensor& kv, const at::Tensor& out,
                                                           const at::Tensor& lse, int64_t num_heads, double scale) {
   check_gsa(q, kv, num_heads);
+  TORCH_CHECK(out.sizes() == q.sizes(), "out has shape ", out.sizes(), ", expected ", q.sizes());
   TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out has shape ", grad_out.sizes(), ", expected ", q.sizes());
   const c10::cuda::CUDAGuard guard(q.device());
-  auto grad_q = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  auto grad_kv = at::empty(kv.sizes(), kv.options().memory_format(at::MemoryFormat::Contiguous));
+  auto grad_q = empty_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto grad_kv = empty_output(kv.sizes(), kv.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad_q.numel() == 0) return {grad_q, grad_kv.zero_()};
   const auto grad = grad_out.to(q.scalar_type()).contiguous();
-  const int64_t head_dim = q.size(2) / num_heads;
-  // D_i = dO_i . O_i per query and head, in fp32
-  const auto delta = grad.to(at::kFloat).mul(out.to(at::kFloat))
-                         .view({q.size(0), q.size(1), num_heads, head_dim})
-                         .sum(-1)
-                         .permute({0, 2, 1})
-                         .contiguous();
+  const auto out_c = out.to(q.scalar_type()).contiguous();
+  auto delta = empty_output({q.size(0), num_heads, q.size(1)}, q.options().dtype(at::kFloat));
   const auto lse_c = lse.contiguous();
   const bool tensor_cores = attention::use_tensor_cores(q);
   at::Tensor grad_kv_partial;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gsa_attention_backward", [&] {
     auto geo = make_geometry<scalar_t>(q, kv, num_heads, tensor_cores);
+    attention::launch_delta<scalar_t>(grad, out_c, delta, c10::cuda::getCurrentCUDAStream());
     geo.lse = const_cast<float*>(lse_c.data_ptr<float>());
     geo.delta = delta.data_ptr<float>();
     geo.grad_out = grad.data_ptr<scalar_t>();
@@ -103,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> gsa_attention_backward(const at::Tensor& grad
                       attention::kMmaRows);
     if (geo.query_splits > 1) {
       grad_kv_partial =
-          at::empty({geo.query_splits, kv.size(0), kv.size(1), kv.size(2)}, q.options().dtype(at::kFloat));
+          empty_output({geo.query_splits, kv.size(0), kv.size(1), kv.size(2)}, q.options().dtype(at::kFloat));
       geo.grad_kv_partial = grad_kv_partial.data_ptr<float>();
     }
     attention::launch_backward<scalar_t>(geo, tensor_cores, geo.query_blocks(q.size(0)), geo.key_blocks(q.size(0)),

@@ -3,13 +3,15 @@
 // (timm's zero padding) or excluded (mmseg's masking); queries there are cropped, so never computed.
 #include "attention_launch.cuh"
 #include "lsa_geometry.cuh"
+#include "outputs.h"
 #include "twins_kernels.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <vector>
 
 namespace twins_kernels {
 namespace {
@@ -56,8 +58,8 @@ std::tuple<at::Tensor, at::Tensor> lsa_forward(const at::Tensor& qkv, const at::
                                                bool mask_padding) {
   const auto shape = check_lsa(qkv, qkv_bias, height, width, ws, num_heads);
   const c10::cuda::CUDAGuard guard(qkv.device());
-  auto out = at::empty({shape.batch, shape.tokens, shape.chans}, qkv.options());
-  auto lse = at::empty({shape.batch, num_heads, shape.tokens}, qkv.options().dtype(at::kFloat));
+  auto out = empty_output({shape.batch, shape.tokens, shape.chans}, qkv.options());
+  auto lse = empty_output({shape.batch, num_heads, shape.tokens}, qkv.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const auto bias = qkv_bias.to(qkv.scalar_type()).contiguous();
   const bool tensor_cores = attention::use_tensor_cores(qkv);
@@ -76,31 +78,31 @@ std::tuple<at::Tensor, at::Tensor> lsa_backward(const at::Tensor& grad_out, cons
                                                 const at::Tensor& lse, int64_t height, int64_t width, int64_t ws,
                                                 int64_t num_heads, double scale, bool mask_padding) {
   const auto shape = check_lsa(qkv, qkv_bias, height, width, ws, num_heads);
+  const std::vector<int64_t> tokens_shape{shape.batch, shape.tokens, shape.chans};
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(tokens_shape), "out has shape ", out.sizes(), ", expected ",
+              at::IntArrayRef(tokens_shape));
   TORCH_CHECK(grad_out.sizes() == out.sizes(), "grad_out has shape ", grad_out.sizes(), ", expected ", out.sizes());
   const c10::cuda::CUDAGuard guard(qkv.device());
-  auto grad_qkv = at::empty({shape.batch, shape.tokens, 3 * shape.chans}, qkv.options());
+  auto grad_qkv = empty_output({shape.batch, shape.tokens, 3 * shape.chans}, qkv.options());
   auto grad_bias = at::zeros({3 * shape.chans}, qkv.options().dtype(at::kFloat));
   if (grad_qkv.numel() == 0) return {grad_qkv, grad_bias};
   const auto grad = grad_out.to(qkv.scalar_type()).contiguous();
-  // D_i = dO_i . O_i per query and head, in fp32
-  const auto delta = grad.to(at::kFloat).mul(out.to(at::kFloat))
-                         .view({shape.batch, shape.tokens, num_heads, shape.head_dim})
-                         .sum(-1)
-                         .permute({0, 2, 1})
-                         .contiguous();
+  const auto out_c = out.to(qkv.scalar_type()).contiguous();
+  auto delta = empty_output({shape.batch, num_heads, shape.tokens}, qkv.options().dtype(at::kFloat));
   const bool has_padding = !mask_padding && (height % ws != 0 || width % ws != 0);
-  at::Tensor pad_grad;  // (windows * heads, ws*ws, 2, head_dim): the padded keys' dk, dv
+  at::Tensor pad_grad;  // (B * padded windows * heads, ws*ws, 2, head_dim): the padded keys' dk, dv
   const auto bias = qkv_bias.to(qkv.scalar_type()).contiguous();
   const auto lse_c = lse.contiguous();
   const bool tensor_cores = attention::use_tensor_cores(qkv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "lsa_backward", [&] {
     auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding, tensor_cores);
+    attention::launch_delta<scalar_t>(grad, out_c, delta, c10::cuda::getCurrentCUDAStream());
     geo.lse = const_cast<float*>(lse_c.data_ptr<float>());
     geo.delta = delta.data_ptr<float>();
     geo.grad_out = grad.data_ptr<scalar_t>();
     geo.grad_qkv = grad_qkv.data_ptr<scalar_t>();
     if (has_padding) {
-      pad_grad = at::zeros({geo.window_heads(shape.batch), ws * ws, 2, shape.head_dim}, grad_bias.options());
+      pad_grad = at::zeros({geo.padded_window_heads(shape.batch), ws * ws, 2, shape.head_dim}, grad_bias.options());
       geo.pad_grad = pad_grad.data_ptr<float>();
     }
     const int64_t blocks = geo.blocks(shape.batch);

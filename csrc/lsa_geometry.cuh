@@ -27,7 +27,7 @@ struct LsaGeometry {
   const float* delta;         // (B, heads, N)
   const scalar_t* grad_out;   // (B, N, C) contiguous
   scalar_t* grad_qkv;         // (B, N, 3C)
-  float* pad_grad;            // (windows * heads, ws*ws, 2, head_dim): padded keys' dk, dv (zero mode)
+  float* pad_grad;            // (B * padded windows * heads, ws*ws, 2, head_dim): padded keys' dk, dv (zero mode)
   int height, width, chans, heads, head_dim, ws, windows_h, windows_w;
   int block_rows, slot_tiles;  // window slots a block covers; blocks a window and head
   bool mask_padding;
@@ -50,6 +50,14 @@ struct LsaGeometry {
     return batch * windows_h * windows_w * heads;
   }
   __host__ int64_t blocks(int64_t batch) const { return window_heads(batch) * slot_tiles; }
+  // The windows of an image that have padded slots: the last row of windows where ws does not divide
+  // the height, the last column where it does not divide the width. Only their padded keys have a share
+  // of the bias gradient to keep (pad_grad), a small part of the map's windows.
+  __host__ __device__ int padded_windows() const {
+    const bool rows = height % ws != 0, cols = width % ws != 0;
+    return (rows ? windows_w : 0) + (cols ? windows_h - rows : 0);
+  }
+  __host__ int64_t padded_window_heads(int64_t batch) const { return batch * padded_windows() * heads; }
 
   struct Block {
     int64_t window_head, b;
@@ -136,10 +144,19 @@ struct LsaGeometry {
       grad.dk = grad_qkv + (blk.b * tokens() + key.token) * 3 * chans + chans + blk.h * head_dim;
       grad.dv = grad.dk + chans;
     } else {
-      grad.partial_dk = pad_grad + (blk.window_head * ws * ws + blk.start + i) * 2 * head_dim;
+      const int64_t window_head = (blk.b * padded_windows() + padded_window(blk)) * heads + blk.h;
+      grad.partial_dk = pad_grad + (window_head * ws * ws + blk.start + i) * 2 * head_dim;
       grad.partial_dv = grad.partial_dk + head_dim;
     }
     return grad;
+  }
+  // A window's index among its image's padded windows (the last row's first, then the rest of the last
+  // column's); only for a window with padded slots.
+  __device__ int padded_window(const Block& blk) const {
+    const int wy = blk.y0 / ws, wx = blk.x0 / ws;
+    const bool rows = height % ws != 0;
+    if (rows && wy == windows_h - 1) return wx;
+    return (rows ? windows_w : 0) + wy;
   }
 };
 

@@ -1,10 +1,10 @@
 // PEG (timm PosConv, stride 1) on (B, N, C) tokens: forward conv, and the weight/bias gradient reduction.
 #include "peg_kernels.cuh"
+#include "outputs.h"
 #include "twins_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -43,7 +43,7 @@ at::Tensor peg_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std:
   TORCH_CHECK(weight.numel() == chans * kTaps, "weight must be (C, 1, 3, 3) with C=", chans, ", got ", weight.sizes());
   TORCH_CHECK(!bias.has_value() || bias->numel() == chans, "bias must be (C,) with C=", chans);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto out = at::empty({x.size(0), x.size(1), chans}, x.options());
+  auto out = empty_output({x.size(0), x.size(1), chans}, x.options());
   if (out.numel() == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
@@ -89,7 +89,7 @@ at::Tensor peg_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int6
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peg_weight_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    auto partial = at::empty({programs, kPartialSlots, chans}, acc_options);
+    auto partial = empty_output({programs, kPartialSlots, chans}, acc_options);
     const dim3 grid(programs, (chans + kGradChannels - 1) / kGradChannels);
     const dim3 block(kGradChannels, kGradLanes);
     peg_weight_grad_kernel<scalar_t, acc_t><<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(

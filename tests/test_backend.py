@@ -25,8 +25,9 @@ def test_selection_order_argument_context_global_env(monkeypatch):
             assert get_backend() == "auto"
             with twins_kernels.use_backend("cuda"):
                 assert get_backend() == "cuda"
+                # a call's own argument beats every context (cuda could not run CPU tensors)
+                assert resolve_backend("torch", torch.device("cpu")) == "torch"
             assert get_backend() == "auto"
-        assert resolve_backend("torch", torch.device("cpu")) == "torch"
     finally:
         twins_kernels.set_backend(None)
 
@@ -58,9 +59,27 @@ def test_cuda_extension_registers_its_ops():
     TWINS_KERNELS_REQUIRE_EXTENSION=1 so that a broken build fails instead of skipping."""
     require_cuda_extension()
     names = ["peg_conv3x3", "peg_weight_grad", "lsa_forward", "lsa_backward",
-             "gsa_attention_forward", "gsa_attention_backward"]
+             "gsa_attention_forward", "gsa_attention_backward", "set_poison_outputs"]
     schemas = {str(getattr(torch.ops.twins_kernels_cuda, name).default._schema).split("(")[0] for name in names}
     assert schemas == {f"twins_kernels_cuda::{name}" for name in names}
+
+
+def test_poisoned_outputs_reach_the_cuda_extension(monkeypatch):
+    """The extension's outputs start as NaN under poisoned_outputs() too (csrc/outputs.h): cuda_ops()
+    tells it when the setting changed since it last did, and only then."""
+    require_cuda_extension()
+    from twins_kernels.ops import common
+
+    told = []
+    real = torch.ops.twins_kernels_cuda.set_poison_outputs
+    monkeypatch.setattr(common, "_cuda_poisons", False)
+    monkeypatch.setattr(torch.ops.twins_kernels_cuda, "set_poison_outputs", lambda on: (told.append(on), real(on)))
+    common.cuda_ops()
+    with common.poisoned_outputs():
+        common.cuda_ops()
+        common.cuda_ops()
+    common.cuda_ops()
+    assert told == [True, False]
 
 
 def test_import_never_needs_a_gpu_or_triton():

@@ -182,12 +182,15 @@ def check_lsa(harness, tmp_path, shape, pad_mode, kernels, dtype, both_orders=Fa
     bias = randn(3 * chans, dtype=dtype)
     grad_out = randn(batch, tokens, chans, dtype=dtype)
     scale = head_dim ** -0.5
-    window_heads = batch * -(-height // ws) * -(-width // ws) * heads
+    # the windows with padded slots (lsa_geometry.cuh's padded_windows): the last row's, the last column's
+    padded_rows, padded_cols = height % ws != 0, width % ws != 0
+    windows_h, windows_w = -(-height // ws), -(-width // ws)
+    padded_windows = batch * ((windows_w if padded_rows else 0) + (windows_h - padded_rows if padded_cols else 0))
     out, lse, grad_qkv, pad_grad = run_harness(
         harness, tmp_path, [qkv, bias, grad_out], ["lsa", DTYPE_IDS[dtype], kernels],
         [batch, height, width, chans, heads, ws, repr(scale), int(pad_mode == "mask")],
         [batch * tokens * chans, batch * heads * tokens, batch * tokens * 3 * chans,
-         window_heads * ws * ws * 2 * head_dim], both_orders)
+         padded_windows * heads * ws * ws * 2 * head_dim], both_orders)
 
     qkv64, bias64 = qkv.double().requires_grad_(), bias.double().requires_grad_()
     expected = lsa_reference(qkv64, bias64, (height, width), heads, ws, scale, pad_mode)
@@ -195,7 +198,7 @@ def check_lsa(harness, tmp_path, shape, pad_mode, kernels, dtype, both_orders=Fa
     assert rel_err(out.view(batch, tokens, chans), expected) <= tol
     assert rel_err(grad_qkv.view(batch, tokens, 3 * chans), qkv64.grad) <= tol
     # the host code's reduction of the padded keys' share: per head, k and v halves of the bias
-    share = pad_grad.view(-1, heads, ws * ws, 2, head_dim).sum((0, 2)).permute(1, 0, 2).reshape(-1)
+    share = pad_grad.view(padded_windows, heads, ws * ws, 2, head_dim).sum((0, 2)).permute(1, 0, 2).reshape(-1)
     grad_bias = torch.cat([torch.zeros(chans), share])
     if bias64.grad.norm() > 0:
         assert rel_err(grad_bias, bias64.grad) <= tol

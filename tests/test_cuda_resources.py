@@ -38,6 +38,8 @@ def launch_threads(kernel: str) -> int:
         return -(-MAX_WS * MAX_WS // WARP) * WARP
     if "GsaGeometry" in kernel:
         return csrc_constant("gsa_geometry.cuh", "kGsaScalarRows")
+    if "attention_delta_kernel" in kernel:  # a warp per token
+        return csrc_constant("attention.cuh", "kDeltaWarps") * WARP
     if "peg_conv3x3_kernel" in kernel:
         return csrc_constant("peg_kernels.cuh", "kConvThreads")
     if "peg_weight_grad_kernel" in kernel:

@@ -23,6 +23,7 @@ SHAPES = [
     pytest.param(1, 1, 1, 16, id="1x1"),
     pytest.param(3, 1, 29, 67, id="prime-N29-C67"),
     pytest.param(1, 9, 11, 100, id="odd-9x11-C100"),
+    pytest.param(1, 2, 40, 128, id="W40-two-row-tiles"),  # rows of 32-token tiles: a seam in each row
 ]
 
 
@@ -44,7 +45,7 @@ def test_triton_non_contiguous_input(dtype):
     check_module_parity(PosConv(48, 48), fused_on("triton"), x, (6, 9), dtype)
 
 
-@pytest.mark.parametrize("batch,height,width,chans", SHAPES[:4] + SHAPES[5:7])
+@pytest.mark.parametrize("batch,height,width,chans", SHAPES)
 def test_reference_backend_matches_timm(batch, height, width, chans):
     x = make_tokens(batch, height, width, chans, torch.float32, "cpu")
     check_module_parity(PosConv(chans, chans), fused_on("torch"), x, (height, width), torch.float32)
@@ -145,7 +146,7 @@ def test_state_dict_keys_and_sharing_match_timm():
     assert shared.no_weight_decay() == timm_module.no_weight_decay()
 
 
-def test_reference_matches_timm_bitwise_shape():
+def test_reference_matches_timm_on_plain_tensors():
     x = torch.randn(2, 20, 8)
     module = PosConv(8, 8)
     expected = module(x, (4, 5))
@@ -162,6 +163,9 @@ BAD_INPUTS = [
     ("channel mismatch", lambda x, w, b: peg(x, w[:4], b[:4], (4, 5)), ValueError, "C_out (4) must equal C (8)"),
     ("weight shape", lambda x, w, b: peg(x, w[..., :2], b, (4, 5)), ValueError, "weight has shape (8, 1, 3, 2)"),
     ("bias shape", lambda x, w, b: peg(x, w, b[:3], (4, 5)), ValueError, "bias has shape (3,)"),
+    ("weight not a tensor", lambda x, w, b: peg(x, w.tolist(), b, (4, 5)), TypeError, "weight must be a torch.Tensor"),
+    ("weight rank", lambda x, w, b: peg(x, w[0], b, (4, 5)), ValueError, "got shape (1, 3, 3)"),
+    ("weight with no channel", lambda x, w, b: peg(x, w[:0], b, (4, 5)), ValueError, "C_out >= 1, got shape (0, 1, 3, 3)"),
     ("dtype", lambda x, w, b: peg(x.int(), w, b, (4, 5)), TypeError, "torch.int32"),
     ("not a tensor", lambda x, w, b: peg(x.tolist(), w, b, (4, 5)), TypeError, "list"),
     ("stride", lambda x, w, b: peg(x, w, b, (4, 5), stride=0), ValueError, "stride must be >= 1, got 0"),

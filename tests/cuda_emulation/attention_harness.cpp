@@ -22,33 +22,20 @@
 
 using namespace twins_kernels;
 
-// delta[b, h, n] = sum_d grad_out[b, n, h*D + d] * out[b, n, h*D + d] in fp32: what the host code computes
-template <typename scalar_t>
-static std::vector<float> row_dots(const std::vector<scalar_t>& g, const std::vector<scalar_t>& o, long batch,
-                                   long tokens, int chans, int heads) {
-  const int head_dim = chans / heads;
-  std::vector<float> delta(batch * heads * tokens);
-  for (long b = 0; b < batch; ++b)
-    for (long n = 0; n < tokens; ++n)
-      for (int h = 0; h < heads; ++h) {
-        float sum = 0.f;
-        for (int d = 0; d < head_dim; ++d) {
-          const long i = (b * tokens + n) * chans + h * head_dim + d;
-          sum += static_cast<float>(g[i]) * static_cast<float>(o[i]);
-        }
-        delta[(b * heads + h) * tokens + n] = sum;
-      }
-  return delta;
-}
-
-// Forward, then the backward's delta (as the host code computes it), dq and dk/dv, with the family's kernels.
+// Forward, then the backward: delta (attention_delta_kernel), dq and dk/dv, with the family's kernels.
 template <typename scalar_t, typename Geometry>
 static void run_kernels(Geometry& geo, bool tensor_cores, long query_blocks, long key_blocks, int threads,
                         float scale, std::vector<float>& delta, const std::vector<scalar_t>& grad_out,
                         const std::vector<scalar_t>& out, long batch, long tokens, int chans, int heads) {
   auto run = [&](auto forward, auto dq, auto dkdv, int block_threads) {
     emulated_launch(query_blocks, block_threads, [&] { forward(geo, scale); });
-    delta = row_dots(grad_out, out, batch, tokens, chans, heads);
+    const long rows = batch * tokens;
+    delta.assign(batch * heads * tokens, NAN);
+    emulated_launch((rows + attention::kDeltaWarps - 1) / attention::kDeltaWarps,
+                    attention::kDeltaWarps * attention::kWarpSize, [&] {
+                      attention::attention_delta_kernel(grad_out.data(), out.data(), delta.data(), rows, tokens,
+                                                        heads, chans / heads);
+                    });
     geo.delta = delta.data();
     emulated_launch(query_blocks, block_threads, [&] { dq(geo, scale); });
     emulated_launch(key_blocks, block_threads, [&] { dkdv(geo, scale); });
@@ -78,7 +65,7 @@ static void run_lsa(FILE* in, FILE* outf, bool tensor_cores, char** argv) {
   const long blocks = geo.blocks(batch);
   std::vector<scalar_t> out(batch * tokens * chans, scalar_t(NAN)), grad_qkv(batch * tokens * 3 * chans, scalar_t(NAN));
   std::vector<float> lse(batch * heads * tokens, NAN);
-  std::vector<float> pad_grad(geo.window_heads(batch) * ws * ws * 2 * geo.head_dim, 0.f);
+  std::vector<float> pad_grad(geo.padded_window_heads(batch) * ws * ws * 2 * geo.head_dim, 0.f);
   std::vector<float> delta;
   geo.out = out.data();
   geo.lse = lse.data();

@@ -15,8 +15,9 @@ _poison_outputs = False
 
 @contextlib.contextmanager
 def poisoned_outputs(enabled: bool = True):
-    """Fill every kernel output with NaN before the kernel runs, so an element it never writes fails
-    parity instead of passing by luck with whatever the allocator left there. For tests."""
+    """Fill every kernel output (and partial buffer) with NaN before the kernel runs, the Triton
+    launchers' and the CUDA extension's, so an element it never writes fails parity instead of passing
+    by luck with whatever the allocator left there. For tests."""
     global _poison_outputs
     previous, _poison_outputs = _poison_outputs, enabled
     try:
@@ -86,7 +87,7 @@ def check_param(t, name: str, shape: Sequence[int], like: torch.Tensor) -> None:
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but the input is on {like.device}; move both to one device")
     if t.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16 (float64 for checks)")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -145,11 +146,20 @@ def launch_device(t: torch.Tensor):
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # tl.dot needs 16 along each dimension; 128 bounds the registers
 
 
+_cuda_poisons = False  # what the extension was last told (csrc/outputs.h)
+
+
 def cuda_ops():
-    """torch.ops.twins_kernels_cuda, registered by loading the CUDA extension."""
+    """torch.ops.twins_kernels_cuda, registered by loading the CUDA extension, told whether to poison
+    its outputs (``poisoned_outputs``) when that changed since it was last told."""
+    global _cuda_poisons
     import twins_kernels._C  # noqa: F401
 
-    return torch.ops.twins_kernels_cuda
+    ops = torch.ops.twins_kernels_cuda
+    if _cuda_poisons != _poison_outputs:
+        ops.set_poison_outputs(_poison_outputs)
+        _cuda_poisons = _poison_outputs
+    return ops
 
 
 def op_backend(x: torch.Tensor, requested: str) -> str:

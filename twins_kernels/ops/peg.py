@@ -232,7 +232,7 @@ def peg_weight_grad_triton(grad_out, x, height: int, width: int):
     batch, _, chans = x.shape
     rows_per_program, programs = weight_grad_partition(batch * height)
     acc = accumulation_dtype(x.dtype)
-    partial = torch.empty((programs, PARTIAL_SLOTS, chans), device=x.device, dtype=acc)
+    partial = empty_output((programs, PARTIAL_SLOTS, chans), x, acc)
     tiles = weight_grad_tiles(chans, width)
     grid = (programs, triton.cdiv(chans, tiles.block_c))
     with launch_device(x):
@@ -329,8 +329,11 @@ def peg(x, weight, bias=None, size=None, stride: int = 1, backend: str | None = 
     """
     batch, tokens, chans, height, width = check_tokens(x, size)
     check_int(stride, "stride")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        raise ValueError(f"weight must be a (C_out, C / C_out, 3, 3) tensor, got {getattr(weight, 'shape', weight)!r}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4 or weight.shape[0] == 0:
+        raise ValueError(f"weight must be a (C_out, C / C_out, 3, 3) tensor with C_out >= 1, got shape "
+                         f"{tuple(weight.shape)}")
     out_chans = weight.shape[0]
     if chans % out_chans != 0:
         raise ValueError(f"x has C={chans} channels, not a multiple of the weight's {out_chans} groups")
