@@ -16,27 +16,31 @@ REQUIRE_EXTENSION := $(if $(CUDA_HOME),1,0)
 
 .PHONY: demo test bench kernel-report sweep-report extension gpu-versions clean
 
-$(VENV)/.installed: setup.py Makefile
+$(VENV)/.installed: Makefile
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)" ninja timm pytest pytest-benchmark pytest-xdist hypothesis matplotlib
+	touch $@
+
+# the package, installed editable, and the extension rebuilt whenever a source under csrc/ changes
+$(VENV)/.extension: $(VENV)/.installed setup.py $(wildcard csrc/*)
 	$(MAKE) extension
 	touch $@
 
 extension:
 	$(PYTHON) -m pip install --quiet --no-build-isolation -e .
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.extension
 	$(PYTHON) -m twins_kernels
 
-test: $(VENV)/.installed
+test: $(VENV)/.extension
 	TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PYTHON) -m pytest tests/ -q -n $(TEST_WORKERS) --dist loadgroup
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.extension
 	$(PYTHON) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json
 
 # Every Triton kernel compiled for sm_90 and sm_80 without a GPU: shared memory, registers, spills, MMA
-kernel-report: $(VENV)/.installed
+kernel-report: $(VENV)/.extension
 	env -u TRITON_INTERPRET $(PYTHON) tests/triton_aot.py --arch 90 --arch 80 \
 		--json benchmarks/results/triton_kernels.json --markdown benchmarks/results/triton_kernels.md
 

@@ -147,7 +147,7 @@ def test_triton_non_contiguous_input():
     check_module_parity(LocallyGroupedAttn(64, 2, ws=7), fused_on("triton"), x, (9, 10), torch.float32)
 
 
-@pytest.mark.parametrize("batch,height,width,dim,heads,ws", SHAPES[:7] + SHAPES[10:])
+@pytest.mark.parametrize("batch,height,width,dim,heads,ws", SHAPES)
 def test_reference_backend_matches_timm(batch, height, width, dim, heads, ws):
     x = make_tokens(batch, height, width, dim, torch.float32, "cpu")
     check_module_parity(LocallyGroupedAttn(dim, heads, ws=ws), fused_on("torch"), x, (height, width), torch.float32)
@@ -249,16 +249,16 @@ def test_attention_dropout_in_training_runs_the_reference(pad_mode, timm_class):
     timm_module = timm_class(32, 2, attn_drop=0.5, ws=7).to(KERNEL_DEVICE).train()
     timm_module.fused_attn = True
     fused = FusedLSA.from_module(timm_module, backend="triton", pad_mode=pad_mode)
-    x = make_tokens(2, 14, 7, 32, torch.float32, KERNEL_DEVICE)
+    x = make_tokens(2, 13, 6, 32, torch.float32, KERNEL_DEVICE)  # padded at the bottom and the right
     torch.manual_seed(7)
-    train_out = fused(x, (14, 7))
+    train_out = fused(x, (13, 6))
     if pad_mode == "zero":
         torch.manual_seed(7)
-        torch.testing.assert_close(train_out, timm_module(x, (14, 7)))
+        torch.testing.assert_close(train_out, timm_module(x, (13, 6)))
     fused.eval()
-    eval_out = fused(x, (14, 7))
+    eval_out = fused(x, (13, 6))
     assert (train_out - eval_out).abs().max() > 1e-2, "dropout must change the training output"
-    assert_rel_close(eval_out, timm_module.eval()(x, (14, 7)), torch.float32, "eval out")
+    assert_rel_close(eval_out, timm_module.eval()(x, (13, 6)), torch.float32, "eval out")
 
 
 def test_state_dict_keys_attributes_and_sharing_match_timm():

@@ -39,7 +39,13 @@ class BackendStatus:
 
 
 def triton_interpret_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels in its interpreter: Triton's own reading of TRITON_INTERPRET (1, true,
+    on, ...), so that this package and Triton never disagree; False without Triton."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return False
+    return bool(knobs.runtime.interpret)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,10 +8,11 @@ Without Triton, ``triton.jit`` becomes a no-op decorator and ``tl.constexpr`` a 
 the kernel functions still exist as Python functions, but the backend selection
 (``twins_kernels.backend``) refuses the ``triton`` backend with the import error, so they never run.
 """
-import os
 from types import SimpleNamespace
 
 import torch
+
+from ..backend import triton_interpret_enabled
 
 
 def _index_scalar_arguments(interpreter) -> None:
@@ -35,7 +36,7 @@ try:
     import triton
     import triton.language as tl
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpret_enabled():
         from triton.runtime import interpreter
 
         from . import interpreter_bf16

@@ -594,7 +594,7 @@ def attention_tiles(dtype: torch.dtype, head_dim: int, tokens: int, keys: int, b
     k/v loads, 2 at head_dim 128 for shared memory). Backward kernels hold k, v (or q, dO) and two
     accumulators, so 64 x 64. fp32 and fp64 (ieee precision) run on the FMA units, whose operands
     live in registers (``fma_rows``, ``fma_warps``): 32 keys a block; the forward's queries 64 up to
-    head_dim 32, the backward's 32; both halved each time head_dim doubles beyond."""
+    head_dim 32, the backward's 32 up to 64, each halved each time head_dim doubles past that."""
     wide = head_dim > 64
     if dtype in (torch.float16, torch.bfloat16):
         if backward:
@@ -616,7 +616,7 @@ def attention_tiles(dtype: torch.dtype, head_dim: int, tokens: int, keys: int, b
 def subsample_tiles(dtype: torch.dtype, chans: int, rows: int) -> SubsampleTiles:
     """64 patches x 128 output channels per GEMM tile, 64 input channels per step (16-bit); halved for
     fp32/fp64 on the FMA units. Twins' sub-sampled stages have C = 64..512, so the whole LayerNorm row
-    is 1 to 4 output-channel chunks of one program."""
+    is 1 to 4 output-channel chunks of one program (1 to 8 in fp32)."""
     half = dtype in (torch.float16, torch.bfloat16)
     return SubsampleTiles(
         block_r=pow2_block(64 if half else 32, rows),

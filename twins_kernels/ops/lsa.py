@@ -26,8 +26,9 @@ Backward recomputes the probabilities from the log-sum-exp, with delta = rowsum(
   dV = P^T dO,  dS = P * (dO V^T - delta),  dQ = scale * dS K,  dK = scale * dS^T Q,
 written straight into a (B, N, 3C) gradient (each real token's q, k and v slice has exactly one writer:
 no zero fill, no atomics). One program per (batch, window, head) and block of key slots loops over the
-window's query blocks for dK, dV; when the window is one key block (ws <= 8) the same program also
-writes dQ, otherwise a second kernel does, one program per query block. Zero padding: the padded keys
+window's query blocks for dK, dV; when the window is one key block (ws <= 8 in 16 bits; in fp32
+ws <= 5, or 4 above head_dim 64: ``lsa_tiles``) the same program also writes dQ, otherwise a second
+kernel does, one program per query block. Zero padding: the padded keys
 are copies of the bias, so their dK, dV are the bias's share of the gradient; each program writes its
 padded keys' sums to its own slot of a buffer that one ``sum`` reduces (no float atomics: bitwise
 reproducible). Padded queries are cropped, so the q part of that share is zero.
@@ -474,7 +475,7 @@ def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Lsa
     4 query x 4 key blocks), so the score tile never exceeds 64 x 64. 4 warps; 8 where the head_dim
     doubles the operands (above 64 in the forward, above 32 in the backward, which holds q, k, v, dO,
     dK, dV); 2 for 16-slot windows (ws <= 4). The loops run once for windows of one block (no stages
-    to pipeline), so num_stages is 1 there and 2 for ws > 8. fp32 and fp64 dots run on the FMA units,
+    to pipeline), so num_stages is 1 there and 2 for windows of several blocks. fp32 and fp64 dots run on the FMA units,
     whose operands live in registers: their blocks are 32 slots (16 at head_dim 128; ``fma_rows``) on
     4 or 8 warps (``fma_warps``), which also keeps every kernel within an A100's and an H100's shared
     memory (tests/triton_aot.py)."""
