@@ -323,13 +323,14 @@ def _ddp_step(rank: int, world: int, port: int, results):
         torch.manual_seed(0)
         plain = timm.create_model("twins_svt_small", pretrained=False, num_classes=10, depths=SHALLOW)
         fused = copy.deepcopy(plain)
-        twins_kernels.patch_model(fused, backend="triton")
         torch.manual_seed(100 + rank)  # each rank its own batch
         x = torch.randn(1, 3, 64, 64)
         target = torch.randint(0, 10, (1,))
         grads = []
         for model in (plain, fused):
             ddp = DDP(model)
+            if model is fused:  # patched inside the wrapper: the fused modules share the parameters DDP holds
+                assert sum(twins_kernels.patch_model(ddp, backend="triton").replaced.values()) > 0
             torch.nn.functional.cross_entropy(ddp(x), target).backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         worst = max(rel_err(grads[1][n], grads[0][n]) for n in grads[0])
@@ -339,7 +340,8 @@ def _ddp_step(rank: int, world: int, port: int, results):
 
 
 def test_ddp_two_processes_patched_matches_unpatched():
-    """Two gloo ranks on the CPU: the patched model's all-reduced gradients equal the unpatched model's."""
+    """Two gloo ranks on the CPU: the model patched inside its DDP wrapper gives the unpatched model's
+    all-reduced gradients."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
     with mp.Manager() as manager:
         results = manager.dict()

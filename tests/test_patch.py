@@ -250,6 +250,24 @@ def test_a_users_registration_of_a_timm_class_stays(monkeypatch):
     assert converted == [original] and dict(report.replaced) == {"peg": 1, "lsa": 1}
 
 
+def test_report_names_what_it_cannot_replace_and_dropout():
+    """Nothing passes in silence: a registered module at the root (no parent to hold its replacement), a
+    subclass of a registered class (its forward may differ), and attention dropout (the reference path
+    in training) are in the report."""
+    report = patch_model(twins.PosConv(16, 16))
+    assert not report.replaced and report.skipped[0][0] == "(the model itself)"
+
+    class ScaledPosConv(twins.PosConv):
+        pass
+
+    model = nn.ModuleList([ScaledPosConv(16, 16), twins.PosConv(16, 16), twins.LocallyGroupedAttn(16, 2, 0.1, ws=7)])
+    report = patch_model(model)
+    assert dict(report.replaced) == {"peg": 1, "lsa": 1}
+    assert [name for name, _ in report.skipped] == ["0"] and "ScaledPosConv subclasses PosConv" in report.skipped[0][1]
+    assert report.notes == ["2: attn_drop=0.1 runs the reference path in training mode"]
+    assert "left alone: 0: ScaledPosConv" in str(report)
+
+
 def test_register_patch_rejects_bad_arguments():
     with pytest.raises(ValueError, match="attention"):
         register_patch(PosCNN, "attention", convert_poscnn)

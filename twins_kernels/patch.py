@@ -110,6 +110,26 @@ def _children_to_patch(model: nn.Module):
                 yield parent, name, f"{parent_name}.{name}" if parent_name else name, child
 
 
+def _note_unpatchable(model: nn.Module, ops: tuple[str, ...], report: "PatchReport") -> None:
+    """Report, rather than pass over in silence, the modules of the kinds in ``ops`` that patching
+    cannot replace: the root itself (it has no parent to hold its replacement) and instances of a
+    subclass of a registered class (its forward may differ from the class's)."""
+    for qualified, module in model.named_modules():
+        registration = _registry.get(type(module))
+        if registration is not None:
+            if module is model and registration.kind in ops:
+                report.skipped.append(("(the model itself)", f"a registered {type(module).__name__} at the "
+                                       f"root has no parent to hold its replacement: patch the module that "
+                                       f"holds it, or use its fused class's from_module"))
+            continue
+        for cls, registration in _registry.items():
+            if isinstance(module, cls) and registration.kind in ops:
+                report.skipped.append((qualified or "(the model itself)",
+                                       f"{type(module).__name__} subclasses {cls.__name__}, whose forward it may "
+                                       f"change: register_patch({type(module).__name__}, ...) to patch it"))
+                break
+
+
 def patch_model(model: nn.Module, backend: str | None = None, ops: Iterable[str] = KINDS) -> PatchReport:
     """Replace, in place, every registered module of the kinds in ``ops`` by its fused counterpart.
 
@@ -122,6 +142,7 @@ def patch_model(model: nn.Module, backend: str | None = None, ops: Iterable[str]
     if unknown:
         raise ValueError(f"ops must be drawn from {KINDS}, got {sorted(unknown)}")
     report = PatchReport()
+    _note_unpatchable(model, ops, report)
     for parent, name, qualified, child in list(_children_to_patch(model)):
         registration = _registry[type(child)]
         if registration.kind not in ops:
