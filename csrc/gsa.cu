@@ -40,16 +40,19 @@ int64_t dkdv_query_splits(const at::Tensor& q, int64_t key_blocks, int64_t query
 }
 
 void check_gsa(const at::Tensor& q, const at::Tensor& kv, int64_t heads) {
-  TORCH_CHECK(q.is_cuda() && kv.is_cuda(), "q and kv must be CUDA tensors");
+  TORCH_CHECK(q.is_cuda() && kv.is_cuda() && q.device() == kv.device(), "q and kv must be on one CUDA device, got ",
+              q.device(), " and ", kv.device());
   TORCH_CHECK(q.dim() == 3 && kv.dim() == 3, "q must be (B, N, C) and kv (B, M, 2C), got ", q.sizes(), " and ",
               kv.sizes());
   TORCH_CHECK(kv.size(0) == q.size(0) && kv.size(2) == 2 * q.size(2), "kv has shape ", kv.sizes(),
               ", expected (", q.size(0), ", M, ", 2 * q.size(2), ")");
   TORCH_CHECK(kv.size(1) >= 1, "kv must hold at least one key");
   TORCH_CHECK(heads > 0 && q.size(2) % heads == 0, "C=", q.size(2), " is not divisible by num_heads=", heads);
-  TORCH_CHECK(q.size(2) / heads <= 128, "head_dim must be <= 128, got ", q.size(2) / heads);
-  TORCH_CHECK(q.scalar_type() == kv.scalar_type(), "q and kv must share a dtype");
-  TORCH_CHECK(q.scalar_type() != at::kDouble, "the cuda backend supports fp32, fp16 and bf16");
+  TORCH_CHECK(q.size(2) / heads >= 16 && q.size(2) / heads <= 128, "head_dim must be in 16..128, got ",
+              q.size(2) / heads);
+  TORCH_CHECK(q.scalar_type() == kv.scalar_type(), "q and kv must share a dtype, got ", q.scalar_type(), " and ",
+              kv.scalar_type());
+  TORCH_CHECK(q.scalar_type() != at::kDouble, "the cuda backend supports fp32, fp16 and bf16, got ", q.scalar_type());
 }
 
 }  // namespace

@@ -22,16 +22,18 @@ struct LsaShape {
 
 LsaShape check_lsa(const at::Tensor& qkv, const at::Tensor& bias, int64_t height, int64_t width, int64_t ws,
                    int64_t heads) {
-  TORCH_CHECK(qkv.is_cuda() && bias.is_cuda(), "qkv and qkv_bias must be CUDA tensors");
+  TORCH_CHECK(qkv.is_cuda() && bias.is_cuda() && qkv.device() == bias.device(),
+              "qkv and qkv_bias must be on one CUDA device, got ", qkv.device(), " and ", bias.device());
   TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % 3 == 0, "qkv must be (B, N, 3C), got ", qkv.sizes());
   TORCH_CHECK(qkv.size(1) == height * width, "qkv has N=", qkv.size(1), ", expected H*W=", height * width);
   TORCH_CHECK(ws >= 2 && ws <= 16, "ws must be in 2..16, got ", ws);
   const int64_t chans = qkv.size(2) / 3;
   TORCH_CHECK(heads > 0 && chans % heads == 0, "C=", chans, " is not divisible by num_heads=", heads);
   const int64_t head_dim = chans / heads;
-  TORCH_CHECK(head_dim >= 1 && head_dim <= 128, "head_dim must be <= 128, got ", head_dim);
+  TORCH_CHECK(head_dim >= 16 && head_dim <= 128, "head_dim must be in 16..128, got ", head_dim);
   TORCH_CHECK(bias.numel() == 3 * chans, "qkv_bias must have 3C=", 3 * chans, " elements, got ", bias.numel());
-  TORCH_CHECK(qkv.scalar_type() != at::kDouble, "the cuda backend supports fp32, fp16 and bf16");
+  TORCH_CHECK(qkv.scalar_type() != at::kDouble, "the cuda backend supports fp32, fp16 and bf16, got ",
+              qkv.scalar_type());
   return {qkv.size(0), qkv.size(1), chans, head_dim};
 }
 

@@ -29,7 +29,8 @@ void check_tokens(const at::Tensor& t, const char* name, int64_t height, int64_t
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
   TORCH_CHECK(t.dim() == 3, name, " must be (B, N, C) tokens, got shape ", t.sizes());
   TORCH_CHECK(t.size(1) == height * width, name, " has N=", t.size(1), " tokens, expected H*W=", height * width);
-  TORCH_CHECK(height * width * t.size(2) < (int64_t(1) << 31), name, ": one image's H*W*C must fit in 31 bits");
+  TORCH_CHECK(height * width * t.size(2) < (int64_t(1) << 31), name, ": one image's H*W*C must fit in 31 bits, got ",
+              height, "*", width, "*", t.size(2));
 }
 
 TokenStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
@@ -41,7 +42,8 @@ at::Tensor peg_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std:
   check_tokens(x, "x", height, width);
   const int64_t chans = x.size(2);
   TORCH_CHECK(weight.numel() == chans * kTaps, "weight must be (C, 1, 3, 3) with C=", chans, ", got ", weight.sizes());
-  TORCH_CHECK(!bias.has_value() || bias->numel() == chans, "bias must be (C,) with C=", chans);
+  TORCH_CHECK(!bias.has_value() || bias->numel() == chans, "bias must be (C,) with C=", chans, ", got ",
+              bias->sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = empty_output({x.size(0), x.size(1), chans}, x.options());
   if (out.numel() == 0) return out;
@@ -78,7 +80,8 @@ at::Tensor peg_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int6
   check_tokens(x, "x", height, width);
   check_tokens(grad_out, "grad_out", height, width);
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out has shape ", grad_out.sizes(), ", expected ", x.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out and x must share a dtype");
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out and x must share a dtype, got ",
+              grad_out.scalar_type(), " and ", x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t chans = x.size(2);
   const int64_t rows = x.size(0) * height;

@@ -502,10 +502,10 @@ def gsa_subsample_weight_grad_kernel(
 ):
     """grad_w[co, c, i, j] = sum over rows of grad_y[row, co] * x[patch pixel (i, j) of row, c], for one
     (BLOCK_CO x BLOCK_C) tile of one tap (i, j); the program reduces over every row itself."""
-    offs_co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     c_blocks = tl.cdiv(C, BLOCK_C)
-    tap = tl.program_id(1) // c_blocks
-    offs_c = (tl.program_id(1) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tap = tl.program_id(0) // c_blocks  # taps x channel blocks on axis 0: sr * sr grows past axis 1's 65535
+    offs_c = (tl.program_id(0) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     i = tap // SR
     j = tap % SR
     co_mask = offs_co < C
@@ -762,7 +762,7 @@ def gsa_subsample_backward_triton(grad_out, x, sr_weight, norm_weight, y, mean, 
             grad_out, y, mean, rstd, norm_weight, grad_y, partial, rows, keys, chans, *grad_out.stride(),
             ACC=TRITON_DTYPES[acc], BLOCK_R=tiles.block_r, BLOCK_CO=tiles.block_co, **common,
         )
-        gsa_subsample_weight_grad_kernel[(triton.cdiv(chans, tiles.block_co), sr_ratio * sr_ratio * c_blocks)](
+        gsa_subsample_weight_grad_kernel[(sr_ratio * sr_ratio * c_blocks, triton.cdiv(chans, tiles.block_co))](
             grad_y, x, grad_w, *geometry, width, chans, sr_ratio, *x.stride(), *grad_w.stride(),
             ACC=TRITON_DTYPES[acc], DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=tiles.block_r, BLOCK_CO=tiles.block_co, BLOCK_C=tiles.block_c, **common,
