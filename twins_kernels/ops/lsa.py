@@ -28,10 +28,10 @@ written straight into a (B, N, 3C) gradient (each real token's q, k and v slice 
 no zero fill, no atomics). One program per (batch, window, head) and block of key slots loops over the
 window's query blocks for dK, dV; when the window is one key block (ws <= 8 in 16 bits; in fp32
 ws <= 5, or 4 above head_dim 64: ``lsa_tiles``) the same program also writes dQ, otherwise a second
-kernel does, one program per query block. Zero padding: the padded keys
-are copies of the bias, so their dK, dV are the bias's share of the gradient; each program writes its
-padded keys' sums to its own slot of a buffer that one ``sum`` reduces (no float atomics: bitwise
-reproducible). Padded queries are cropped, so the q part of that share is zero.
+kernel does, one program per query block. Zero padding: the padded keys are copies of the bias, so
+their dK, dV are the bias's share of the gradient; each program writes its padded keys' sums to its
+own slot of a buffer that one ``sum`` reduces (no float atomics: bitwise reproducible). Padded queries
+are cropped, so the q part of that share is zero.
 
 Backends (see ``twins_kernels.backend``):
   triton  the kernels above (float32, float16, bfloat16; float64 for checks).
@@ -475,10 +475,10 @@ def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Lsa
     4 query x 4 key blocks), so the score tile never exceeds 64 x 64. 4 warps; 8 where the head_dim
     doubles the operands (above 64 in the forward, above 32 in the backward, which holds q, k, v, dO,
     dK, dV); 2 for 16-slot windows (ws <= 4). The loops run once for windows of one block (no stages
-    to pipeline), so num_stages is 1 there and 2 for windows of several blocks. fp32 and fp64 dots run on the FMA units,
-    whose operands live in registers: their blocks are 32 slots (16 at head_dim 128; ``fma_rows``) on
-    4 or 8 warps (``fma_warps``), which also keeps every kernel within an A100's and an H100's shared
-    memory (tests/triton_aot.py)."""
+    to pipeline), so num_stages is 1 there and 2 for windows of several blocks. fp32 and fp64 dots run
+    on the FMA units, whose operands live in registers: their blocks are 32 slots (16 at head_dim 128;
+    ``fma_rows``) on 4 or 8 warps (``fma_warps``), which also keeps every kernel within an A100's and an
+    H100's shared memory (tests/triton_aot.py)."""
     slots = max(16, next_pow2(ws * ws))
     block_d = max(16, next_pow2(head_dim))
     if dtype.itemsize == 2:
