@@ -30,6 +30,8 @@
 #include <cmath>
 #include <type_traits>
 
+#include "warp_mma.cuh"
+
 namespace twins_kernels {
 namespace attention {
 
@@ -101,26 +103,25 @@ __device__ __forceinline__ void stage_keys(const Geometry& geo, const Block& blo
 // ---------------------------------------------------------------------------------------------
 // the backward's delta: D_i = dO_i . O_i per token and head, in fp32, which dq and dk/dv read
 // ---------------------------------------------------------------------------------------------
-constexpr int kWarpSize = 32;
 constexpr int kDeltaWarps = 4;  // tokens of a block, a warp each
 
 // grad_out and out (rows = B * N tokens of heads * head_dim values, contiguous) to delta (B, heads, N):
 // a warp per token, its lanes over a head's columns (a head's values read together), the lanes' sums
 // added in a fixed order (deterministic). Both families' backward reads it.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kDeltaWarps * kWarpSize)
+__global__ void __launch_bounds__(kDeltaWarps * warp::kSize)
     attention_delta_kernel(const scalar_t* grad_out, const scalar_t* out, float* delta, int64_t rows,
                            int64_t tokens, int heads, int head_dim) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kDeltaWarps + threadIdx.x / kWarpSize;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kDeltaWarps + threadIdx.x / warp::kSize;
   if (row >= rows) return;  // the warp as a whole: its shuffles below have every lane
-  const int lane = threadIdx.x % kWarpSize;
+  const int lane = threadIdx.x % warp::kSize;
   const int64_t chans = static_cast<int64_t>(heads) * head_dim, batch = row / tokens, token = row % tokens;
   for (int h = 0; h < heads; ++h) {
     float sum = 0.f;
-    for (int d = h * head_dim + lane; d < (h + 1) * head_dim; d += kWarpSize) {
+    for (int d = h * head_dim + lane; d < (h + 1) * head_dim; d += warp::kSize) {
       sum += load(grad_out + row * chans + d) * load(out + row * chans + d);
     }
-    for (int mask = kWarpSize / 2; mask > 0; mask /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, mask);
+    sum = warp::sum(sum);
     if (lane == 0) delta[(batch * heads + h) * tokens + token] = sum;
   }
 }

@@ -37,7 +37,7 @@ template <typename scalar_t>
 void launch_delta(const at::Tensor& grad_out, const at::Tensor& out, at::Tensor& delta, cudaStream_t stream) {
   const int64_t rows = grad_out.size(0) * grad_out.size(1), heads = delta.size(1);
   const int64_t blocks = (rows + kDeltaWarps - 1) / kDeltaWarps;
-  attention_delta_kernel<scalar_t><<<blocks, kDeltaWarps * kWarpSize, 0, stream>>>(
+  attention_delta_kernel<scalar_t><<<blocks, kDeltaWarps * warp::kSize, 0, stream>>>(
       grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), delta.data_ptr<float>(), rows, grad_out.size(1),
       static_cast<int>(heads), static_cast<int>(grad_out.size(2) / heads));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

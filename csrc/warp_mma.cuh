@@ -180,5 +180,11 @@ __device__ __forceinline__ float group_sum(float value) {
   return value + __shfl_xor_sync(0xffffffffu, value, 2);
 }
 
+// The sum of a value over the warp's lanes, in every lane; the same order each time: deterministic.
+__device__ __forceinline__ float sum(float value) {
+  for (int mask = kSize / 2; mask > 0; mask /= 2) value += __shfl_xor_sync(0xffffffffu, value, mask);
+  return value;
+}
+
 }  // namespace warp
 }  // namespace twins_kernels

@@ -32,7 +32,7 @@ static void run_kernels(Geometry& geo, bool tensor_cores, long query_blocks, lon
     const long rows = batch * tokens;
     delta.assign(batch * heads * tokens, NAN);
     emulated_launch((rows + attention::kDeltaWarps - 1) / attention::kDeltaWarps,
-                    attention::kDeltaWarps * attention::kWarpSize, [&] {
+                    attention::kDeltaWarps * warp::kSize, [&] {
                       attention::attention_delta_kernel(grad_out.data(), out.data(), delta.data(), rows, tokens,
                                                         heads, chans / heads);
                     });
