@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch._dynamo.utils import counters
 
 from twins_kernels.testing import DTYPE_IDS, TOLERANCE, make_tokens, module_parity_errors, rel_err
 
@@ -36,20 +37,28 @@ def check_module_parity(
     return errors
 
 
-def check_compiled_matches_eager(module: torch.nn.Module, x: torch.Tensor, size: tuple[int, int], backend: str,
-                                 **tolerances) -> None:
+def check_compiled_matches_eager(module: torch.nn.Module, inputs: list[tuple[torch.Tensor, tuple[int, int]]],
+                                 backend: str, dynamic: bool | None = None, **tolerances) -> None:
     """Assert that torch.compile(fullgraph=True) of a block using ``module`` (so: no graph break) gives
-    eager's output, input gradient and every parameter gradient (torch.testing.assert_close, with
-    ``tolerances`` where the compiler may fuse differently)."""
-    def block(tokens):
+    eager's output, input gradient and every parameter gradient on each (tokens, size) of ``inputs``
+    (torch.testing.assert_close, with ``tolerances`` where the compiler may fuse differently). With
+    ``dynamic=True`` (shapes as symbols, as a segmentation model fed several image sizes wants), every
+    size must run on the one graph compiled for the first: a new size, padded or not, is no recompile
+    (sizes of 1 excepted: dynamo specializes a dimension of size 0 or 1, so keep every size >= 2)."""
+    def block(tokens, size):
         return module(tokens, size).relu() * 2
 
-    def output_and_grads(fn):
+    def output_and_grads(fn, x, size):
         tokens = x.detach().requires_grad_()
-        out = fn(tokens)
+        out = fn(tokens, size)
         return out, torch.autograd.grad(out.sum(), [tokens, *module.parameters()])
 
-    expected = output_and_grads(block)
     torch._dynamo.reset()
-    actual = output_and_grads(torch.compile(block, fullgraph=True, backend=backend))
-    torch.testing.assert_close(actual, expected, **tolerances)
+    counters.clear()
+    compiled = torch.compile(block, fullgraph=True, backend=backend, dynamic=dynamic)
+    for x, size in inputs:
+        expected = output_and_grads(block, x, size)
+        torch.testing.assert_close(output_and_grads(compiled, x, size), expected, **tolerances)
+    if dynamic:
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs == 1, f"{graphs} graphs compiled for sizes {[size for _, size in inputs]}: a new size recompiled"

@@ -200,7 +200,17 @@ def test_cuda_backward_is_bitwise_reproducible():
 def test_torch_compile_fullgraph_matches_eager(backend):
     """The custom ops keep the kernels opaque to dynamo: no graph break, same numbers and gradients."""
     module = FusedGSA(32, num_heads=2, sr_ratio=2, backend=backend).to(KERNEL_DEVICE)
-    check_compiled_matches_eager(module, make_tokens(2, 4, 6, 32, torch.float32, KERNEL_DEVICE), (4, 6), "aot_eager")
+    check_compiled_matches_eager(module, [(make_tokens(2, 4, 6, 32, torch.float32, KERNEL_DEVICE), (4, 6))],
+                                 "aot_eager")
+
+
+@pytest.mark.parametrize("sr_ratio", [1, 2])
+def test_torch_compile_dynamic_shapes_one_graph(sr_ratio):
+    """Maps with and without rows and columns the conv drops, another batch: one graph."""
+    module = FusedGSA(32, num_heads=2, sr_ratio=sr_ratio, backend="triton").to(KERNEL_DEVICE)
+    inputs = [(make_tokens(batch, h, w, 32, torch.float32, KERNEL_DEVICE), (h, w))
+              for batch, h, w in [(2, 4, 6), (3, 5, 7), (2, 2, 9)]]
+    check_compiled_matches_eager(module, inputs, "aot_eager", dynamic=True)
 
 
 def test_from_module_keeps_the_eval_mode_and_input_errors_name_x():

@@ -228,7 +228,17 @@ def test_padded_bias_gradient_is_bitwise_reproducible():
 def test_torch_compile_fullgraph_matches_eager(pad_mode):
     """The custom op keeps the kernels opaque to dynamo: no graph break (fullgraph), same numbers."""
     module = FusedLSA(32, 2, ws=7, backend="triton", pad_mode=pad_mode).to(KERNEL_DEVICE)
-    check_compiled_matches_eager(module, make_tokens(1, 9, 8, 32, torch.float32, KERNEL_DEVICE), (9, 8), "aot_eager")
+    check_compiled_matches_eager(module, [(make_tokens(1, 9, 8, 32, torch.float32, KERNEL_DEVICE), (9, 8))],
+                                 "aot_eager")
+
+
+def test_torch_compile_dynamic_shapes_one_graph():
+    """Padded maps, an unpadded one, another batch: one graph (the padding is index arithmetic in the
+    kernel, not a branch dynamo would guard on)."""
+    module = FusedLSA(32, 2, ws=7, backend="triton").to(KERNEL_DEVICE)
+    inputs = [(make_tokens(batch, h, w, 32, torch.float32, KERNEL_DEVICE), (h, w))
+              for batch, h, w in [(2, 9, 8), (3, 7, 14), (2, 3, 11)]]
+    check_compiled_matches_eager(module, inputs, "aot_eager", dynamic=True)
 
 
 @requires_gpu

@@ -114,7 +114,14 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     module = FusedPEG(32, 32, backend=backend).to(KERNEL_DEVICE)
     x = make_tokens(2, 5, 7, 32, torch.float32, KERNEL_DEVICE)
     # inductor may fuse the residual and bias adds differently: fp32 rounding, not another result
-    check_compiled_matches_eager(module, x, (5, 7), "inductor" if HAS_GPU else "aot_eager", rtol=1e-4, atol=1e-4)
+    check_compiled_matches_eager(module, [(x, (5, 7))], "inductor" if HAS_GPU else "aot_eager", rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_dynamic_shapes_one_graph():
+    module = FusedPEG(32, 32, backend="triton").to(KERNEL_DEVICE)
+    inputs = [(make_tokens(batch, h, w, 32, torch.float32, KERNEL_DEVICE), (h, w))
+              for batch, h, w in [(2, 5, 7), (3, 2, 9), (2, 6, 6)]]
+    check_compiled_matches_eager(module, inputs, "aot_eager", dynamic=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
