@@ -148,6 +148,37 @@ def test_torch_compile_fullgraph_patched_model():
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_export_copy_and_save_a_patched_model(tmp_path):
+    """What deployment does with a model: torch.export with the image size as a symbol (the ops stay
+    twins_kernels ops in the graph), the program saved and loaded, run at another size; and the patched
+    module itself deep-copied, pickled whole, run under inference_mode."""
+    import io
+
+    model = small_model("twins_svt_small", depths=SHALLOW)
+    patch_model(model, backend="torch")
+    x = torch.randn(2, 3, 64, 96)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    rows, cols = torch.export.Dim("rows", min=2, max=32), torch.export.Dim("cols", min=2, max=32)
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch, 2: 32 * rows, 3: 32 * cols}})
+    ops = {str(node.target) for node in program.graph.nodes if "twins_kernels" in str(node.target)}
+    assert {"twins_kernels.lsa_forward.default", "twins_kernels.gsa_attention_forward.default",
+            "twins_kernels.gsa_subsample_forward.default", "twins_kernels.peg_forward.default"} <= ops, ops
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+
+    other = torch.randn(1, 3, 96, 128)  # another batch and another size, maps padded differently
+    with torch.no_grad():
+        expected = model(other)
+    torch.testing.assert_close(loaded(other), expected)
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        with torch.inference_mode():
+            torch.testing.assert_close(copied(other), expected)
+
+
 def test_features_only_backbone_and_wrappers():
     backbone = timm.create_model("twins_svt_small", pretrained=False, features_only=True).eval()
     wrapper = nn.Sequential(nn.Identity(), backbone)
