@@ -9,8 +9,11 @@ from timm.models.twins import GlobalSubSampleAttn
 import twins_kernels
 from twins_kernels import FusedGSA
 from twins_kernels.ops import gsa_attention, gsa_attention_reference, gsa_subsample, gsa_subsample_reference
+import twins_kernels.ops.gsa as gsa_module
 from twins_kernels.ops.gsa import (
+    _attention_backward_chunked,
     _attention_backward_reference,
+    _attention_forward_chunked,
     _attention_forward_reference,
     gsa_attention_backward_triton,
 )
@@ -131,6 +134,24 @@ def test_dkdv_query_splits_agree(query_splits):
     actual = gsa_attention_backward_triton(grad, q, kv, out, lse, heads, scale, query_splits=query_splits)
     assert_rel_close(actual[0], expected[0], torch.float32, "grad_q")
     assert_rel_close(actual[1], expected[1], torch.float32, "grad_kv")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_chunked_reference_matches_the_fused_cpu_attention(dtype, monkeypatch):
+    """The torch backend's attention is PyTorch's fused CPU kernel on CPU and query chunks elsewhere (a GPU):
+    both on CPU tensors, with 16-query chunks (two and a rest), give the same out, lse and gradients."""
+    monkeypatch.setattr(gsa_module, "REFERENCE_QUERY_CHUNK", 16)
+    q = torch.randn(2, 37, 64).to(dtype)
+    kv = torch.randn(2, 9, 128).to(dtype)
+    grad = torch.randn(2, 37, 64).to(dtype)
+    out, lse = _attention_forward_reference(q, kv, 2, 0.3)
+    chunked_out, chunked_lse = _attention_forward_chunked(q, kv, 2, 0.3)
+    assert lse.dtype == chunked_lse.dtype and lse.is_contiguous() and out.is_contiguous()
+    grads = _attention_backward_reference(grad, q, kv, out, lse, 2, 0.3)
+    chunked_grads = _attention_backward_chunked(grad, q, kv, chunked_out, chunked_lse, 2, 0.3)
+    for name, actual, expected in [("out", out, chunked_out), ("lse", lse, chunked_lse), ("grad_q", grads[0],
+                                   chunked_grads[0]), ("grad_kv", grads[1], chunked_grads[1])]:
+        assert_rel_close(actual, expected, dtype, name)
 
 
 @pytest.mark.parametrize("sr", [2, 3])

@@ -35,7 +35,8 @@ Backends (see ``twins_kernels.backend``):
           (float32, float16, bfloat16; float64 runs the PyTorch reference); the sub-sampling runs
           the PyTorch reference (cuDNN's conv2d + LayerNorm math): the extension has no kernels
           for it.
-  torch   the PyTorch reference for both, the attention in query chunks (memory chunk x M).
+  torch   the PyTorch reference for both; the attention is PyTorch's fused attention kernel on CPU (it
+          returns the log-sum-exp too) and elsewhere runs in query chunks (memory chunk x M).
   With ``auto``, a head_dim outside 16..128 runs the reference; naming triton or cuda raises.
 
 The CUDA extension's contract (csrc/twins_kernels.h), the same as the Triton launchers'
@@ -121,6 +122,30 @@ def _merge_heads(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _attention_forward_reference(q, kv, num_heads: int, scale: float):
+    """(out, lse) of the torch backend: on CPU, PyTorch's fused attention kernel (fp32 accumulation),
+    which returns the log-sum-exp too, so a patched model runs as fast as timm on CPU; elsewhere (the
+    torch backend asked for on a GPU) the same math in query chunks."""
+    if q.device.type != "cpu":
+        return _attention_forward_chunked(q, kv, num_heads, scale)
+    chans = q.shape[2]
+    qh, k, v = (_heads(t, num_heads, q.dtype) for t in (q, kv[..., :chans], kv[..., chans:]))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, k, v, 0.0, False, scale=scale)
+    return _merge_heads(out, q.dtype), lse.contiguous()
+
+
+def _attention_backward_reference(grad_out, q, kv, out, lse, num_heads: int, scale: float):
+    """(grad_q, grad_kv) of the torch backend: PyTorch's fused CPU attention backward on CPU, chunks elsewhere."""
+    if q.device.type != "cpu":
+        return _attention_backward_chunked(grad_out, q, kv, out, lse, num_heads, scale)
+    chans = q.shape[2]
+    heads = (_heads(t, num_heads, q.dtype) for t in (grad_out, q, kv[..., :chans], kv[..., chans:], out))
+    grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *heads, lse, 0.0, False, scale=scale)
+    grad_kv = torch.cat([_merge_heads(grad_k, q.dtype), _merge_heads(grad_v, q.dtype)], dim=-1)
+    return _merge_heads(grad_q, q.dtype), grad_kv
+
+
+def _attention_forward_chunked(q, kv, num_heads: int, scale: float):
     acc = accumulation_dtype(q.dtype)
     chans = q.shape[2]
     qh, k, v = (_heads(t, num_heads, acc) for t in (q, kv[..., :chans], kv[..., chans:]))
@@ -134,7 +159,7 @@ def _attention_forward_reference(q, kv, num_heads: int, scale: float):
     return _merge_heads(out, q.dtype), lse
 
 
-def _attention_backward_reference(grad_out, q, kv, out, lse, num_heads: int, scale: float):
+def _attention_backward_chunked(grad_out, q, kv, out, lse, num_heads: int, scale: float):
     acc = accumulation_dtype(q.dtype)
     chans = q.shape[2]
     qh, k, v = (_heads(t, num_heads, acc) for t in (q, kv[..., :chans], kv[..., chans:]))
@@ -158,38 +183,29 @@ def _subsample_forward_reference(x, sr_weight, sr_bias, norm_weight, norm_bias, 
     feat = x.transpose(1, 2).reshape(batch, chans, height, width)
     weight, bias = sr_weight.to(x.dtype), sr_bias.to(x.dtype)
     y = F.conv2d(feat, weight, bias, stride=sr_ratio).flatten(2).transpose(1, 2).to(acc).contiguous()
-    mean = y.mean(-1)
-    centered = y - mean[..., None]
-    rstd = torch.rsqrt((centered * centered).mean(-1) + eps)  # not y.var(): it warns on an empty batch
-    out = centered * rstd[..., None] * norm_weight.to(acc) + norm_bias.to(acc)
-    return out.to(x.dtype), y, mean, rstd
-
-
-def _norm_backward_reference(grad_out, y, mean, rstd, norm_weight):
-    """LayerNorm backward in the accumulation dtype: (dy, grad_norm_weight, grad_norm_bias)."""
-    grad = grad_out.to(y.dtype)
-    xhat = (y - mean[..., None]) * rstd[..., None]
-    grad_xhat = grad * norm_weight.to(y.dtype)
-    grad_y = rstd[..., None] * (grad_xhat - grad_xhat.mean(-1, keepdim=True)
-                                - xhat * (grad_xhat * xhat).mean(-1, keepdim=True))
-    return grad_y, (grad * xhat).sum((0, 1)), grad.sum((0, 1))
+    out, mean, rstd = torch.native_layer_norm(y, (chans,), norm_weight.to(acc), norm_bias.to(acc), eps)
+    return out.to(x.dtype), y, mean.squeeze(-1), rstd.squeeze(-1)
 
 
 def _subsample_backward_reference(grad_out, x, sr_weight, norm_weight, y, mean, rstd, height, width, sr_ratio):
     batch, _, chans = x.shape
-    grad_y, grad_norm_weight, grad_norm_bias = _norm_backward_reference(grad_out, y, mean, rstd, norm_weight)
+    grad = grad_out.to(y.dtype)
+    grad_y, grad_norm_weight, _ = torch.ops.aten.native_layer_norm_backward(
+        grad, y, (chans,), mean[..., None], rstd[..., None], norm_weight.to(y.dtype), None, [True, True, False])
     out_h, out_w = height // sr_ratio, width // sr_ratio
     grad_map = grad_y.to(x.dtype).transpose(1, 2).reshape(batch, chans, out_h, out_w)
     feat = x.transpose(1, 2).reshape(batch, chans, height, width)
-    weight = sr_weight.to(x.dtype)
-    grad_x = torch.nn.grad.conv2d_input(feat.shape, weight, grad_map, sr_ratio)
-    grad_w = torch.nn.grad.conv2d_weight(feat, weight.shape, grad_map, sr_ratio)
+    # the three conv gradients from one call, as autograd's conv backward takes them (the bias's in x's
+    # dtype there; the LayerNorm's fp32 grad_y sums it here, as the kernels do)
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_map, feat, sr_weight.to(x.dtype), None, [sr_ratio, sr_ratio], [0, 0], [1, 1], False, [0, 0], 1,
+        [True, True, False])
     return (
         grad_x.flatten(2).transpose(1, 2).contiguous(),
         grad_w.to(sr_weight.dtype).contiguous(),
         grad_y.sum((0, 1)).to(sr_weight.dtype),
         grad_norm_weight.to(norm_weight.dtype),
-        grad_norm_bias.to(norm_weight.dtype),
+        grad.sum((0, 1)).to(norm_weight.dtype),
     )
 
 

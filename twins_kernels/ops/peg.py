@@ -59,7 +59,7 @@ def peg_reference(x, weight, bias, size, stride: int = 1):
     bias = None if bias is None else bias.to(x.dtype)
     out = F.conv2d(feat, weight.to(x.dtype), bias, stride, 1, groups=weight.shape[0])
     if stride == 1:
-        out = out + feat
+        out += feat  # in place, as timm adds it: no second map-sized allocation
     return out.flatten(2).transpose(1, 2)
 
 
@@ -70,11 +70,12 @@ def peg_reference_backward(grad_out, x, weight, size, stride: int):
     out_size = peg_output_size(*size, stride)
     g = grad_out.transpose(1, 2).reshape(batch, weight.shape[0], *out_size)
     groups = weight.shape[0]
-    grad_x = torch.nn.grad.conv2d_input(feat.shape, weight.to(x.dtype), g, stride, 1, 1, groups)
+    # the three gradients from one call, as autograd's conv backward takes them
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        g, feat, weight.to(x.dtype), [groups], [stride, stride], [1, 1], [1, 1], False, [0, 0], groups,
+        [True, True, True])
     if stride == 1:
         grad_x = grad_x + g
-    grad_w = torch.nn.grad.conv2d_weight(feat, weight.shape, g, stride, 1, 1, groups)
-    grad_b = g.sum(dim=(0, 2, 3))
     return grad_x.flatten(2).transpose(1, 2), grad_w, grad_b
 
 
