@@ -1,5 +1,7 @@
 """LSA parity with timm's LocallyGroupedAttn (zero padding) and an mmsegmentation-style masked stand-in
 (mask padding) on every backend, gradcheck, torch.compile, attention-dropout routing, bad input."""
+import importlib
+
 import pytest
 import torch
 from timm.models.twins import LocallyGroupedAttn
@@ -10,6 +12,8 @@ from twins_kernels.ops import lsa, lsa_reference
 
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu, skip_unless_available
 from parity import DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity, make_tokens, rel_err
+
+lsa_module = importlib.import_module("twins_kernels.ops.lsa")  # the package's `lsa` is the op function
 
 
 class MmsegMaskedAttn(LocallyGroupedAttn):
@@ -222,6 +226,28 @@ def test_padded_bias_gradient_is_bitwise_reproducible():
         module(x, (11, 13)).square().sum().backward()
         grads.append((module.qkv.bias.grad.clone(), x.grad.clone()))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("pad_mode", ["zero", "mask"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_reference_math_matches_the_fused_cpu_attention(dtype, pad_mode, monkeypatch):
+    """The torch backend's windows attend through PyTorch's fused CPU attention on CPU and through plain
+    math elsewhere (a GPU): both on CPU tensors, on a map padded at the bottom and the right, give the same
+    out, lse, qkv gradient and padded positions' bias gradient."""
+    qkv, bias, grad = torch.randn(2, 9 * 10, 192).to(dtype), torch.randn(192).to(dtype), torch.randn(2, 90, 64).to(dtype)
+    args = (9, 10, 7, 2, 0.3, pad_mode == "mask")
+
+    def results():
+        return (*lsa_module._reference_forward(qkv, bias, *args), *lsa_module._reference_backward(grad, qkv, bias, *args))
+
+    fused = results()
+    monkeypatch.setattr(lsa_module, "fused_cpu_attention", lambda t: False)
+    for name, actual, expected in zip(("out", "lse", "grad_qkv", "grad_bias"), fused, results()):
+        if name == "grad_bias" and pad_mode == "mask":  # masked padded keys get no gradient
+            assert not actual.any() and not expected.any()
+        else:
+            assert actual.dtype == expected.dtype, name
+            assert_rel_close(actual, expected, dtype, name)
 
 
 @pytest.mark.parametrize("pad_mode", ["zero", "mask"])

@@ -95,6 +95,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def fused_cpu_attention(t: torch.Tensor) -> bool:
+    """Whether the torch backend's attention on ``t`` runs PyTorch's fused CPU kernel
+    (aten._scaled_dot_product_flash_attention_for_cpu, which returns the log-sum-exp too): on CPU tensors,
+    so that a patched model runs as fast as timm there; elsewhere it runs the same math in plain ops."""
+    return t.device.type == "cpu"
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

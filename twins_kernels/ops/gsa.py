@@ -76,6 +76,7 @@ from .common import (
     empty_output,
     fma_rows,
     fma_warps,
+    fused_cpu_attention,
     launch_device,
     next_pow2,
     op_backend,
@@ -125,7 +126,7 @@ def _attention_forward_reference(q, kv, num_heads: int, scale: float):
     """(out, lse) of the torch backend: on CPU, PyTorch's fused attention kernel (fp32 accumulation),
     which returns the log-sum-exp too, so a patched model runs as fast as timm on CPU; elsewhere (the
     torch backend asked for on a GPU) the same math in query chunks."""
-    if q.device.type != "cpu":
+    if not fused_cpu_attention(q):
         return _attention_forward_chunked(q, kv, num_heads, scale)
     chans = q.shape[2]
     qh, k, v = (_heads(t, num_heads, q.dtype) for t in (q, kv[..., :chans], kv[..., chans:]))
@@ -135,7 +136,7 @@ def _attention_forward_reference(q, kv, num_heads: int, scale: float):
 
 def _attention_backward_reference(grad_out, q, kv, out, lse, num_heads: int, scale: float):
     """(grad_q, grad_kv) of the torch backend: PyTorch's fused CPU attention backward on CPU, chunks elsewhere."""
-    if q.device.type != "cpu":
+    if not fused_cpu_attention(q):
         return _attention_backward_chunked(grad_out, q, kv, out, lse, num_heads, scale)
     chans = q.shape[2]
     heads = (_heads(t, num_heads, q.dtype) for t in (grad_out, q, kv[..., :chans], kv[..., chans:], out))

@@ -85,6 +85,7 @@ from .common import (
     empty_output,
     fma_rows,
     fma_warps,
+    fused_cpu_attention,
     launch_device,
     next_pow2,
     reference_outside_kernels,
@@ -116,10 +117,14 @@ def _padded_map(t: torch.Tensor, height: int, width: int, ws: int, fill: Optiona
     hold ``fill`` (K,) (what the qkv Linear makes of a zero token), or zero when it is None."""
     batch, _, chans = t.shape
     padded_h, padded_w = _padded_size(height, width, ws)
-    grid = F.pad(t.reshape(batch, height, width, chans), (0, 0, 0, padded_w - width, 0, padded_h - height))
+    if (padded_h, padded_w) == (height, width):
+        return t.reshape(batch, height, width, chans)
     if fill is None:
-        return grid
-    return torch.where(_inside_map(height, width, ws, t.device)[..., None], grid, fill.to(grid.dtype))
+        grid = t.new_zeros((batch, padded_h, padded_w, chans))
+    else:
+        grid = fill.to(t.dtype).expand(batch, padded_h, padded_w, chans).clone()
+    grid[:, :height, :width] = t.reshape(batch, height, width, chans)
+    return grid
 
 
 def _windows(grid: torch.Tensor, ws: int) -> torch.Tensor:
@@ -184,13 +189,15 @@ def _scores(q, k, scale: float, key_inside: torch.Tensor | None) -> torch.Tensor
 
 def _reference_forward(qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int, scale: float,
                        mask_padding: bool):
-    """(out (B, N, C), lse (B, heads, N)) in the accumulation dtype, cast back like the kernels."""
-    acc = accumulation_dtype(qkv.dtype)
-    q, k, v = _window_heads(qkv.to(acc), qkv_bias.to(qkv.dtype).to(acc), height, width, ws, num_heads)
-    key_inside = _key_inside(height, width, ws, qkv.device) if mask_padding else None
-    scores = _scores(q, k, scale, key_inside)
-    lse = scores.logsumexp(-1)  # (B, windows, heads, slots)
-    out = torch.exp(scores - lse[..., None]) @ v
+    """(out (B, N, C), lse (B, heads, N)) of the torch backend, out cast back to qkv's dtype like the kernels'.
+    On CPU, PyTorch's fused attention kernel (fp32 accumulation, the log-sum-exp too) on the windows, so a
+    patched model runs as fast as timm on CPU; elsewhere (the torch backend asked for on a GPU) the math."""
+    if fused_cpu_attention(qkv):
+        q, k, v = _window_heads(qkv, qkv_bias.to(qkv.dtype), height, width, ws, num_heads)
+        attn_mask = _key_mask(height, width, ws, qkv, q.shape[0]) if mask_padding else None
+        out, lse = _cpu_window_attention(q, k, v, scale, attn_mask)
+    else:
+        out, lse = _window_attention_math(qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding)
     out_tokens = _crop(_unwindow(_merge_heads(out), height, width, ws), height, width)
     lse_tokens = _crop(_unwindow(lse.transpose(2, 3), height, width, ws), height, width)
     return out_tokens.to(qkv.dtype).contiguous(), lse_tokens.transpose(1, 2).contiguous()
@@ -198,24 +205,72 @@ def _reference_forward(qkv, qkv_bias, height: int, width: int, ws: int, num_head
 
 def _reference_backward(grad_out, qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int,
                         scale: float, mask_padding: bool):
-    """(grad_qkv (B, N, 3C), the padded positions' share of the qkv bias gradient (3C,))."""
+    """(grad_qkv (B, N, 3C), the padded positions' share of the qkv bias gradient (3C,)). The attention
+    is recomputed per window, padded queries included (their output gradient is zero: they are cropped)."""
+    acc = accumulation_dtype(qkv.dtype)
+    work = qkv.dtype if fused_cpu_attention(qkv) else acc
+    grad = _windows(_padded_map(grad_out.to(work), height, width, ws, None), ws)
+    batch, count, slots, chans = grad.shape
+    grad = grad.reshape(batch, count, slots, num_heads, chans // num_heads).transpose(2, 3)
+    if fused_cpu_attention(qkv):
+        q, k, v = _window_heads(qkv, qkv_bias.to(qkv.dtype), height, width, ws, num_heads)
+        attn_mask = _key_mask(height, width, ws, qkv, batch) if mask_padding else None
+        out, lse = _cpu_window_attention(q, k, v, scale, attn_mask)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *(_flat_windows(t) for t in (grad, q, k, v, out)), _flat_windows(lse), 0.0, False,
+            attn_mask=attn_mask, scale=scale)
+        grad_q, grad_k, grad_v = (g.reshape(q.shape) for g in grads)
+    else:
+        grad_q, grad_k, grad_v = _window_attention_math_backward(grad, qkv, qkv_bias, height, width, ws, num_heads,
+                                                                 scale, mask_padding)
+    grid = _unwindow(torch.cat([_merge_heads(g) for g in (grad_q, grad_k, grad_v)], dim=-1), height, width, ws)
+    padded = ~_inside_map(height, width, ws, qkv.device)
+    grad_bias = grid[:, padded].to(acc).sum(dim=(0, 1))
+    return _crop(grid, height, width).to(qkv.dtype).contiguous(), grad_bias
+
+
+def _flat_windows(t: torch.Tensor) -> torch.Tensor:
+    """(B, windows, ...) -> (B * windows, ...): the windows as the batch of an attention call."""
+    return t.reshape(-1, *t.shape[2:])
+
+
+def _key_mask(height: int, width: int, ws: int, qkv: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B * windows, 1, 1, ws*ws) additive mask in qkv's dtype: -inf on the padded keys."""
+    key_inside = _key_inside(height, width, ws, qkv.device)
+    mask = torch.zeros(key_inside.shape, dtype=qkv.dtype, device=qkv.device).masked_fill(~key_inside, float("-inf"))
+    return mask.expand(batch, *mask.shape).reshape(-1, 1, 1, mask.shape[-1])
+
+
+def _cpu_window_attention(q, k, v, scale: float, attn_mask: torch.Tensor | None):
+    """(out (B, windows, heads, ws*ws, D), lse (B, windows, heads, ws*ws)) of window heads q, k, v from
+    PyTorch's fused CPU attention, every window slot a query."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        *(_flat_windows(t) for t in (q, k, v)), 0.0, False, attn_mask=attn_mask, scale=scale)
+    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+
+
+def _window_attention_math(qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int, scale: float,
+                           mask_padding: bool):
+    """_cpu_window_attention's (out, lse) in plain tensor math, in the accumulation dtype."""
+    acc = accumulation_dtype(qkv.dtype)
+    q, k, v = _window_heads(qkv.to(acc), qkv_bias.to(qkv.dtype).to(acc), height, width, ws, num_heads)
+    key_inside = _key_inside(height, width, ws, qkv.device) if mask_padding else None
+    scores = _scores(q, k, scale, key_inside)
+    lse = scores.logsumexp(-1)  # (B, windows, heads, slots)
+    return torch.exp(scores - lse[..., None]) @ v, lse
+
+
+def _window_attention_math_backward(grad, qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int,
+                                    scale: float, mask_padding: bool):
+    """(grad_q, grad_k, grad_v) (B, windows, heads, ws*ws, D) for the output gradient ``grad`` in windows."""
     acc = accumulation_dtype(qkv.dtype)
     q, k, v = _window_heads(qkv.to(acc), qkv_bias.to(qkv.dtype).to(acc), height, width, ws, num_heads)
     key_inside = _key_inside(height, width, ws, qkv.device) if mask_padding else None
     probs = torch.softmax(_scores(q, k, scale, key_inside), dim=-1)
-    # padded queries are cropped: their output gradient is zero
-    grad = _windows(_padded_map(grad_out.to(acc), height, width, ws, None), ws)
-    batch, count, slots, chans = grad.shape
-    grad = grad.reshape(batch, count, slots, num_heads, chans // num_heads).transpose(2, 3)
     grad_v = probs.transpose(-1, -2) @ grad
     grad_probs = grad @ v.transpose(-1, -2)
     grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
-    grad_q = grad_scores @ k * scale
-    grad_k = grad_scores.transpose(-1, -2) @ q * scale
-    grid = _unwindow(torch.cat([_merge_heads(g) for g in (grad_q, grad_k, grad_v)], dim=-1), height, width, ws)
-    padded = ~_inside_map(height, width, ws, qkv.device)
-    grad_bias = grid[:, padded].sum(dim=(0, 1))
-    return _crop(grid, height, width).to(qkv.dtype).contiguous(), grad_bias
+    return grad_scores @ k * scale, grad_scores.transpose(-1, -2) @ q * scale, grad_v
 
 
 # ----------------------------------------------------------------------------------------------
