@@ -37,7 +37,8 @@ Backends (see ``twins_kernels.backend``):
   triton  the kernels above (float32, float16, bfloat16; float64 for checks).
   cuda    ``torch.ops.twins_kernels_cuda.lsa_forward/lsa_backward`` (float32, float16, bfloat16;
           float64 runs the PyTorch reference).
-  torch   the PyTorch reference (windows materialized), fp32 accumulation.
+  torch   the PyTorch reference (windows materialized), fp32 accumulation: on CPU the windows attend
+          through PyTorch's fused CPU attention (it returns the log-sum-exp too), elsewhere plain math.
   The kernel backends need head_dim = C / num_heads in 16..128: with ``auto`` a head_dim outside it
   runs the reference; naming triton or cuda raises. Likewise ws: 2..16 on the kernel backends, any
   ws >= 2 on the reference (ws = 1 is global attention: GSA).
