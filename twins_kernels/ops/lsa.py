@@ -171,7 +171,8 @@ def lsa_reference(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | N
                   pad_mode: str = "zero", dropout_p: float = 0.0):
     """The LSA attention core in plain PyTorch: pad, window, attend (SDPA, with attention dropout),
     un-window, crop. ``qkv`` (B, H*W, 3C) is the qkv Linear's output on the real tokens and ``qkv_bias``
-    (3C,) what it makes of a padded (zero) token; returns (B, H*W, C). Any head_dim, any ws >= 1."""
+    (3C,) what it makes of a padded (zero) token; returns (B, H*W, C). Any head_dim, any ws >= 1. On a
+    map that needs no padding the bias takes no part (autograd gives it no gradient, as any unused input)."""
     height, width = size
     q, k, v = _window_heads(qkv, qkv_bias, height, width, ws, num_heads)
     attn_mask = None
