@@ -149,8 +149,8 @@ def test_chunked_reference_matches_the_fused_cpu_attention(dtype, monkeypatch):
     assert lse.dtype == chunked_lse.dtype and lse.is_contiguous() and out.is_contiguous()
     grads = _attention_backward_reference(grad, q, kv, out, lse, 2, 0.3)
     chunked_grads = _attention_backward_chunked(grad, q, kv, chunked_out, chunked_lse, 2, 0.3)
-    for name, actual, expected in [("out", out, chunked_out), ("lse", lse, chunked_lse), ("grad_q", grads[0],
-                                   chunked_grads[0]), ("grad_kv", grads[1], chunked_grads[1])]:
+    for name, actual, expected in zip(("out", "lse", "grad_q", "grad_kv"), (out, lse, *grads),
+                                      (chunked_out, chunked_lse, *chunked_grads)):
         assert_rel_close(actual, expected, dtype, name)
 
 

@@ -1,6 +1,7 @@
 """patch_model / unpatch_model on real timm Twins models: what is replaced, checkpoints, parity,
 torch.compile, wrappers, and the registry for other Twins implementations."""
 import copy
+import io
 
 import pytest
 import timm
@@ -152,8 +153,6 @@ def test_export_copy_and_save_a_patched_model(tmp_path):
     """What deployment does with a model: torch.export with the image size as a symbol (the ops stay
     twins_kernels ops in the graph), the program saved and loaded, run at another size; and the patched
     module itself deep-copied, pickled whole, run under inference_mode."""
-    import io
-
     model = small_model("twins_svt_small", depths=SHALLOW)
     patch_model(model, backend="torch")
     x = torch.randn(2, 3, 64, 96)
