@@ -196,8 +196,8 @@ def _subsample_backward_reference(grad_out, x, sr_weight, norm_weight, y, mean, 
     out_h, out_w = height // sr_ratio, width // sr_ratio
     grad_map = grad_y.to(x.dtype).transpose(1, 2).reshape(batch, chans, out_h, out_w)
     feat = x.transpose(1, 2).reshape(batch, chans, height, width)
-    # the three conv gradients from one call, as autograd's conv backward takes them (the bias's in x's
-    # dtype there; the LayerNorm's fp32 grad_y sums it here, as the kernels do)
+    # the input and weight gradients from one call, as autograd's conv backward takes them; the bias's is
+    # the LayerNorm's fp32 grad_y summed, as the kernels sum it (autograd's would be in x's dtype)
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
         grad_map, feat, sr_weight.to(x.dtype), None, [sr_ratio, sr_ratio], [0, 0], [1, 1], False, [0, 0], 1,
         [True, True, False])

@@ -195,8 +195,7 @@ def _reference_forward(qkv, qkv_bias, height: int, width: int, ws: int, num_head
     On CPU, PyTorch's fused attention kernel (fp32 accumulation, the log-sum-exp too) on the windows, so a
     patched model runs as fast as timm on CPU; elsewhere (the torch backend asked for on a GPU) the math."""
     if fused_cpu_attention(qkv):
-        q, k, v = _window_heads(qkv, qkv_bias.to(qkv.dtype), height, width, ws, num_heads)
-        attn_mask = _key_mask(height, width, ws, qkv, q.shape[0]) if mask_padding else None
+        q, k, v, attn_mask = _cpu_window_inputs(qkv, qkv_bias, height, width, ws, num_heads, mask_padding)
         out, lse = _cpu_window_attention(q, k, v, scale, attn_mask)
     else:
         out, lse = _window_attention_math(qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding)
@@ -210,13 +209,12 @@ def _reference_backward(grad_out, qkv, qkv_bias, height: int, width: int, ws: in
     """(grad_qkv (B, N, 3C), the padded positions' share of the qkv bias gradient (3C,)). The attention
     is recomputed per window, padded queries included (their output gradient is zero: they are cropped)."""
     acc = accumulation_dtype(qkv.dtype)
-    work = qkv.dtype if fused_cpu_attention(qkv) else acc
-    grad = _windows(_padded_map(grad_out.to(work), height, width, ws, None), ws)
+    fused = fused_cpu_attention(qkv)
+    grad = _windows(_padded_map(grad_out.to(qkv.dtype if fused else acc), height, width, ws, None), ws)
     batch, count, slots, chans = grad.shape
     grad = grad.reshape(batch, count, slots, num_heads, chans // num_heads).transpose(2, 3)
-    if fused_cpu_attention(qkv):
-        q, k, v = _window_heads(qkv, qkv_bias.to(qkv.dtype), height, width, ws, num_heads)
-        attn_mask = _key_mask(height, width, ws, qkv, batch) if mask_padding else None
+    if fused:
+        q, k, v, attn_mask = _cpu_window_inputs(qkv, qkv_bias, height, width, ws, num_heads, mask_padding)
         out, lse = _cpu_window_attention(q, k, v, scale, attn_mask)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *(_flat_windows(t) for t in (grad, q, k, v, out)), _flat_windows(lse), 0.0, False,
@@ -236,11 +234,15 @@ def _flat_windows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[2:])
 
 
-def _key_mask(height: int, width: int, ws: int, qkv: torch.Tensor, batch: int) -> torch.Tensor:
-    """(B * windows, 1, 1, ws*ws) additive mask in qkv's dtype: -inf on the padded keys."""
+def _cpu_window_inputs(qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int, mask_padding: bool):
+    """q, k, v window heads in qkv's dtype and, in mask mode, the (B * windows, 1, 1, ws*ws) additive
+    mask (-inf on the padded keys) that the fused CPU attention takes."""
+    q, k, v = _window_heads(qkv, qkv_bias.to(qkv.dtype), height, width, ws, num_heads)
+    if not mask_padding:
+        return q, k, v, None
     key_inside = _key_inside(height, width, ws, qkv.device)
     mask = torch.zeros(key_inside.shape, dtype=qkv.dtype, device=qkv.device).masked_fill(~key_inside, float("-inf"))
-    return mask.expand(batch, *mask.shape).reshape(-1, 1, 1, mask.shape[-1])
+    return q, k, v, mask.expand(q.shape[0], *mask.shape).reshape(-1, 1, 1, mask.shape[-1])
 
 
 def _cpu_window_attention(q, k, v, scale: float, attn_mask: torch.Tensor | None):
