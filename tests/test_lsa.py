@@ -238,7 +238,8 @@ def test_reference_math_matches_the_fused_cpu_attention(dtype, pad_mode, monkeyp
     args = (9, 10, 7, 2, 0.3, pad_mode == "mask")
 
     def results():
-        return (*lsa_module._reference_forward(qkv, bias, *args), *lsa_module._reference_backward(grad, qkv, bias, *args))
+        out, lse = lsa_module._reference_forward(qkv, bias, *args)
+        return out, lse, *lsa_module._reference_backward(grad, qkv, bias, out, lse, *args)
 
     fused = results()
     monkeypatch.setattr(lsa_module, "fused_cpu_attention", lambda t: False)

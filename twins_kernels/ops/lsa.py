@@ -101,70 +101,68 @@ PAD_MODES = ("zero", "mask")
 # ----------------------------------------------------------------------------------------------
 # PyTorch reference
 # ----------------------------------------------------------------------------------------------
-def _padded_size(height: int, width: int, ws: int) -> tuple[int, int]:
-    return -(-height // ws) * ws, -(-width // ws) * ws
+def _axis_blocks(size: int, ws: int):
+    """One axis of the map cut where its windows cut it: (positions, windows, slots in a window, their
+    shape) of the whole windows, then of the last window's real part when ws does not divide ``size``."""
+    whole = size // ws
+    blocks = [(slice(0, whole * ws), slice(0, whole), slice(None), (whole, ws))] if whole else []
+    if size % ws:
+        blocks.append((slice(whole * ws, size), slice(whole, whole + 1), slice(0, size % ws), (1, size % ws)))
+    return blocks
 
 
-def _inside_map(height: int, width: int, ws: int, device) -> torch.Tensor:
-    """(Hp, Wp) bool: True at the real positions of the padded map."""
-    padded_h, padded_w = _padded_size(height, width, ws)
-    inside = torch.zeros(padded_h, padded_w, dtype=torch.bool, device=device)
-    inside[:height, :width] = True
-    return inside
+def _map_blocks(tokens_map: torch.Tensor, windows_map: torch.Tensor, height: int, width: int, ws: int):
+    """Pairs of views of the same real positions, at most four: a block of ``tokens_map`` (B, H, W, ...)
+    and the block of ``windows_map`` (B, Hp/ws, ws, Wp/ws, ws, ...), the windows in map order."""
+    for rows, row_windows, row_slots, row_shape in _axis_blocks(height, ws):
+        for cols, col_windows, col_slots, col_shape in _axis_blocks(width, ws):
+            block = tokens_map[:, rows, cols].unflatten(2, col_shape).unflatten(1, row_shape)
+            yield block, windows_map[:, row_windows, row_slots, col_windows, col_slots]
 
 
-def _padded_map(t: torch.Tensor, height: int, width: int, ws: int, fill: Optional[torch.Tensor]) -> torch.Tensor:
-    """Tokens (B, H*W, K) as a (B, Hp, Wp, K) map padded right/bottom to multiples of ws; padded positions
-    hold ``fill`` (K,) (what the qkv Linear makes of a zero token), or zero when it is None."""
+def _window_heads_of(t: torch.Tensor, height: int, width: int, ws: int, num_heads: int,
+                     fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tokens (B, H*W, heads*K) as window heads (B, windows, heads, ws*ws, K) of the map padded right and
+    bottom to multiples of ws, copied once; the padded slots hold ``fill`` (heads*K,), or zero when it is
+    None. Windows row-major, slots row-major inside a window (timm's order)."""
     batch, _, chans = t.shape
-    padded_h, padded_w = _padded_size(height, width, ws)
-    if (padded_h, padded_w) == (height, width):
-        return t.reshape(batch, height, width, chans)
-    if fill is None:
-        grid = t.new_zeros((batch, padded_h, padded_w, chans))
-    else:
-        grid = fill.to(t.dtype).expand(batch, padded_h, padded_w, chans).clone()
-    grid[:, :height, :width] = t.reshape(batch, height, width, chans)
-    return grid
+    rows, cols = -(-height // ws), -(-width // ws)
+    windows = t.new_empty((batch, rows, cols, ws, ws, chans))
+    windows_map = windows.transpose(2, 3)
+    for block, window_block in _map_blocks(t.unflatten(1, (height, width)), windows_map, height, width, ws):
+        window_block.copy_(block)
+    pad = t.new_zeros(()) if fill is None else fill.to(t.dtype)
+    if height % ws:
+        windows_map[:, -1, height % ws:] = pad
+    if width % ws:
+        windows_map[:, :, :, -1, width % ws:] = pad
+    return windows.view(batch, rows * cols, ws * ws, num_heads, chans // num_heads).transpose(2, 3)
 
 
-def _windows(grid: torch.Tensor, ws: int) -> torch.Tensor:
-    """(B, Hp, Wp, K) -> (B, windows, ws*ws, K): windows row-major, slots row-major inside a window."""
-    batch, padded_h, padded_w, chans = grid.shape
-    grid = grid.reshape(batch, padded_h // ws, ws, padded_w // ws, ws, chans).transpose(2, 3)
-    return grid.reshape(batch, (padded_h // ws) * (padded_w // ws), ws * ws, chans)
-
-
-def _unwindow(t: torch.Tensor, height: int, width: int, ws: int) -> torch.Tensor:
-    """(B, windows, ws*ws, K) -> the padded (B, Hp, Wp, K) map."""
-    batch, _, _, chans = t.shape
-    padded_h, padded_w = _padded_size(height, width, ws)
-    t = t.reshape(batch, padded_h // ws, padded_w // ws, ws, ws, chans).transpose(2, 3)
-    return t.reshape(batch, padded_h, padded_w, chans)
-
-
-def _crop(grid: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The padded (B, Hp, Wp, K) map's real positions as (B, H*W, K) tokens."""
-    return grid[:, :height, :width].reshape(grid.shape[0], height * width, grid.shape[-1])
+def _window_heads_to_tokens(parts, height: int, width: int, ws: int, dtype: torch.dtype) -> torch.Tensor:
+    """Window heads (B, windows, heads, ws*ws, K) as tokens (B, H*W, parts * heads*K) in ``dtype``, the
+    parts side by side along the channels, each copied straight into place; padded slots are dropped."""
+    batch, _, heads, _, head_dim = parts[0].shape
+    rows, cols = -(-height // ws), -(-width // ws)
+    tokens = parts[0].new_empty((batch, height * width, len(parts), heads, head_dim), dtype=dtype)
+    for index, part in enumerate(parts):
+        windows_map = part.reshape(batch, rows, cols, heads, ws, ws, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
+        part_tokens = tokens[:, :, index].unflatten(1, (height, width))
+        for block, window_block in _map_blocks(part_tokens, windows_map, height, width, ws):
+            block.copy_(window_block)
+    return tokens.flatten(2)
 
 
 def _window_heads(qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int):
     """q, k, v (B, windows, heads, ws*ws, D) of the zero-padded map, as timm lays them out."""
-    windows = _windows(_padded_map(qkv, height, width, ws, qkv_bias), ws)
-    batch, count, slots, chans3 = windows.shape
-    qkv_heads = windows.reshape(batch, count, slots, 3, num_heads, chans3 // 3 // num_heads)
-    return qkv_heads.permute(3, 0, 1, 4, 2, 5).unbind(0)
+    heads = _window_heads_of(qkv, height, width, ws, 3 * num_heads, qkv_bias)
+    return heads.unflatten(2, (3, num_heads)).unbind(2)
 
 
 def _key_inside(height: int, width: int, ws: int, device) -> torch.Tensor:
     """(windows, ws*ws) bool: which window slots are real positions (the keys mask padding keeps)."""
-    return _windows(_inside_map(height, width, ws, device)[None, ..., None], ws)[0, ..., 0]
-
-
-def _merge_heads(t: torch.Tensor) -> torch.Tensor:
-    """(B, windows, heads, ws*ws, D) -> (B, windows, ws*ws, heads * D)."""
-    batch, count, heads, slots, head_dim = t.shape
-    return t.transpose(2, 3).reshape(batch, count, slots, heads * head_dim)
+    inside = torch.ones((1, height * width, 1), dtype=torch.bool, device=device)
+    return _window_heads_of(inside, height, width, ws, 1)[0, :, 0, :, 0]
 
 
 def lsa_reference(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None,
@@ -179,7 +177,7 @@ def lsa_reference(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | N
     if pad_mode == "mask":
         attn_mask = _key_inside(height, width, ws, qkv.device)[:, None, None, :]  # (windows, 1, 1, keys)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    return _crop(_unwindow(_merge_heads(out), height, width, ws), height, width)
+    return _window_heads_to_tokens([out], height, width, ws, out.dtype)
 
 
 def _scores(q, k, scale: float, key_inside: torch.Tensor | None) -> torch.Tensor:
@@ -199,34 +197,32 @@ def _reference_forward(qkv, qkv_bias, height: int, width: int, ws: int, num_head
         out, lse = _cpu_window_attention(q, k, v, scale, attn_mask)
     else:
         out, lse = _window_attention_math(qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding)
-    out_tokens = _crop(_unwindow(_merge_heads(out), height, width, ws), height, width)
-    lse_tokens = _crop(_unwindow(lse.transpose(2, 3), height, width, ws), height, width)
-    return out_tokens.to(qkv.dtype).contiguous(), lse_tokens.transpose(1, 2).contiguous()
+    lse_tokens = _window_heads_to_tokens([lse[..., None]], height, width, ws, lse.dtype)
+    return _window_heads_to_tokens([out], height, width, ws, qkv.dtype), lse_tokens.transpose(1, 2).contiguous()
 
 
-def _reference_backward(grad_out, qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int,
+def _reference_backward(grad_out, qkv, qkv_bias, out, lse, height: int, width: int, ws: int, num_heads: int,
                         scale: float, mask_padding: bool):
-    """(grad_qkv (B, N, 3C), the padded positions' share of the qkv bias gradient (3C,)). The attention
-    is recomputed per window, padded queries included (their output gradient is zero: they are cropped)."""
+    """(grad_qkv (B, N, 3C), the padded positions' share of the qkv bias gradient (3C,)) from the forward's
+    out and lse. The padded query slots, which the forward cropped, take out = 0 and lse = +inf: their
+    probabilities are zero, as is their output gradient, so they add nothing to dK and dV."""
     acc = accumulation_dtype(qkv.dtype)
     fused = fused_cpu_attention(qkv)
-    grad = _windows(_padded_map(grad_out.to(qkv.dtype if fused else acc), height, width, ws, None), ws)
-    batch, count, slots, chans = grad.shape
-    grad = grad.reshape(batch, count, slots, num_heads, chans // num_heads).transpose(2, 3)
+    dtype = qkv.dtype if fused else acc
+    grad, out = (_window_heads_of(t.to(dtype), height, width, ws, num_heads) for t in (grad_out, out))
+    lse = _window_heads_of(lse.transpose(1, 2), height, width, ws, num_heads,
+                           lse.new_full((num_heads,), float("inf")))[..., 0]
     if fused:
         q, k, v, attn_mask = _cpu_window_inputs(qkv, qkv_bias, height, width, ws, num_heads, mask_padding)
-        out, lse = _cpu_window_attention(q, k, v, scale, attn_mask)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            *(_flat_windows(t) for t in (grad, q, k, v, out)), _flat_windows(lse), 0.0, False,
-            attn_mask=attn_mask, scale=scale)
-        grad_q, grad_k, grad_v = (g.reshape(q.shape) for g in grads)
+            *(_flat_windows(t) for t in (grad, q, k, v, out, lse)), 0.0, False, attn_mask=attn_mask, scale=scale)
+        grads = [g.reshape(q.shape) for g in grads]
     else:
-        grad_q, grad_k, grad_v = _window_attention_math_backward(grad, qkv, qkv_bias, height, width, ws, num_heads,
-                                                                 scale, mask_padding)
-    grid = _unwindow(torch.cat([_merge_heads(g) for g in (grad_q, grad_k, grad_v)], dim=-1), height, width, ws)
-    padded = ~_inside_map(height, width, ws, qkv.device)
-    grad_bias = grid[:, padded].to(acc).sum(dim=(0, 1))
-    return _crop(grid, height, width).to(qkv.dtype).contiguous(), grad_bias
+        grads = _window_attention_math_backward(grad, out, lse, qkv, qkv_bias, height, width, ws, num_heads,
+                                                scale, mask_padding)
+    padded = ~_key_inside(height, width, ws, qkv.device)
+    grad_bias = torch.cat([g.transpose(2, 3)[:, padded].to(acc).sum(dim=(0, 1)).flatten() for g in grads])
+    return _window_heads_to_tokens(grads, height, width, ws, qkv.dtype), grad_bias
 
 
 def _flat_windows(t: torch.Tensor) -> torch.Tensor:
@@ -264,16 +260,16 @@ def _window_attention_math(qkv, qkv_bias, height: int, width: int, ws: int, num_
     return torch.exp(scores - lse[..., None]) @ v, lse
 
 
-def _window_attention_math_backward(grad, qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int,
-                                    scale: float, mask_padding: bool):
-    """(grad_q, grad_k, grad_v) (B, windows, heads, ws*ws, D) for the output gradient ``grad`` in windows."""
+def _window_attention_math_backward(grad, out, lse, qkv, qkv_bias, height: int, width: int, ws: int,
+                                    num_heads: int, scale: float, mask_padding: bool):
+    """(grad_q, grad_k, grad_v) (B, windows, heads, ws*ws, D) from the output gradient, the output and the
+    lse in window heads: the fused CPU attention's backward in plain tensor math, in the accumulation dtype."""
     acc = accumulation_dtype(qkv.dtype)
     q, k, v = _window_heads(qkv.to(acc), qkv_bias.to(qkv.dtype).to(acc), height, width, ws, num_heads)
     key_inside = _key_inside(height, width, ws, qkv.device) if mask_padding else None
-    probs = torch.softmax(_scores(q, k, scale, key_inside), dim=-1)
+    probs = torch.exp(_scores(q, k, scale, key_inside) - lse[..., None])
     grad_v = probs.transpose(-1, -2) @ grad
-    grad_probs = grad @ v.transpose(-1, -2)
-    grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+    grad_scores = probs * (grad @ v.transpose(-1, -2) - (grad * out).sum(-1, keepdim=True))
     return grad_scores @ k * scale, grad_scores.transpose(-1, -2) @ q * scale, grad_v
 
 
@@ -670,8 +666,8 @@ def lsa_backward_op(
         grad_qkv, grad_bias = cuda_ops().lsa_backward(grad_out, qkv, qkv_bias, out, lse, height, width, ws,
                                                        num_heads, scale, mask_padding)
     else:
-        grad_qkv, grad_bias = _reference_backward(grad_out, qkv, qkv_bias, height, width, ws, num_heads, scale,
-                                                  mask_padding)
+        grad_qkv, grad_bias = _reference_backward(grad_out, qkv, qkv_bias, out, lse, height, width, ws, num_heads,
+                                                  scale, mask_padding)
     return grad_qkv, grad_bias.to(qkv_bias.dtype)
 
 
