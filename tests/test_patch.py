@@ -8,6 +8,7 @@ import timm
 import torch
 from timm.models import twins
 from torch import nn
+from torch._dynamo.utils import counters
 
 import twins_kernels
 from twins_kernels import FusedPEG, PatchSkip, patch_model, patched, register_patch, unpatch_model
@@ -147,6 +148,24 @@ def test_torch_compile_fullgraph_patched_model():
         compiled = torch.compile(model, fullgraph=True, backend="inductor" if HAS_GPU else "aot_eager")
         actual = compiled(x)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_dynamic_image_sizes_patched_model():
+    """A model fed images of several sizes (as segmentation does), compiled with dynamic=True: every size,
+    the maps padded for LSA's windows or not, runs on the one graph compiled for the first, with eager's
+    output. (timm's own model compiles a graph for each of these sizes: 4, in 224 s on a 2-core CPU.)"""
+    model = small_model("twins_svt_small", depths=SHALLOW)
+    patch_model(model, backend="torch")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    sizes = [(64, 96), (112, 224), (96, 160), (224, 224)]
+    with torch.no_grad():
+        for height, width in sizes:
+            x = torch.randn(2, 3, height, width)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 1, f"{graphs} graphs compiled for image sizes {sizes}: a new size recompiled"
 
 
 def test_export_copy_and_save_a_patched_model(tmp_path):
