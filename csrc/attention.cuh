@@ -77,10 +77,12 @@ __device__ __forceinline__ float load(const scalar_t* p) {
   return static_cast<float>(p[0]);
 }
 
-// Stage a tile of kTile rows x head_dim values into shared memory: fill(row, d) for every element.
-template <typename Fill>
-__device__ __forceinline__ void stage_tile(int head_dim, Fill fill) {
-  for (int idx = threadIdx.x; idx < kTile * head_dim; idx += blockDim.x) fill(idx / head_dim, idx % head_dim);
+// Stage a tile of kTile rows x kMaxHeadDim columns into shared memory: fill(row, d) for every element,
+// zero past head_dim. The dot products run over all kMaxHeadDim columns, and a column left unwritten
+// holds what an earlier block left in shared memory: 0 * Inf or 0 * NaN there is NaN.
+template <int kMaxHeadDim, typename Fill>
+__device__ __forceinline__ void stage_tile(Fill fill) {
+  for (int idx = threadIdx.x; idx < kTile * kMaxHeadDim; idx += blockDim.x) fill(idx / kMaxHeadDim, idx % kMaxHeadDim);
 }
 
 // Keys j0 .. j0 + kTile of a query block into shared memory (zeros and k_valid = false past the end
@@ -90,11 +92,12 @@ __device__ __forceinline__ void stage_keys(const Geometry& geo, const Block& blo
                                            float (&k_tile)[kTile][kMaxHeadDim], float (&v_tile)[kTile][kMaxHeadDim],
                                            bool (&k_valid)[kTile]) {
   __syncthreads();
-  stage_tile(geo.head_dim, [&](int j, int d) {
+  stage_tile<kMaxHeadDim>([&](int j, int d) {
     KeyRow<scalar_t> key;
     const bool valid = j0 + j < keys && geo.key(block, j0 + j, key);
-    k_tile[j][d] = valid ? load(key.k + d * key.stride) : 0.f;
-    v_tile[j][d] = valid ? load(key.v + d * key.stride) : 0.f;
+    const bool column = valid && d < geo.head_dim;
+    k_tile[j][d] = column ? load(key.k + d * key.stride) : 0.f;
+    v_tile[j][d] = column ? load(key.v + d * key.stride) : 0.f;
     if (d == 0) k_valid[j] = valid;
   });
   __syncthreads();
@@ -256,11 +259,12 @@ __global__ void attention_dkdv_kernel(Geometry geo, float scale) {
   const int queries = geo.num_queries(block);
   for (int i0 = 0; i0 < queries; i0 += kTile) {
     __syncthreads();
-    stage_tile(head_dim, [&](int i, int d) {
+    stage_tile<kMaxHeadDim>([&](int i, int d) {
       Row<scalar_t> query;
       const bool valid = i0 + i < queries && geo.query_of(block, i0 + i, query);
-      q_tile[i][d] = valid ? load(query.ptr + d * query.stride) * scale : 0.f;
-      o_tile[i][d] = valid ? load(geo.grad_out_row(block, query) + d) : 0.f;
+      const bool column = valid && d < head_dim;
+      q_tile[i][d] = column ? load(query.ptr + d * query.stride) * scale : 0.f;
+      o_tile[i][d] = column ? load(geo.grad_out_row(block, query) + d) : 0.f;
       if (d == 0) {
         q_valid[i] = valid;
         lse_tile[i] = valid ? geo.lse[geo.lse_index(block, query)] : 0.f;

@@ -9,6 +9,9 @@ dispatches to), the attention with both kernel families (scalar: every dtype; mm
 fp16 and bf16), and the results are compared with the PyTorch references in float64 on the same (rounded)
 inputs. This checks index arithmetic, padding and masking, shared-memory staging, the mma fragment layouts,
 the math and the 16-bit loads and stores on machines with no GPU; GPU-only behaviour is the GPU tests' job.
+A GPU block's shared memory holds whatever ran there before it, where the emulation's statics start at
+zero: so each attention case runs after the same kernels ran on NaN inputs at their tiles' full width,
+and a kernel that reads a shared element it did not write meets NaN there (attention_harness.cpp).
 
 A subset also runs under ThreadSanitizer: the emulated threads of a block are real threads ordered only by
 the emulated barriers, so a shared-memory access that a missing or misplaced ``__syncthreads`` leaves

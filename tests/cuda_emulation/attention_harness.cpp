@@ -8,6 +8,11 @@
 //   attention_harness gsa DTYPE KERNELS IN OUT B N M C heads scale query_splits
 //     IN: q (B,N,C), kv (B,M,2C), grad_out (B,N,C)        OUT: out, lse, grad_q, grad_kv
 //     (query_splits: about how many key blocks share a key tile's queries, as gsa.cu picks per GPU)
+// A GPU block finds in shared memory whatever ran there before it; emulated, __shared__ arrays are
+// statics, zero at first and then what the last block wrote. So each case first runs the same kernels
+// (the same instantiation: head_dim rounded up as the host code dispatches it) on NaN inputs at the
+// rounded head_dim, which leaves NaN in the shared tiles' every column: a kernel that then reads an
+// element it did not write computes with NaN, and the comparison with the reference fails.
 #include "harness_io.h"  // before emulate.h: c10's headers must not see its __device__ stand-ins
 #include "emulate.h"
 
@@ -43,37 +48,51 @@ static void run_kernels(Geometry& geo, bool tensor_cores, long query_blocks, lon
   attention::with_attention_kernels<scalar_t>(geo, tensor_cores, threads, run);
 }
 
+// The head_dim the kernels for ``head_dim`` are instantiated for (their shared tiles' width).
+static int instantiated_head_dim(int head_dim) {
+  int width = 0;
+  attention::dispatch_head_dim(head_dim, [&](auto max_head_dim) { width = decltype(max_head_dim)::value; });
+  return width;
+}
+
 template <typename scalar_t>
-static void run_lsa(FILE* in, FILE* outf, bool tensor_cores, char** argv) {
-  const long batch = atol(argv[0]);
-  const int height = atoi(argv[1]), width = atoi(argv[2]), chans = atoi(argv[3]), heads = atoi(argv[4]);
-  const int ws = atoi(argv[5]);
-  const float scale = static_cast<float>(atof(argv[6]));
-  const bool mask = atoi(argv[7]) != 0;
-  const long tokens = static_cast<long>(height) * width;
-  auto qkv = read_as<scalar_t>(in, batch * tokens * 3 * chans);
-  auto bias = read_as<scalar_t>(in, 3 * chans);
-  auto grad_out = read_as<scalar_t>(in, batch * tokens * chans);
+static std::vector<scalar_t> nans(size_t n) {
+  return std::vector<scalar_t>(n, scalar_t(NAN));
+}
+
+struct LsaCase {
+  long batch;
+  int height, width, chans, heads, ws;
+  float scale;
+  bool mask;
+};
+
+// out, lse, grad_qkv, pad_grad (zero mode) of the LSA kernels on qkv (B,N,3C), qkv_bias (3C), grad_out (B,N,C)
+template <typename scalar_t>
+static void lsa_kernels(const LsaCase& c, bool tensor_cores, std::vector<scalar_t>& qkv, std::vector<scalar_t>& bias,
+                        const std::vector<scalar_t>& grad_out, FILE* outf) {
+  const long tokens = static_cast<long>(c.height) * c.width;
   LsaGeometry<scalar_t> geo{};
-  geo.set_shape(height, width, chans, heads, ws, tensor_cores ? attention::kMmaRows : ws * ws);
+  geo.set_shape(c.height, c.width, c.chans, c.heads, c.ws, tensor_cores ? attention::kMmaRows : c.ws * c.ws);
   geo.qkv = qkv.data();
   geo.bias = bias.data();
-  geo.stride_b = tokens * 3 * chans;
-  geo.stride_n = 3 * chans;
+  geo.stride_b = tokens * 3 * c.chans;
+  geo.stride_n = 3 * c.chans;
   geo.stride_c = 1;
-  geo.mask_padding = mask;
-  const long blocks = geo.blocks(batch);
-  std::vector<scalar_t> out(batch * tokens * chans, scalar_t(NAN)), grad_qkv(batch * tokens * 3 * chans, scalar_t(NAN));
-  std::vector<float> lse(batch * heads * tokens, NAN);
-  std::vector<float> pad_grad(geo.padded_window_heads(batch) * ws * ws * 2 * geo.head_dim, 0.f);
+  geo.mask_padding = c.mask;
+  const long blocks = geo.blocks(c.batch);
+  auto out = nans<scalar_t>(c.batch * tokens * c.chans), grad_qkv = nans<scalar_t>(c.batch * tokens * 3 * c.chans);
+  auto lse = nans<float>(c.batch * c.heads * tokens);
+  std::vector<float> pad_grad(geo.padded_window_heads(c.batch) * c.ws * c.ws * 2 * geo.head_dim, 0.f);
   std::vector<float> delta;
   geo.out = out.data();
   geo.lse = lse.data();
   geo.grad_out = grad_out.data();
   geo.grad_qkv = grad_qkv.data();
   geo.pad_grad = pad_grad.data();
-  run_kernels(geo, tensor_cores, blocks, blocks, lsa_scalar_threads(ws), scale, delta,
-              grad_out, out, batch, tokens, chans, heads);
+  run_kernels(geo, tensor_cores, blocks, blocks, lsa_scalar_threads(c.ws), c.scale, delta,
+              grad_out, out, c.batch, tokens, c.chans, c.heads);
+  if (outf == nullptr) return;
   write_as_floats(outf, out);
   write_as_floats(outf, lse);
   write_as_floats(outf, grad_qkv);
@@ -81,38 +100,57 @@ static void run_lsa(FILE* in, FILE* outf, bool tensor_cores, char** argv) {
 }
 
 template <typename scalar_t>
-static void run_gsa(FILE* in, FILE* outf, bool tensor_cores, char** argv) {
-  const long batch = atol(argv[0]), tokens = atol(argv[1]), keys = atol(argv[2]);
-  const int chans = atoi(argv[3]), heads = atoi(argv[4]);
-  const float scale = static_cast<float>(atof(argv[5]));
-  const long splits = atol(argv[6]);
-  auto q = read_as<scalar_t>(in, batch * tokens * chans);
-  auto kv = read_as<scalar_t>(in, batch * keys * 2 * chans);
-  auto grad_out = read_as<scalar_t>(in, batch * tokens * chans);
+static void run_lsa(FILE* in, FILE* outf, bool tensor_cores, char** argv) {
+  LsaCase c{atol(argv[0]), atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), atoi(argv[5]),
+            static_cast<float>(atof(argv[6])), atoi(argv[7]) != 0};
+  const long tokens = static_cast<long>(c.height) * c.width;
+  auto qkv = read_as<scalar_t>(in, c.batch * tokens * 3 * c.chans);
+  auto bias = read_as<scalar_t>(in, 3 * c.chans);
+  auto grad_out = read_as<scalar_t>(in, c.batch * tokens * c.chans);
+
+  LsaCase wide = c;
+  wide.chans = c.heads * instantiated_head_dim(c.chans / c.heads);
+  auto wide_qkv = nans<scalar_t>(c.batch * tokens * 3 * wide.chans), wide_bias = nans<scalar_t>(3 * wide.chans);
+  lsa_kernels(wide, tensor_cores, wide_qkv, wide_bias, nans<scalar_t>(c.batch * tokens * wide.chans), nullptr);
+  lsa_kernels(c, tensor_cores, qkv, bias, grad_out, outf);
+}
+
+struct GsaCase {
+  long batch, tokens, keys;
+  int chans, heads;
+  float scale;
+  long splits;
+};
+
+// out, lse, grad_q, grad_kv of the GSA kernels on q (B,N,C), kv (B,M,2C), grad_out (B,N,C)
+template <typename scalar_t>
+static void gsa_kernels(const GsaCase& c, bool tensor_cores, std::vector<scalar_t>& q, std::vector<scalar_t>& kv,
+                        const std::vector<scalar_t>& grad_out, FILE* outf) {
   GsaGeometry<scalar_t> geo{};
-  geo.set_shape(tokens, keys, chans, heads, tensor_cores ? attention::kMmaRows : kGsaScalarRows);
+  geo.set_shape(c.tokens, c.keys, c.chans, c.heads, tensor_cores ? attention::kMmaRows : kGsaScalarRows);
   geo.q = q.data();
-  geo.q_stride_b = tokens * chans;
-  geo.q_stride_n = chans;
+  geo.q_stride_b = c.tokens * c.chans;
+  geo.q_stride_n = c.chans;
   geo.q_stride_c = 1;
   geo.kv = kv.data();
-  geo.kv_stride_b = keys * 2 * chans;
-  geo.kv_stride_m = 2 * chans;
+  geo.kv_stride_b = c.keys * 2 * c.chans;
+  geo.kv_stride_m = 2 * c.chans;
   geo.kv_stride_c = 1;
-  std::vector<scalar_t> out(batch * tokens * chans, scalar_t(NAN)), grad_q(batch * tokens * chans, scalar_t(NAN));
-  std::vector<scalar_t> grad_kv(batch * keys * 2 * chans, scalar_t(NAN));
-  std::vector<float> lse(batch * heads * tokens, NAN);
+  auto out = nans<scalar_t>(c.batch * c.tokens * c.chans), grad_q = nans<scalar_t>(c.batch * c.tokens * c.chans);
+  auto grad_kv = nans<scalar_t>(c.batch * c.keys * 2 * c.chans);
+  auto lse = nans<float>(c.batch * c.heads * c.tokens);
   std::vector<float> delta;
   geo.out = out.data();
   geo.lse = lse.data();
   geo.grad_out = grad_out.data();
   geo.grad_q = grad_q.data();
   geo.grad_kv = grad_kv.data();
-  geo.split_queries(batch, splits, attention::kMmaRows);
-  std::vector<float> partial(geo.query_splits > 1 ? geo.query_splits * geo.partial_stride : 0, NAN);
+  geo.split_queries(c.batch, c.splits, attention::kMmaRows);
+  auto partial = nans<float>(geo.query_splits > 1 ? geo.query_splits * geo.partial_stride : 0);
   geo.grad_kv_partial = partial.data();
-  run_kernels(geo, tensor_cores, geo.query_blocks(batch), geo.key_blocks(batch), kGsaScalarRows, scale, delta,
-              grad_out, out, batch, tokens, chans, heads);
+  run_kernels(geo, tensor_cores, geo.query_blocks(c.batch), geo.key_blocks(c.batch), kGsaScalarRows, c.scale, delta,
+              grad_out, out, c.batch, c.tokens, c.chans, c.heads);
+  if (outf == nullptr) return;
   if (geo.query_splits > 1) {  // the host's sum of the splits' shares, in fp32, in split order
     for (long i = 0; i < geo.partial_stride; ++i) {
       float sum = 0.f;
@@ -124,6 +162,21 @@ static void run_gsa(FILE* in, FILE* outf, bool tensor_cores, char** argv) {
   write_as_floats(outf, lse);
   write_as_floats(outf, grad_q);
   write_as_floats(outf, grad_kv);
+}
+
+template <typename scalar_t>
+static void run_gsa(FILE* in, FILE* outf, bool tensor_cores, char** argv) {
+  GsaCase c{atol(argv[0]), atol(argv[1]), atol(argv[2]), atoi(argv[3]), atoi(argv[4]),
+            static_cast<float>(atof(argv[5])), atol(argv[6])};
+  auto q = read_as<scalar_t>(in, c.batch * c.tokens * c.chans);
+  auto kv = read_as<scalar_t>(in, c.batch * c.keys * 2 * c.chans);
+  auto grad_out = read_as<scalar_t>(in, c.batch * c.tokens * c.chans);
+
+  GsaCase wide = c;
+  wide.chans = c.heads * instantiated_head_dim(c.chans / c.heads);
+  auto wide_q = nans<scalar_t>(c.batch * c.tokens * wide.chans), wide_kv = nans<scalar_t>(c.batch * c.keys * 2 * wide.chans);
+  gsa_kernels(wide, tensor_cores, wide_q, wide_kv, nans<scalar_t>(c.batch * c.tokens * wide.chans), nullptr);
+  gsa_kernels(c, tensor_cores, q, kv, grad_out, outf);
 }
 
 int main(int argc, char** argv) {
