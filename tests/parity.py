@@ -21,6 +21,12 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     return err
 
 
+def strided_with_nans(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as a view of every other element of a tensor whose other elements are NaN: a kernel
+    that reads it as if it were contiguous takes the NaNs in. Gradients reach ``t`` through the view."""
+    return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
+
+
 def check_module_parity(
     reference_module: torch.nn.Module,
     make_fused: Callable[[torch.nn.Module], torch.nn.Module],

@@ -22,6 +22,7 @@ from twins_kernels.testing import module_parity_errors
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_unless_available
 from parity import (
     DTYPE_IDS, TOLERANCE, assert_rel_close, check_compiled_matches_eager, check_module_parity, make_tokens,
+    strided_with_nans,
 )
 
 # (B, H, W, dim, heads, sr): Twins' head dims 32 and 64 and the 16 / 128 ends, every sr Twins uses and 3,
@@ -154,9 +155,11 @@ def test_chunked_reference_matches_the_fused_cpu_attention(dtype, monkeypatch):
         assert_rel_close(actual, expected, dtype, name)
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided-params"])
 @pytest.mark.parametrize("sr", [2, 3])
-def test_subsample_matches_the_conv_and_layernorm(sr):
-    """gsa_subsample alone, channels past one output-channel chunk (C = 96 > 64): the chunked LayerNorm."""
+def test_subsample_matches_the_conv_and_layernorm(sr, strided):
+    """gsa_subsample alone, channels past one output-channel chunk (C = 96 > 64): the chunked LayerNorm;
+    and with every parameter a strided view among NaNs (read as if contiguous, they poison the output)."""
     x = make_tokens(2, 7, 8, 96, torch.float32, KERNEL_DEVICE).requires_grad_()
     conv = torch.nn.Conv2d(96, 96, sr, sr, device=KERNEL_DEVICE)
     norm = torch.nn.LayerNorm(96, device=KERNEL_DEVICE)
@@ -164,6 +167,8 @@ def test_subsample_matches_the_conv_and_layernorm(sr):
         norm.weight.normal_()
         norm.bias.normal_()
     params = (conv.weight, conv.bias, norm.weight, norm.bias)
+    if strided:
+        params = tuple(strided_with_nans(p) for p in params)
     out = gsa_subsample(x, (7, 8), *params, sr, backend="triton")
     expected = gsa_subsample_reference(x, (7, 8), *params, sr)
     grad = torch.randn_like(out)

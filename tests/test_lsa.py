@@ -11,7 +11,8 @@ from twins_kernels import FusedLSA
 from twins_kernels.ops import lsa, lsa_reference
 
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu, skip_unless_available
-from parity import DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity, make_tokens, rel_err
+from parity import (DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity, make_tokens, rel_err,
+                    strided_with_nans)
 
 lsa_module = importlib.import_module("twins_kernels.ops.lsa")  # the package's `lsa` is the op function
 
@@ -124,12 +125,13 @@ def test_mask_mode_one_sided_padding(height, width, ws, backend):
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS.get)
 def test_triton_non_contiguous_qkv_grad_out_and_bias_dtype(dtype):
-    """qkv and grad_out of arbitrary strides, and an fp32 bias with 16-bit qkv (what autocast hands)."""
+    """qkv, grad_out and the bias of arbitrary strides, and an fp32 bias with 16-bit qkv (what autocast
+    hands). The bias's every other element is NaN: read as if contiguous, it would poison the output."""
     batch, height, width, chans, heads, ws = 2, 9, 8, 64, 2, 7
     tokens = height * width
     qkv = torch.randn(batch, 6 * chans, tokens, device=KERNEL_DEVICE).to(dtype).transpose(1, 2)[..., ::2]
     grad_out = torch.randn(batch, chans, tokens, device=KERNEL_DEVICE).to(dtype).transpose(1, 2)
-    bias = torch.randn(3 * chans, device=KERNEL_DEVICE).requires_grad_()
+    bias = strided_with_nans(torch.randn(3 * chans, device=KERNEL_DEVICE).requires_grad_())
     assert qkv.stride(2) == 2 * tokens and grad_out.stride(2) == tokens  # channels strided, not contiguous
     qkv.requires_grad_()
     out = lsa(qkv, bias, (height, width), heads, ws, backend="triton")

@@ -313,6 +313,16 @@ def gsa_cases(dtypes, head_dims, quick: bool) -> Iterator[LaunchCase]:
                                               height, width, sr)
         yield LaunchCase(f"gsa_subsample-{name}-C{chans}-sr{sr}", launch)
 
+    # sr * sr taps past 65535 (sr = 256, one patch of a 256 x 256 map): the taps share axis 0 with the rows
+    name, dtype = next(iter(dtypes.items()))
+
+    def one_patch(sr=256, chans=16):
+        x = torch.randn(1, sr * sr, chans).to(dtype)
+        weight, params = torch.randn(chans, chans, sr, sr), [torch.randn(chans) for _ in range(3)]
+        out, y, mean, rstd = gsa.gsa_subsample_forward_triton(x, weight, *params, sr, sr, sr, 1e-5)
+        gsa.gsa_subsample_backward_triton(torch.randn_like(out), x, weight, params[1], y, mean, rstd, sr, sr, sr)
+    yield LaunchCase(f"gsa_subsample-{name}-C16-sr256", one_patch)
+
 
 def all_cases(dtypes=DTYPES, head_dims=HEAD_DIMS, window_sizes=WINDOW_SIZES, quick: bool = False) -> list[LaunchCase]:
     """Launch cases over dtypes x head_dims (x window sizes for LSA). ``quick`` leaves out cases that

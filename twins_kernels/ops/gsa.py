@@ -553,10 +553,11 @@ def gsa_subsample_input_grad_kernel(
     BLOCK_R: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grad_x[pixel (i, j) of each row's patch, c] = sum over co of grad_y[row, co] * w[co, c, i, j] for
-    BLOCK_R rows, tap (i, j) = program_id(1) and BLOCK_C channels; each pixel has exactly one writer."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    tap = tl.program_id(1)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    BLOCK_R rows, one tap (i, j) and BLOCK_C channels (program_id(1)); each pixel has exactly one writer."""
+    # row blocks x taps on axis 0, the taps of a row block side by side: sr * sr grows past axis 1's 65535
+    rows = (tl.program_id(0) // (SR * SR)) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tap = tl.program_id(0) % (SR * SR)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     i = tap // SR
     j = tap % SR
     r_mask = rows < ROWS
@@ -736,6 +737,8 @@ def gsa_subsample_forward_triton(x, sr_weight, sr_bias, norm_weight, norm_bias, 
     acc = accumulation_dtype(x.dtype)
     tiles = subsample_tiles(x.dtype, chans, rows)
     weight = _conv_weight_for_kernels(sr_weight, x.dtype)
+    # the kernel reads the 1-D parameters with unit strides
+    sr_bias, norm_weight, norm_bias = (t.contiguous() for t in (sr_bias, norm_weight, norm_bias))
     out = empty_output((batch, keys, chans), x)
     y = empty_output((batch, keys, chans), x, dtype=acc)
     mean = empty_output((batch, keys), x, dtype=acc)
@@ -776,7 +779,8 @@ def gsa_subsample_backward_triton(grad_out, x, sr_weight, norm_weight, y, mean, 
     c_blocks = triton.cdiv(chans, tiles.block_c)
     with launch_device(x):
         gsa_subsample_norm_backward_kernel[(programs,)](
-            grad_out, y, mean, rstd, norm_weight, grad_y, partial, rows, keys, chans, *grad_out.stride(),
+            grad_out, y, mean, rstd, norm_weight.contiguous(), grad_y, partial, rows, keys, chans,
+            *grad_out.stride(),
             ACC=TRITON_DTYPES[acc], BLOCK_R=tiles.block_r, BLOCK_CO=tiles.block_co, **common,
         )
         gsa_subsample_weight_grad_kernel[(sr_ratio * sr_ratio * c_blocks, triton.cdiv(chans, tiles.block_co))](
@@ -784,7 +788,7 @@ def gsa_subsample_backward_triton(grad_out, x, sr_weight, norm_weight, y, mean, 
             ACC=TRITON_DTYPES[acc], DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=tiles.block_r, BLOCK_CO=tiles.block_co, BLOCK_C=tiles.block_c, **common,
         )
-        gsa_subsample_input_grad_kernel[(programs, sr_ratio * sr_ratio, c_blocks)](
+        gsa_subsample_input_grad_kernel[(programs * sr_ratio * sr_ratio, c_blocks)](
             grad_y, weight, grad_x, *geometry, tokens, width, chans, sr_ratio, *weight.stride(),
             ACC=TRITON_DTYPES[acc], DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=tiles.block_r, BLOCK_CO=tiles.block_co, BLOCK_C=tiles.block_c, **common,

@@ -568,7 +568,7 @@ def lsa_forward_triton(qkv, qkv_bias, height: int, width: int, ws: int, num_head
     grid = (batch * windows * num_heads, tiles.slots // tiles.block_q)
     with launch_device(qkv):
         lsa_forward_kernel[grid](
-            qkv, qkv_bias, out, lse, scalar_arg(scale, qkv, acc),
+            qkv, qkv_bias.contiguous(), out, lse, scalar_arg(scale, qkv, acc),
             height, width, chans, num_heads, head_dim, windows, windows_w, *qkv.stride(),
             WS=ws, SLOTS=tiles.slots, PAD_WITH_BIAS=not mask_padding,
             ACC=TRITON_DTYPES[acc], DOT_PRECISION=dot_precision(qkv.dtype),
@@ -589,7 +589,7 @@ def lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height: int, width: i
     windows, windows_w = _window_grid(height, width, ws)
     key_blocks = tiles.slots // tiles.block_k
     has_padded_keys = not mask_padding and (height % ws != 0 or width % ws != 0)
-    out, lse = out.contiguous(), lse.contiguous()
+    out, lse, qkv_bias = out.contiguous(), lse.contiguous(), qkv_bias.contiguous()  # read with unit strides
     grad_qkv = empty_output((batch, tokens, chans3), qkv)
     base_programs = batch * windows * num_heads
     if has_padded_keys:
