@@ -11,8 +11,10 @@ from twins_kernels import FusedLSA
 from twins_kernels.ops import lsa, lsa_reference
 
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu, skip_unless_available
-from parity import (DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity, make_tokens, rel_err,
-                    strided_with_nans)
+from parity import (
+    DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity, make_tokens, rel_err,
+    strided_with_nans,
+)
 
 lsa_module = importlib.import_module("twins_kernels.ops.lsa")  # the package's `lsa` is the op function
 
