@@ -101,6 +101,11 @@ PAD_MODES = ("zero", "mask")
 # ----------------------------------------------------------------------------------------------
 # PyTorch reference
 # ----------------------------------------------------------------------------------------------
+def _window_counts(height: int, width: int, ws: int) -> tuple[int, int]:
+    """(rows of windows, windows per row) of an H x W map cut into ws x ws windows, the last ones padded."""
+    return -(-height // ws), -(-width // ws)
+
+
 def _axis_blocks(size: int, ws: int):
     """One axis of the map cut where its windows cut it: (positions, windows, slots in a window, their
     shape) of the whole windows, then of the last window's real part when ws does not divide ``size``."""
@@ -126,7 +131,7 @@ def _window_heads_of(t: torch.Tensor, height: int, width: int, ws: int, num_head
     bottom to multiples of ws, copied once; the padded slots hold ``fill`` (heads*K,), or zero when it is
     None. Windows row-major, slots row-major inside a window (timm's order)."""
     batch, _, chans = t.shape
-    rows, cols = -(-height // ws), -(-width // ws)
+    rows, cols = _window_counts(height, width, ws)
     windows = t.new_empty((batch, rows, cols, ws, ws, chans))
     windows_map = windows.transpose(2, 3)
     for block, window_block in _map_blocks(t.unflatten(1, (height, width)), windows_map, height, width, ws):
@@ -143,7 +148,7 @@ def _window_heads_to_tokens(parts, height: int, width: int, ws: int, dtype: torc
     """Window heads (B, windows, heads, ws*ws, K) as tokens (B, H*W, parts * heads*K) in ``dtype``, the
     parts side by side along the channels, each copied straight into place; padded slots are dropped."""
     batch, _, heads, _, head_dim = parts[0].shape
-    rows, cols = -(-height // ws), -(-width // ws)
+    rows, cols = _window_counts(height, width, ws)
     tokens = parts[0].new_empty((batch, height * width, len(parts), heads, head_dim), dtype=dtype)
     for index, part in enumerate(parts):
         windows_map = part.reshape(batch, rows, cols, heads, ws, ws, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
@@ -550,8 +555,8 @@ def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Lsa
 
 def _window_grid(height: int, width: int, ws: int) -> tuple[int, int]:
     """(windows per image, windows per row)."""
-    windows_w = -(-width // ws)
-    return -(-height // ws) * windows_w, windows_w
+    rows, cols = _window_counts(height, width, ws)
+    return rows * cols, cols
 
 
 def lsa_forward_triton(qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int, scale: float,
