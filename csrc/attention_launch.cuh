@@ -8,16 +8,42 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <vector>
+
 namespace twins_kernels {
 namespace attention {
 
-// fp16 and bf16 on compute capability 8.0+ run the tensor-core kernels; fp32 runs the scalar ones, its
-// dots exact fp32 (tensor cores would round its inputs to tf32).
-inline bool use_tensor_cores(const at::Tensor& t) {
-  if (t.scalar_type() != at::kHalf && t.scalar_type() != at::kBFloat16) return false;
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
-  return major >= 8;
+// fp16 and bf16 run the tensor-core kernels where the code the current device runs was compiled for compute
+// capability 8.0+; fp32 runs the scalar ones, its dots exact fp32 (tensor cores would round its inputs to
+// tf32). That is the kernels' PTX version, not the device's capability: a build for older GPUs with PTX
+// (TORCH_CUDA_ARCH_LIST="7.5+PTX") runs on an H100 JIT-compiled from compute_75 code, whose tensor-core
+// kernels have no mma.sync and trap. One kernel speaks for all: the extension compiles every kernel for
+// the same architectures. A device with no code at all fails here, as its first launch would.
+template <typename scalar_t, typename Geometry>
+bool use_tensor_cores() {
+  if constexpr (!kTensorCoreDtype<scalar_t>) {
+    return false;
+  } else {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, mma_attention_forward_kernel<scalar_t, 32, Geometry>));
+    return attributes.ptxVersion >= 80;
+  }
+}
+
+// The backward's saved tensors, as the forward made them: out and grad_out (B, N, C) and the fp32 lse
+// (B, heads, N), on the inputs' device (the kernels read them through raw pointers).
+inline void check_saved_for_backward(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                                     const at::Tensor& input, at::IntArrayRef tokens_shape, int64_t heads) {
+  for (const auto* t : {&grad_out, &out, &lse}) {
+    TORCH_CHECK(t->device() == input.device(), "the backward's tensors must be on ", input.device(), ", got ",
+                t->device());
+  }
+  TORCH_CHECK(out.sizes() == tokens_shape, "out has shape ", out.sizes(), ", expected ", tokens_shape);
+  TORCH_CHECK(grad_out.sizes() == tokens_shape, "grad_out has shape ", grad_out.sizes(), ", expected ",
+              tokens_shape);
+  const std::vector<int64_t> lse_shape{tokens_shape[0], heads, tokens_shape[1]};
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef(lse_shape), "lse must be fp32 ",
+              at::IntArrayRef(lse_shape), ", got ", lse.scalar_type(), " ", lse.sizes());
 }
 
 // The rows a block covers: kMmaRows for the tensor-core kernels, scalar_rows (a thread each) otherwise.

@@ -64,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor> gsa_attention_forward(const at::Tensor& q, co
   auto out = empty_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = empty_output({q.size(0), num_heads, q.size(1)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  const bool tensor_cores = attention::use_tensor_cores(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gsa_attention_forward", [&] {
+    const bool tensor_cores = attention::use_tensor_cores<scalar_t, GsaGeometry<scalar_t>>();
     auto geo = make_geometry<scalar_t>(q, kv, num_heads, tensor_cores);
     geo.out = out.data_ptr<scalar_t>();
     geo.lse = lse.data_ptr<float>();
@@ -79,8 +79,7 @@ std::tuple<at::Tensor, at::Tensor> gsa_attention_backward(const at::Tensor& grad
                                                           const at::Tensor& kv, const at::Tensor& out,
                                                           const at::Tensor& lse, int64_t num_heads, double scale) {
   check_gsa(q, kv, num_heads);
-  TORCH_CHECK(out.sizes() == q.sizes(), "out has shape ", out.sizes(), ", expected ", q.sizes());
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out has shape ", grad_out.sizes(), ", expected ", q.sizes());
+  attention::check_saved_for_backward(grad_out, out, lse, q, q.sizes(), num_heads);
   const c10::cuda::CUDAGuard guard(q.device());
   auto grad_q = empty_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto grad_kv = empty_output(kv.sizes(), kv.options().memory_format(at::MemoryFormat::Contiguous));
@@ -89,9 +88,9 @@ std::tuple<at::Tensor, at::Tensor> gsa_attention_backward(const at::Tensor& grad
   const auto out_c = out.to(q.scalar_type()).contiguous();
   auto delta = empty_output({q.size(0), num_heads, q.size(1)}, q.options().dtype(at::kFloat));
   const auto lse_c = lse.contiguous();
-  const bool tensor_cores = attention::use_tensor_cores(q);
   at::Tensor grad_kv_partial;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gsa_attention_backward", [&] {
+    const bool tensor_cores = attention::use_tensor_cores<scalar_t, GsaGeometry<scalar_t>>();
     auto geo = make_geometry<scalar_t>(q, kv, num_heads, tensor_cores);
     attention::launch_delta<scalar_t>(grad, out_c, delta, c10::cuda::getCurrentCUDAStream());
     geo.lse = const_cast<float*>(lse_c.data_ptr<float>());

@@ -64,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor> lsa_forward(const at::Tensor& qkv, const at::
   auto lse = empty_output({shape.batch, num_heads, shape.tokens}, qkv.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const auto bias = qkv_bias.to(qkv.scalar_type()).contiguous();
-  const bool tensor_cores = attention::use_tensor_cores(qkv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "lsa_forward", [&] {
+    const bool tensor_cores = attention::use_tensor_cores<scalar_t, LsaGeometry<scalar_t>>();
     auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding, tensor_cores);
     geo.out = out.data_ptr<scalar_t>();
     geo.lse = lse.data_ptr<float>();
@@ -81,9 +81,7 @@ std::tuple<at::Tensor, at::Tensor> lsa_backward(const at::Tensor& grad_out, cons
                                                 int64_t num_heads, double scale, bool mask_padding) {
   const auto shape = check_lsa(qkv, qkv_bias, height, width, ws, num_heads);
   const std::vector<int64_t> tokens_shape{shape.batch, shape.tokens, shape.chans};
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(tokens_shape), "out has shape ", out.sizes(), ", expected ",
-              at::IntArrayRef(tokens_shape));
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "grad_out has shape ", grad_out.sizes(), ", expected ", out.sizes());
+  attention::check_saved_for_backward(grad_out, out, lse, qkv, tokens_shape, num_heads);
   const c10::cuda::CUDAGuard guard(qkv.device());
   auto grad_qkv = empty_output({shape.batch, shape.tokens, 3 * shape.chans}, qkv.options());
   auto grad_bias = at::zeros({3 * shape.chans}, qkv.options().dtype(at::kFloat));
@@ -95,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor> lsa_backward(const at::Tensor& grad_out, cons
   at::Tensor pad_grad;  // (B * padded windows * heads, ws*ws, 2, head_dim): the padded keys' dk, dv
   const auto bias = qkv_bias.to(qkv.scalar_type()).contiguous();
   const auto lse_c = lse.contiguous();
-  const bool tensor_cores = attention::use_tensor_cores(qkv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "lsa_backward", [&] {
+    const bool tensor_cores = attention::use_tensor_cores<scalar_t, LsaGeometry<scalar_t>>();
     auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding, tensor_cores);
     attention::launch_delta<scalar_t>(grad, out_c, delta, c10::cuda::getCurrentCUDAStream());
     geo.lse = const_cast<float*>(lse_c.data_ptr<float>());

@@ -41,7 +41,7 @@ from parity import DTYPE_IDS, TOLERANCE, rel_err
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="a GPU is present: the cuda backend's tests run the kernels")
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 # the attention kernels the extension runs per dtype: scalar for every dtype (fp32's only path), mma for
-# fp16/bf16 on compute capability 8.0+
+# fp16/bf16 where the extension's code for the GPU was compiled for compute capability 8.0+
 KERNELS_AND_DTYPES = pytest.mark.parametrize("kernels,dtype", [
     pytest.param(kernels, dtype, id=f"{kernels}-{DTYPE_IDS[dtype]}")
     for kernels, dtype in [("scalar", torch.float32), ("scalar", torch.float16), ("scalar", torch.bfloat16),
