@@ -3,6 +3,7 @@
 
 #include "attention.cuh"
 #include "attention_mma.cuh"
+#include "twins_kernels.h"
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -13,21 +14,14 @@
 namespace twins_kernels {
 namespace attention {
 
-// fp16 and bf16 run the tensor-core kernels where the code the current device runs was compiled for compute
-// capability 8.0+; fp32 runs the scalar ones, its dots exact fp32 (tensor cores would round its inputs to
-// tf32). That is the kernels' PTX version, not the device's capability: a build for older GPUs with PTX
-// (TORCH_CUDA_ARCH_LIST="7.5+PTX") runs on an H100 JIT-compiled from compute_75 code, whose tensor-core
-// kernels have no mma.sync and trap. One kernel speaks for all: the extension compiles every kernel for
-// the same architectures. A device with no code at all fails here, as its first launch would.
-template <typename scalar_t, typename Geometry>
-bool use_tensor_cores() {
-  if constexpr (!kTensorCoreDtype<scalar_t>) {
-    return false;
-  } else {
-    cudaFuncAttributes attributes{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, mma_attention_forward_kernel<scalar_t, 32, Geometry>));
-    return attributes.ptxVersion >= 80;
-  }
+// fp16 and bf16 run the tensor-core kernels where the code the GPU runs was compiled for compute capability
+// 8.0+ (mma.sync, cp.async); fp32 runs the scalar ones, its dots exact fp32 (tensor cores would round its
+// inputs to tf32). The code's capability, not the GPU's: a build for older GPUs with PTX
+// (TORCH_CUDA_ARCH_LIST="7.5+PTX") runs on an H100 JIT-compiled from compute_75, where the tensor-core
+// kernels have no mma.sync and trap.
+inline bool use_tensor_cores(const at::Tensor& t) {
+  if (t.scalar_type() != at::kHalf && t.scalar_type() != at::kBFloat16) return false;
+  return device_code_version(t.get_device()) >= 80;
 }
 
 // The backward's saved tensors, as the forward made them: out and grad_out (B, N, C) and the fp32 lse

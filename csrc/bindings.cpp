@@ -24,6 +24,8 @@ TORCH_LIBRARY(twins_kernels_cuda, m) {
   m.def(
       "gsa_attention_backward(Tensor grad_out, Tensor q, Tensor kv, Tensor out, Tensor lse, int num_heads, "
       "float scale) -> (Tensor, Tensor)");
+  // no tensor arguments, so one kernel for every dispatch key
+  m.def("device_code_version(int device) -> int", &twins_kernels::device_code_version);
   // outputs.h: NaN-filled outputs, for tests (twins_kernels.ops.common.poisoned_outputs)
   m.def("set_poison_outputs(bool enabled) -> ()", [](bool enabled) { twins_kernels::poison_outputs() = enabled; });
 }

@@ -64,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor> gsa_attention_forward(const at::Tensor& q, co
   auto out = empty_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = empty_output({q.size(0), num_heads, q.size(1)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
+  const bool tensor_cores = attention::use_tensor_cores(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gsa_attention_forward", [&] {
-    const bool tensor_cores = attention::use_tensor_cores<scalar_t, GsaGeometry<scalar_t>>();
     auto geo = make_geometry<scalar_t>(q, kv, num_heads, tensor_cores);
     geo.out = out.data_ptr<scalar_t>();
     geo.lse = lse.data_ptr<float>();
@@ -88,9 +88,9 @@ std::tuple<at::Tensor, at::Tensor> gsa_attention_backward(const at::Tensor& grad
   const auto out_c = out.to(q.scalar_type()).contiguous();
   auto delta = empty_output({q.size(0), num_heads, q.size(1)}, q.options().dtype(at::kFloat));
   const auto lse_c = lse.contiguous();
+  const bool tensor_cores = attention::use_tensor_cores(q);
   at::Tensor grad_kv_partial;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gsa_attention_backward", [&] {
-    const bool tensor_cores = attention::use_tensor_cores<scalar_t, GsaGeometry<scalar_t>>();
     auto geo = make_geometry<scalar_t>(q, kv, num_heads, tensor_cores);
     attention::launch_delta<scalar_t>(grad, out_c, delta, c10::cuda::getCurrentCUDAStream());
     geo.lse = const_cast<float*>(lse_c.data_ptr<float>());

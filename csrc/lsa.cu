@@ -64,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor> lsa_forward(const at::Tensor& qkv, const at::
   auto lse = empty_output({shape.batch, num_heads, shape.tokens}, qkv.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const auto bias = qkv_bias.to(qkv.scalar_type()).contiguous();
+  const bool tensor_cores = attention::use_tensor_cores(qkv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "lsa_forward", [&] {
-    const bool tensor_cores = attention::use_tensor_cores<scalar_t, LsaGeometry<scalar_t>>();
     auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding, tensor_cores);
     geo.out = out.data_ptr<scalar_t>();
     geo.lse = lse.data_ptr<float>();
@@ -93,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor> lsa_backward(const at::Tensor& grad_out, cons
   at::Tensor pad_grad;  // (B * padded windows * heads, ws*ws, 2, head_dim): the padded keys' dk, dv
   const auto bias = qkv_bias.to(qkv.scalar_type()).contiguous();
   const auto lse_c = lse.contiguous();
+  const bool tensor_cores = attention::use_tensor_cores(qkv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "lsa_backward", [&] {
-    const bool tensor_cores = attention::use_tensor_cores<scalar_t, LsaGeometry<scalar_t>>();
     auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding, tensor_cores);
     attention::launch_delta<scalar_t>(grad, out_c, delta, c10::cuda::getCurrentCUDAStream());
     geo.lse = const_cast<float*>(lse_c.data_ptr<float>());

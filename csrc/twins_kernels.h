@@ -8,6 +8,10 @@
 
 namespace twins_kernels {
 
+// The compute capability (x 10) that the extension's code for GPU ``device`` was compiled for: the PTX
+// version of the binary or JIT-compiled PTX the driver picks for it; 0 where the build has no code it can run.
+int64_t device_code_version(int64_t device);
+
 // x + bias + depthwise 3x3 conv (zero padding) of tokens x (B, H*W, C), any strides; weight (C, 1, 3, 3).
 // flip_weight rotates the kernel by 180 degrees (the input gradient is this op on grad_out, flipped, no bias).
 at::Tensor peg_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -59,9 +59,43 @@ def test_cuda_extension_registers_its_ops():
     TWINS_KERNELS_REQUIRE_EXTENSION=1 so that a broken build fails instead of skipping."""
     require_cuda_extension()
     names = ["peg_conv3x3", "peg_weight_grad", "lsa_forward", "lsa_backward",
-             "gsa_attention_forward", "gsa_attention_backward", "set_poison_outputs"]
+             "gsa_attention_forward", "gsa_attention_backward", "device_code_version", "set_poison_outputs"]
     schemas = {str(getattr(torch.ops.twins_kernels_cuda, name).default._schema).split("(")[0] for name in names}
     assert schemas == {f"twins_kernels_cuda::{name}" for name in names}
+
+
+@pytest.mark.parametrize("code_version", [0, 80])
+def test_cuda_backend_on_a_gpu_the_build_has_no_code_for(code_version, monkeypatch):
+    """A GPU that no binary or PTX of the extension's TORCH_CUDA_ARCH_LIST runs on (a GPU newer than the
+    build) makes the cuda backend unavailable, the message naming the GPU and the rebuild that fixes it;
+    where the build has code for it, the backend is available. The GPU is stood in for here."""
+    require_cuda_extension()
+    from twins_kernels import backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (12, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA RTX PRO 6000")
+    monkeypatch.setattr(torch.ops.twins_kernels_cuda, "device_code_version", lambda index: code_version)
+    backend._cuda_device_code_error.cache_clear()
+    try:
+        if code_version:
+            assert resolve_backend("cuda", torch.device("cuda")) == "cuda"
+        else:
+            with pytest.raises(BackendUnavailableError, match=r"no code for cuda:0 \(NVIDIA RTX PRO 6000, compute "
+                               r"capability 12\.0\); rebuild it for this GPU: TORCH_CUDA_ARCH_LIST=12\.0 "):
+                resolve_backend("cuda", torch.device("cuda"))
+    finally:
+        backend._cuda_device_code_error.cache_clear()
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+def test_device_code_version_is_the_code_this_gpu_runs():
+    """The compute capability the extension's code for this GPU was compiled for: a binary of the same
+    major version no newer than the GPU, or PTX no newer than it (csrc/device_code.cu)."""
+    require_cuda_extension()
+    major, minor = torch.cuda.get_device_capability()
+    assert 0 < torch.ops.twins_kernels_cuda.device_code_version(torch.cuda.current_device()) <= 10 * major + minor
 
 
 def test_poisoned_outputs_reach_the_cuda_extension(monkeypatch):

@@ -75,6 +75,20 @@ def cuda_extension_built() -> bool:
     return _cuda_extension_error() is None
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_device_code_error(index: int) -> str | None:
+    """Why the built extension cannot run on GPU ``index``: no binary or PTX of its TORCH_CUDA_ARCH_LIST
+    runs there (a GPU newer than the build, say), so every launch would fail with "no kernel image"."""
+    if torch.ops.twins_kernels_cuda.device_code_version(index) > 0:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return (
+        f"the CUDA extension twins_kernels._C has no code for cuda:{index} ({torch.cuda.get_device_name(index)}, "
+        f"compute capability {major}.{minor}); rebuild it for this GPU: TORCH_CUDA_ARCH_LIST={major}.{minor} "
+        "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation ."
+    )
+
+
 def backend_status(name: str, device: torch.device | str | None = None) -> BackendStatus:
     """Whether ``name`` can run on tensors of ``device`` (default: a CUDA device if present)."""
     if name not in BACKENDS:
@@ -107,6 +121,9 @@ def backend_status(name: str, device: torch.device | str | None = None) -> Backe
         return BackendStatus(name, False, f"the CUDA extension needs CUDA tensors (got {device.type})")
     if not torch.cuda.is_available():
         return BackendStatus(name, False, "no CUDA GPU is visible to PyTorch")
+    err = _cuda_device_code_error(torch.cuda.current_device() if device.index is None else device.index)
+    if err:
+        return BackendStatus(name, False, err)
     return BackendStatus(name, True, "CUDA C++ kernels on the GPU")
 
 
