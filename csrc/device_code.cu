@@ -7,15 +7,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 namespace twins_kernels {
 namespace {
 
 // Stands for every kernel of the extension, which compiles them all for the same architectures.
 __global__ void device_code_probe_kernel() {}
 
-}  // namespace
-
-int64_t device_code_version(int64_t device) {
+int64_t query_device_code_version(int64_t device) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   cudaFuncAttributes attributes{};
   const cudaError_t status = cudaFuncGetAttributes(&attributes, device_code_probe_kernel);
@@ -25,6 +25,23 @@ int64_t device_code_version(int64_t device) {
   }
   C10_CUDA_CHECK(status);
   return attributes.ptxVersion;
+}
+
+// The answer never changes within a process, and the attention asks on every call: one query per GPU.
+// Two threads asking at once may both query; they store the same answer.
+constexpr int64_t kCachedDevices = 64;
+std::atomic<int64_t> known_versions[kCachedDevices];  // version + 1 once known, 0 before
+
+}  // namespace
+
+int64_t device_code_version(int64_t device) {
+  if (device < 0 || device >= kCachedDevices) return query_device_code_version(device);
+  int64_t known = known_versions[device].load(std::memory_order_relaxed);
+  if (known == 0) {
+    known = query_device_code_version(device) + 1;
+    known_versions[device].store(known, std::memory_order_relaxed);
+  }
+  return known - 1;
 }
 
 }  // namespace twins_kernels
