@@ -7,7 +7,7 @@ VENV        ?= .venv
 PYTHON      := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.14.1
 CUDA_HOME   ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
-TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 # pytest-xdist workers: the Triton interpreter runs a test on one core, so two workers use CI's two
 TEST_WORKERS ?= 2
 export CUDA_HOME TORCH_CUDA_ARCH_LIST

@@ -4,7 +4,8 @@
     TWINS_KERNELS_BUILD_CUDA=0 pip install .                       # pure Python (Triton + reference)
 
 --no-build-isolation lets the build see the torch you installed (the extension must be built against
-it). TORCH_CUDA_ARCH_LIST is honoured; the default covers A100 and H100 (8.0;9.0).
+it). TORCH_CUDA_ARCH_LIST is honoured; the default (8.0;9.0+PTX) has binaries for A100 and H100, and
+PTX that newer GPUs JIT-compile.
 """
 import glob
 import os
@@ -14,7 +15,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
 # pip runs this file once per build hook (metadata, then the wheel): only the build says what it does

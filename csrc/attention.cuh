@@ -1,8 +1,8 @@
 // Attention kernels shared by LSA (windows) and GSA (global, sub-sampled keys): forward with an
 // online softmax, and a backward that recomputes the probabilities from the saved log-sum-exp.
 // These are the scalar kernels (fp32 math on the FMA units), which the fp32 path runs: its dots must be
-// exact fp32, not tf32. fp16 and bf16 on compute capability 8.0+ run attention_mma.cuh's tensor-core
-// kernels on the same geometries.
+// exact fp32, not tf32. fp16 and bf16 on code compiled for compute capability 8.0+ run attention_mma.cuh's
+// tensor-core kernels on the same geometries.
 //
 // A Geometry says which queries and keys a thread block works on and where they live in memory;
 // the kernels do the math. Two block kinds, each of up to block_rows rows:

@@ -1,5 +1,5 @@
-// Tensor-core attention kernels for fp16 and bf16 (compute capability 8.0+), on the same geometries as
-// attention.cuh's scalar kernels (see there for the Geometry contract): forward with an online softmax,
+// Tensor-core attention kernels for fp16 and bf16 (code compiled for compute capability 8.0+), on the same
+// geometries as attention.cuh's scalar kernels (see there for the Geometry contract): forward with an online softmax,
 // dq, and dk/dv, split as in FlashAttention-2. A query block is 4 warps of 16 queries each, looping
 // over its keys in staged tiles (64 keys; fewer at head_dim 128); a key block is 4 warps of 16 keys
 // each, looping over its queries. Tiles are staged with cp.async, a block's own rows together with its

@@ -4,6 +4,7 @@
 #include "twins_kernels.h"
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
@@ -23,7 +24,7 @@ int64_t query_device_code_version(int64_t device) {
     (void)cudaGetLastError();  // the answer is "none": not an error for the next launch check to report
     return 0;
   }
-  C10_CUDA_CHECK(status);
+  C10_CUDA_CHECK(status);  // PTX the driver cannot JIT-compile (newer than the driver, say): its own words
   return attributes.ptxVersion;
 }
 
@@ -35,7 +36,9 @@ std::atomic<int64_t> known_versions[kCachedDevices];  // version + 1 once known,
 }  // namespace
 
 int64_t device_code_version(int64_t device) {
-  if (device < 0 || device >= kCachedDevices) return query_device_code_version(device);
+  TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(), "device_code_version: no CUDA device ", device,
+              " (", static_cast<int>(c10::cuda::device_count()), " visible)");
+  if (device >= kCachedDevices) return query_device_code_version(device);
   int64_t known = known_versions[device].load(std::memory_order_relaxed);
   if (known == 0) {
     known = query_device_code_version(device) + 1;

@@ -130,7 +130,7 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
 #elif defined(__CUDA_ARCH__)
-  __trap();  // the host code launches tensor-core kernels only on compute capability 8.0 and newer
+  __trap();  // the host code launches tensor-core kernels only on code compiled for 8.0+ (device_code.cu)
 #endif
 }
 

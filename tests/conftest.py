@@ -5,6 +5,7 @@ before any test imports twins_kernels. On a machine with a GPU the kernels run n
 """
 import importlib.util
 import os
+import subprocess
 import sys
 import zlib
 
@@ -132,6 +133,17 @@ SMALL_FUSED = {
     "gsa-sr1": lambda tk, backend: tk.FusedGSA(32, num_heads=2, sr_ratio=1, backend=backend),
 }
 SMALL_FUSED_KINDS = list(SMALL_FUSED)
+
+
+def extension_cuobjdump(*args: str) -> str:
+    """cuobjdump's output on the built CUDA extension (cuobjdump from Triton's NVIDIA backend)."""
+    require_cuda_extension()
+    pytest.importorskip("triton.backends.nvidia", reason="needs cuobjdump (from Triton's NVIDIA backend)")
+    from triton import knobs
+
+    library = importlib.util.find_spec("twins_kernels._C").origin
+    return subprocess.run([knobs.nvidia.cuobjdump.path, *args, library], capture_output=True, text=True,
+                          check=True).stdout
 
 
 def small_fused_module(kind: str, backend: str | None):

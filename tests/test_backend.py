@@ -2,6 +2,7 @@
 import concurrent.futures
 import importlib
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import torch
 import twins_kernels
 from twins_kernels.backend import BackendUnavailableError, backend_status, get_backend, resolve_backend
 
-from conftest import HAS_GPU, KERNEL_DEVICE, SMALL_FUSED_KINDS, require_cuda_extension, small_fused_module
+from conftest import (HAS_GPU, KERNEL_DEVICE, SMALL_FUSED_KINDS, extension_cuobjdump, require_cuda_extension,
+                      small_fused_module)
 
 
 def test_selection_order_argument_context_global_env(monkeypatch):
@@ -64,38 +66,57 @@ def test_cuda_extension_registers_its_ops():
     assert schemas == {f"twins_kernels_cuda::{name}" for name in names}
 
 
-@pytest.mark.parametrize("code_version", [0, 80])
-def test_cuda_backend_on_a_gpu_the_build_has_no_code_for(code_version, monkeypatch):
-    """A GPU that no binary or PTX of the extension's TORCH_CUDA_ARCH_LIST runs on (a GPU newer than the
-    build) makes the cuda backend unavailable, the message naming the GPU and the rebuild that fixes it;
-    where the build has code for it, the backend is available. The GPU is stood in for here."""
+def unloadable(index):
+    raise RuntimeError("CUDA error: the provided PTX was compiled with an unsupported toolchain.")
+
+
+@pytest.mark.parametrize("device,code_version,reason", [
+    ("cuda", lambda index: 80, None),
+    ("cuda:1", lambda index: 80 if index == 1 else 0, None),
+    ("cuda", lambda index: 0, r"has no code for cuda:0 \(NVIDIA RTX PRO 6000, compute capability 12\.0\); "
+                              r"rebuild it for this GPU, with a CUDA toolkit that knows it: "
+                              r'TORCH_CUDA_ARCH_LIST="8\.0;9\.0;12\.0" '),
+    ("cuda:1", unloadable, r"cannot load its code on cuda:1 \(NVIDIA RTX PRO 6000\): CUDA error: the provided "
+                           r"PTX was compiled with an unsupported toolchain"),
+    ("cuda:2", lambda index: 80, r"there is no GPU cuda:2 \(2 visible\)"),
+], ids=["has-code", "has-code-on-cuda:1", "no-code", "ptx-the-driver-cannot-load", "no-such-gpu"])
+def test_cuda_backend_on_a_gpu_the_build_cannot_run_on(device, code_version, reason, monkeypatch):
+    """The cuda backend is available on a GPU the extension has code for; a GPU that no binary or PTX of
+    its TORCH_CUDA_ARCH_LIST runs on (a GPU newer than the build), PTX the driver cannot load, or a GPU
+    that does not exist make it unavailable, the message naming the GPU and the fix. Two GPUs (current:
+    cuda:0) are stood in for here."""
     require_cuda_extension()
     from twins_kernels import backend
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (12, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA RTX PRO 6000")
-    monkeypatch.setattr(torch.ops.twins_kernels_cuda, "device_code_version", lambda index: code_version)
+    monkeypatch.setattr(torch.ops.twins_kernels_cuda, "device_code_version", code_version)
     backend._cuda_device_code_error.cache_clear()
     try:
-        if code_version:
-            assert resolve_backend("cuda", torch.device("cuda")) == "cuda"
+        if reason is None:
+            assert resolve_backend("cuda", torch.device(device)) == "cuda"
         else:
-            with pytest.raises(BackendUnavailableError, match=r"no code for cuda:0 \(NVIDIA RTX PRO 6000, compute "
-                               r"capability 12\.0\); rebuild it for this GPU: TORCH_CUDA_ARCH_LIST=12\.0 "):
-                resolve_backend("cuda", torch.device("cuda"))
+            with pytest.raises(BackendUnavailableError, match=reason):
+                resolve_backend("cuda", torch.device(device))
     finally:
         backend._cuda_device_code_error.cache_clear()
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
 def test_device_code_version_is_the_code_this_gpu_runs():
-    """The compute capability the extension's code for this GPU was compiled for: a binary of the same
-    major version no newer than the GPU, or PTX no newer than it (csrc/device_code.cu)."""
-    require_cuda_extension()
+    """The compute capability the extension's code for this GPU was compiled for, as the driver chooses
+    it from the build's binaries and PTX (cuobjdump's lists): the newest binary of the GPU's major
+    version no newer than the GPU, else the newest PTX no newer than it (csrc/device_code.cu)."""
+    binaries = {int(a) for a in re.findall(r"device_code\.sm_(\d+)\.cubin", extension_cuobjdump("--list-elf"))}
+    ptx = {int(a) for a in re.findall(r"device_code\.sm_(\d+)\.ptx", extension_cuobjdump("--list-ptx"))}
     major, minor = torch.cuda.get_device_capability()
-    assert 0 < torch.ops.twins_kernels_cuda.device_code_version(torch.cuda.current_device()) <= 10 * major + minor
+    gpu = 10 * major + minor
+    runnable = [b for b in binaries if b // 10 == major and b <= gpu] or [p for p in ptx if p <= gpu]
+    assert runnable, f"the build ({binaries} binaries, {ptx} PTX) has no code for compute capability {gpu}"
+    assert torch.ops.twins_kernels_cuda.device_code_version(torch.cuda.current_device()) == max(runnable)
 
 
 def test_poisoned_outputs_reach_the_cuda_extension(monkeypatch):

@@ -6,16 +6,14 @@ requested"), on the GPU; the scalar attention kernels use up to 255 registers a 
 __launch_bounds__, so a larger block (a larger ws, say) would build and break there. The block sizes are
 read from csrc/, where the launches take them.
 """
-import importlib.util
 import os
 import re
-import subprocess
 
 import pytest
 
 from twins_kernels.ops.lsa import MAX_WS
 
-from conftest import ROOT, require_cuda_extension
+from conftest import ROOT, extension_cuobjdump
 
 REGISTERS_PER_BLOCK = 65536  # sm_80 and sm_90
 REGISTER_ALLOCATION_UNIT = 256  # registers are handed to a warp in units of 256
@@ -49,20 +47,10 @@ def launch_threads(kernel: str) -> int:
     raise AssertionError(f"no launch size known for {kernel}: add its block size to launch_threads")
 
 
-def cuobjdump() -> str:
-    from triton import knobs
-
-    return knobs.nvidia.cuobjdump.path
-
-
 @pytest.fixture(scope="module")
 def kernels():
     """[(arch, mangled name, registers, static shared bytes)] of every kernel in the extension."""
-    require_cuda_extension()
-    pytest.importorskip("triton.backends.nvidia", reason="needs cuobjdump (from Triton's NVIDIA backend)")
-    library = importlib.util.find_spec("twins_kernels._C").origin
-    report = subprocess.run([cuobjdump(), "-res-usage", library], capture_output=True, text=True, check=True).stdout
-    lines = report.splitlines()
+    lines = extension_cuobjdump("-res-usage").splitlines()
     found, arch = [], None
     for line, following in zip(lines, lines[1:]):
         if match := re.match(r"arch = sm_(\d+)", line):
@@ -70,7 +58,7 @@ def kernels():
         if match := re.match(r"\s*Function (\S+):", line):
             usage = re.search(r"REG:(\d+) .*SHARED:(\d+)", following)
             found.append((arch, match.group(1), int(usage.group(1)), int(usage.group(2))))
-    assert found, f"no kernels in cuobjdump's report of {library}"
+    assert found, "no kernels in cuobjdump's report of the extension"
     return found
 
 

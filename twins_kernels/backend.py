@@ -77,20 +77,30 @@ def cuda_extension_built() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_device_code_error(index: int) -> str | None:
-    """Why the built extension cannot run on GPU ``index``: no binary or PTX of its TORCH_CUDA_ARCH_LIST
-    runs there (a GPU newer than the build, say), so every launch would fail with "no kernel image"."""
-    if torch.ops.twins_kernels_cuda.device_code_version(index) > 0:
+    """Why the built extension cannot run on GPU ``index``: no such GPU, no binary or PTX of its
+    TORCH_CUDA_ARCH_LIST that runs there (a GPU newer than the build, say: every launch would fail with
+    "no kernel image"), or PTX the driver cannot JIT-compile (newer than the driver)."""
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        return f"there is no GPU cuda:{index} ({count} visible)"
+    name = torch.cuda.get_device_name(index)
+    try:
+        version = torch.ops.twins_kernels_cuda.device_code_version(index)
+    except RuntimeError as exc:
+        return f"the CUDA extension twins_kernels._C cannot load its code on cuda:{index} ({name}): {exc}"
+    if version > 0:
         return None
     major, minor = torch.cuda.get_device_capability(index)
     return (
-        f"the CUDA extension twins_kernels._C has no code for cuda:{index} ({torch.cuda.get_device_name(index)}, "
-        f"compute capability {major}.{minor}); rebuild it for this GPU: TORCH_CUDA_ARCH_LIST={major}.{minor} "
-        "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation ."
+        f"the CUDA extension twins_kernels._C has no code for cuda:{index} ({name}, compute capability "
+        f"{major}.{minor}); rebuild it for this GPU, with a CUDA toolkit that knows it: "
+        f'TORCH_CUDA_ARCH_LIST="8.0;9.0;{major}.{minor}" CUDA_HOME=/usr/local/cuda pip install --no-build-isolation .'
     )
 
 
 def backend_status(name: str, device: torch.device | str | None = None) -> BackendStatus:
-    """Whether ``name`` can run on tensors of ``device`` (default: a CUDA device if present)."""
+    """Whether ``name`` can run on tensors of ``device`` (default: a CUDA device if present). For ``cuda``
+    on a GPU this asks the driver which of the extension's code that GPU runs, which starts CUDA there."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {CHOICES}")
     if device is None:
