@@ -13,7 +13,7 @@ import twins_kernels
 from twins_kernels.backend import BackendUnavailableError, backend_status, get_backend, resolve_backend
 
 from conftest import (HAS_GPU, KERNEL_DEVICE, SMALL_FUSED_KINDS, extension_cuobjdump, require_cuda_extension,
-                      small_fused_module)
+                      skip_unless_available, small_fused_module)
 
 
 def test_selection_order_argument_context_global_env(monkeypatch):
@@ -117,6 +117,34 @@ def test_device_code_version_is_the_code_this_gpu_runs():
     runnable = [b for b in binaries if b // 10 == major and b <= gpu] or [p for p in ptx if p <= gpu]
     assert runnable, f"the build ({binaries} binaries, {ptx} PTX) has no code for compute capability {gpu}"
     assert torch.ops.twins_kernels_cuda.device_code_version(torch.cuda.current_device()) == max(runnable)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_cuda_attention_runs_the_kernel_family_of_its_dtype(dtype):
+    """On code compiled for compute capability 8.0+ (every build for A100 and H100), fp16 and bf16 LSA and
+    GSA run the tensor-core kernels, forward and backward, and fp32 the scalar ones (exact fp32 dots):
+    the kernels' names in the profiler's trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from twins_kernels.ops import gsa_attention, lsa
+
+    skip_unless_available("cuda")
+    assert torch.ops.twins_kernels_cuda.device_code_version(torch.cuda.current_device()) >= 80
+    qkv = torch.randn(2, 9 * 10, 3 * 64, device="cuda", dtype=dtype, requires_grad=True)
+    q, kv = torch.randn(2, 90, 64, device="cuda", dtype=dtype), torch.randn(2, 12, 128, device="cuda", dtype=dtype)
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        lsa(qkv, torch.zeros(3 * 64, device="cuda", dtype=dtype), (9, 10), 2, 7, backend="cuda").sum().backward()
+        gsa_attention(q.requires_grad_(), kv.requires_grad_(), 2, backend="cuda").sum().backward()
+        torch.cuda.synchronize()
+    names = " ".join(event.name for event in trace.events())
+    expected = {"scalar"} if dtype == torch.float32 else {"mma"}
+    for step in ("forward", "dq", "dkdv"):
+        for geometry in ("LsaGeometry", "GsaGeometry"):
+            patterns = {"mma": rf"mma_attention_{step}_kernel<[^>]*{geometry}",
+                        "scalar": rf"(?<!\w)attention_{step}_kernel<[^>]*{geometry}"}
+            ran = {family for family, pattern in patterns.items() if re.search(pattern, names)}
+            assert ran == expected, f"{step} on {geometry}: ran {ran or 'neither'}, expected {expected}; {names}"
 
 
 def test_poisoned_outputs_reach_the_cuda_extension(monkeypatch):
