@@ -70,20 +70,21 @@ def unloadable(index):
     raise RuntimeError("CUDA error: the provided PTX was compiled with an unsupported toolchain.")
 
 
-@pytest.mark.parametrize("device,code_version,reason", [
-    ("cuda", lambda index: 80, None),
-    ("cuda:1", lambda index: 80 if index == 1 else 0, None),
-    ("cuda", lambda index: 0, r"has no code for cuda:0 \(NVIDIA RTX PRO 6000, compute capability 12\.0\); "
-                              r"rebuild it for this GPU, with a CUDA toolkit that knows it: "
-                              r'TORCH_CUDA_ARCH_LIST="8\.0;9\.0;12\.0" '),
-    ("cuda:1", unloadable, r"cannot load its code on cuda:1 \(NVIDIA RTX PRO 6000\): CUDA error: the provided "
-                           r"PTX was compiled with an unsupported toolchain"),
-    ("cuda:2", lambda index: 80, r"there is no GPU cuda:2 \(2 visible\)"),
-], ids=["has-code", "has-code-on-cuda:1", "no-code", "ptx-the-driver-cannot-load", "no-such-gpu"])
-def test_cuda_backend_on_a_gpu_the_build_cannot_run_on(device, code_version, reason, monkeypatch):
-    """The cuda backend is available on a GPU the extension has code for; a GPU that no binary or PTX of
-    its TORCH_CUDA_ARCH_LIST runs on (a GPU newer than the build), PTX the driver cannot load, or a GPU
-    that does not exist make it unavailable, the message naming the GPU and the fix. Two GPUs (current:
+@pytest.mark.parametrize("device,code_version,available,reason", [
+    ("cuda", lambda index: 80, True, r"\(code for compute capability 8\.0: fp16/bf16 attention on tensor cores\)$"),
+    ("cuda:1", lambda index: 75 if index == 1 else 0, True, r"\(code for compute capability 7\.5: no tensor cores\)$"),
+    ("cuda", lambda index: 0, False, r"has no code for cuda:0 \(NVIDIA RTX PRO 6000, compute capability 12\.0\); "
+                                     r"rebuild it for this GPU, with a CUDA toolkit that knows it: "
+                                     r'TORCH_CUDA_ARCH_LIST="8\.0;9\.0;12\.0" '),
+    ("cuda:1", unloadable, False, r"cannot load its code on cuda:1 \(NVIDIA RTX PRO 6000\): CUDA error: the "
+                                  r"provided PTX was compiled with an unsupported toolchain"),
+    ("cuda:2", lambda index: 80, False, r"there is no GPU cuda:2 \(2 visible\)"),
+], ids=["sm80-code", "compute75-code-on-cuda:1", "no-code", "ptx-the-driver-cannot-load", "no-such-gpu"])
+def test_cuda_backend_status_on_each_gpu(device, code_version, available, reason, monkeypatch):
+    """The cuda backend is available on a GPU the extension has code for, saying for which compute
+    capability (and so whether its attention runs on tensor cores); a GPU that no binary or PTX of its
+    TORCH_CUDA_ARCH_LIST runs on (a GPU newer than the build), PTX the driver cannot load, or a GPU that
+    does not exist make it unavailable, the message naming the GPU and the fix. Two GPUs (current:
     cuda:0) are stood in for here."""
     require_cuda_extension()
     from twins_kernels import backend
@@ -94,15 +95,17 @@ def test_cuda_backend_on_a_gpu_the_build_cannot_run_on(device, code_version, rea
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (12, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA RTX PRO 6000")
     monkeypatch.setattr(torch.ops.twins_kernels_cuda, "device_code_version", code_version)
-    backend._cuda_device_code_error.cache_clear()
+    backend._cuda_device_code.cache_clear()
     try:
-        if reason is None:
+        status = backend_status("cuda", device)
+        assert status.available == available and re.search(reason, status.reason), status
+        if available:
             assert resolve_backend("cuda", torch.device(device)) == "cuda"
         else:
             with pytest.raises(BackendUnavailableError, match=reason):
                 resolve_backend("cuda", torch.device(device))
     finally:
-        backend._cuda_device_code_error.cache_clear()
+        backend._cuda_device_code.cache_clear()
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")

@@ -76,22 +76,23 @@ def cuda_extension_built() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_device_code_error(index: int) -> str | None:
-    """Why the built extension cannot run on GPU ``index``: no such GPU, no binary or PTX of its
-    TORCH_CUDA_ARCH_LIST that runs there (a GPU newer than the build, say: every launch would fail with
-    "no kernel image"), or PTX the driver cannot JIT-compile (newer than the driver)."""
+def _cuda_device_code(index: int) -> tuple[int, str | None]:
+    """(the compute capability x 10 the extension's code for GPU ``index`` was compiled for, or 0; why
+    it cannot run there, or None): no such GPU, no binary or PTX of its TORCH_CUDA_ARCH_LIST that runs
+    there (a GPU newer than the build, say: every launch would fail with "no kernel image"), or PTX the
+    driver cannot JIT-compile (newer than the driver)."""
     count = torch.cuda.device_count()
     if not 0 <= index < count:
-        return f"there is no GPU cuda:{index} ({count} visible)"
+        return 0, f"there is no GPU cuda:{index} ({count} visible)"
     name = torch.cuda.get_device_name(index)
     try:
         version = torch.ops.twins_kernels_cuda.device_code_version(index)
     except RuntimeError as exc:
-        return f"the CUDA extension twins_kernels._C cannot load its code on cuda:{index} ({name}): {exc}"
+        return 0, f"the CUDA extension twins_kernels._C cannot load its code on cuda:{index} ({name}): {exc}"
     if version > 0:
-        return None
+        return version, None
     major, minor = torch.cuda.get_device_capability(index)
-    return (
+    return 0, (
         f"the CUDA extension twins_kernels._C has no code for cuda:{index} ({name}, compute capability "
         f"{major}.{minor}); rebuild it for this GPU, with a CUDA toolkit that knows it: "
         f'TORCH_CUDA_ARCH_LIST="8.0;9.0;{major}.{minor}" CUDA_HOME=/usr/local/cuda pip install --no-build-isolation .'
@@ -131,10 +132,13 @@ def backend_status(name: str, device: torch.device | str | None = None) -> Backe
         return BackendStatus(name, False, f"the CUDA extension needs CUDA tensors (got {device.type})")
     if not torch.cuda.is_available():
         return BackendStatus(name, False, "no CUDA GPU is visible to PyTorch")
-    err = _cuda_device_code_error(torch.cuda.current_device() if device.index is None else device.index)
+    version, err = _cuda_device_code(torch.cuda.current_device() if device.index is None else device.index)
     if err:
         return BackendStatus(name, False, err)
-    return BackendStatus(name, True, "CUDA C++ kernels on the GPU")
+    # csrc/attention_launch.cuh: the tensor-core kernels need code compiled for 8.0+
+    attention = "fp16/bf16 attention on tensor cores" if version >= 80 else "no tensor cores"
+    return BackendStatus(name, True, f"CUDA C++ kernels on the GPU (code for compute capability "
+                                     f"{version // 10}.{version % 10}: {attention})")
 
 
 def available_backends(device: torch.device | str | None = None) -> dict[str, BackendStatus]:
