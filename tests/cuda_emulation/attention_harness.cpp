@@ -56,6 +56,16 @@ static int instantiated_head_dim(int head_dim) {
   return width;
 }
 
+// The NaN run's case: one image and one head at the instantiated head_dim, so the same kernels and blocks
+// as ``c``'s write NaN into every column of their shared tiles.
+template <typename Case>
+static Case nan_run_case(Case c) {
+  c.chans = instantiated_head_dim(c.chans / c.heads);
+  c.batch = 1;
+  c.heads = 1;
+  return c;
+}
+
 // Whether this run first leaves NaN in the shared tiles: the plain build's grid-order run. A sanitized
 // build looks for races and stray accesses, and a reversed run must give the grid-order run's bits anyway.
 static bool nan_run_first() {
@@ -120,10 +130,7 @@ static void run_lsa(FILE* in, FILE* outf, bool tensor_cores, char** argv) {
   auto grad_out = read_as<scalar_t>(in, c.batch * tokens * c.chans);
 
   if (nan_run_first()) {
-    LsaCase wide = c;  // one image, one head: the same instantiation, the same windows
-    wide.batch = 1;
-    wide.heads = 1;
-    wide.chans = instantiated_head_dim(c.chans / c.heads);
+    const LsaCase wide = nan_run_case(c);  // the same windows
     auto wide_qkv = nans<scalar_t>(tokens * 3 * wide.chans), wide_bias = nans<scalar_t>(3 * wide.chans);
     lsa_kernels(wide, tensor_cores, wide_qkv, wide_bias, nans<scalar_t>(tokens * wide.chans), nullptr);
   }
@@ -188,10 +195,7 @@ static void run_gsa(FILE* in, FILE* outf, bool tensor_cores, char** argv) {
   auto grad_out = read_as<scalar_t>(in, c.batch * c.tokens * c.chans);
 
   if (nan_run_first()) {
-    GsaCase wide = c;  // one image, one head: the same instantiation, the same query and key blocks
-    wide.batch = 1;
-    wide.heads = 1;
-    wide.chans = instantiated_head_dim(c.chans / c.heads);
+    const GsaCase wide = nan_run_case(c);  // the same query and key blocks
     auto wide_q = nans<scalar_t>(c.tokens * wide.chans), wide_kv = nans<scalar_t>(c.keys * 2 * wide.chans);
     gsa_kernels(wide, tensor_cores, wide_q, wide_kv, nans<scalar_t>(c.tokens * wide.chans), nullptr);
   }
