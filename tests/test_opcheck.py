@@ -3,9 +3,13 @@ the fake (meta) implementation against the real outputs (shapes, dtypes and stri
 generated code asserts the fake's strides), and the autograd registration of the forward ops.
 
 The backward ops are checked on their own: the forward ops' checks reach them only through an autograd
-graph, where a stride the fake does not promise may go unnoticed until inductor's code asserts it."""
+graph, where a stride the fake does not promise may go unnoticed until inductor's code asserts it.
+
+Eager calls run the same Python functions without the dispatcher (``common.kernel_op_entry``); the
+last tests check that both ways compute the same, and that tracers and modes still see the ops."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from twins_kernels.ops.gsa import (
     gsa_attention_backward_op,
@@ -16,7 +20,9 @@ from twins_kernels.ops.gsa import (
 from twins_kernels.ops.lsa import lsa_backward_op, lsa_forward_op
 from twins_kernels.ops.peg import peg_backward_op, peg_forward_op
 
-from conftest import KERNEL_DEVICE, skip_unless_available
+from twins_kernels.testing import make_tokens
+
+from conftest import KERNEL_DEVICE, SMALL_FUSED_KINDS, skip_unless_available, small_fused_module
 
 BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 
@@ -81,3 +87,61 @@ def test_gsa_subsample_ops(backend):
         gsa_subsample_forward_op, args,
         gsa_subsample_backward_op, lambda outputs: (torch.randn_like(outputs[0]), x.detach(), sr_weight.detach(),
                                                     norm_weight.detach(), *outputs[1:], 3, 5, 2, backend))
+
+
+class SeenOps(TorchDispatchMode):
+    """Runs every op it is handed unchanged and notes its name: a mode sees the ops the dispatcher
+    routes, so an op that skipped the dispatcher would be missing here."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+FUSED_OPS = {"peg": ["peg"], "lsa": ["lsa"], "gsa-sr4": ["gsa_subsample", "gsa_attention"],
+             "gsa-sr1": ["gsa_attention"]}
+
+
+@pytest.mark.parametrize("kind", SMALL_FUSED_KINDS)
+def test_eager_calls_compute_what_the_custom_ops_compute(kind):
+    """A module's eager forward and backward (the ops' functions through an autograd.Function) and the same
+    under a dispatch mode (through the custom ops, which the mode must see, forward and backward): the
+    same output and gradients, bit for bit."""
+    module = small_fused_module(kind, "triton")
+    x = make_tokens(2, 9, 10, 32, torch.float32, KERNEL_DEVICE).requires_grad_()
+
+    def forward_and_backward():
+        out = module(x, (9, 10))
+        return (out, *torch.autograd.grad(out.square().sum(), (x, *module.parameters())))
+
+    eager = forward_and_backward()
+    with SeenOps() as mode:
+        dispatched = forward_and_backward()
+    expected = {f"twins_kernels::{op}_{part}" for op in FUSED_OPS[kind] for part in ("forward", "backward")}
+    assert expected <= mode.names
+    for a, b in zip(eager, dispatched, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_eager_calls_skip_the_dispatcher_and_tracers_do_not():
+    """In eager mode a call builds the op's own autograd node; with the profiler on (which names the
+    ops it sees), under torch.func.vmap and on meta tensors (the fake implementation) the custom op runs."""
+    from twins_kernels.ops import peg
+
+    x, weight = torch.randn(3, 20, 16, requires_grad=True), torch.randn(16, 1, 3, 3)
+    assert peg(x, weight, size=(4, 5)).grad_fn.name() == "peg_forwardBackward"
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        peg(x, weight, size=(4, 5)).sum().backward()
+    names = {event.name for event in profile.events()}
+    assert {"twins_kernels::peg_forward", "twins_kernels::peg_backward"} <= names
+
+    batched = torch.func.vmap(lambda t: peg(t, weight, size=(4, 5)))(x.detach().unsqueeze(1))
+    torch.testing.assert_close(batched.squeeze(1), peg(x.detach(), weight, size=(4, 5)))
+
+    meta = peg(x.detach().to("meta"), weight.to("meta"), size=(4, 5))
+    assert meta.device.type == "meta" and meta.shape == x.shape

@@ -185,10 +185,60 @@ def backward_choice(backend: str) -> str:
     return backend or get_backend()
 
 
-def refuse_double_backward(backward_op, op: str) -> None:
-    """Give ``backward_op`` (a custom op's backward, itself a custom op) an autograd formula that
-    raises a clear error: the kernels' backwards have no backward of their own, and PyTorch's message
-    for a missing formula asks the user to register one."""
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def needs_dispatcher(args) -> bool:
+    """Whether a call with ``args`` must go through its custom op rather than straight to the op's
+    Python implementation: while torch.compile, torch.export or torch.jit traces it; under a torch.func
+    transform (vmap runs the op once per sample through the dispatcher); under a torch function or
+    dispatch mode (FakeTensorMode, FlopCounterMode, ``with torch.device(...)``); with the profiler on,
+    so that profiles name the op; and on tensors other than plain CPU and CUDA ones (fake, functional or
+    meta tensors, subclasses), which only the dispatcher routes to the op's fake implementation or to
+    the subclass."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0):
+        return True
+    return any(isinstance(a, torch.Tensor)
+               and (type(a) not in _PLAIN_TENSOR_TYPES or a.device.type not in ("cpu", "cuda")) for a in args)
+
+
+def kernel_op_entry(forward_op, forward, setup_context, backward):
+    """Register ``backward`` (with ``setup_context``) as the autograd formula of ``forward_op``, the custom
+    op of the Python function ``forward``, and return the function the op's callers call.
+
+    It calls the custom op where a tracer or a mode must see the op (``needs_dispatcher``). In plain
+    eager mode it runs ``forward`` through a torch.autograd.Function with the very same formula: the
+    custom op's dispatch and its generated autograd wrapper cost 60-200 us of Python a forward and
+    backward on this project's CPU machine (as much as timm's whole PosConv on a small map; NOTES 32),
+    which an eager model pays once per op and layer, on the host however fast the GPU is."""
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+    def eager_forward(ctx, *args):
+        # ctx in forward, not a separate setup_context: for one of those, apply binds the arguments to
+        # forward's signature with inspect on every call, which costs as much as it saves
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    eager = type(forward.__name__, (torch.autograd.Function,), {
+        "forward": staticmethod(eager_forward), "backward": staticmethod(backward)})
+
+    def call(*args):
+        return forward_op(*args) if needs_dispatcher(args) else eager.apply(*args)
+
+    return call
+
+
+def kernel_backward_entry(backward_op, backward, op: str):
+    """Give ``backward_op`` (the custom op of the Python function ``backward``) an autograd formula that
+    raises a clear error, and return the function an autograd formula calls: the custom op where the
+    dispatcher is needed (``needs_dispatcher``) or the backward itself builds a graph (create_graph=True,
+    so that the gradient of the gradient raises that error), else ``backward`` directly.
+
+    The kernels' backwards have no backward of their own, and PyTorch's message for a missing formula
+    asks the user to register one."""
     def double_backward(ctx, *grads):
         raise NotImplementedError(
             f"twins_kernels: {op} has no double backward (the gradient of its gradient, which a gradient "
@@ -196,6 +246,11 @@ def refuse_double_backward(backward_op, op: str) -> None:
             f"(twins_kernels.unpatch_model)")
 
     backward_op.register_autograd(double_backward, setup_context=lambda ctx, inputs, output: None)
+
+    def call(*args):
+        return backward_op(*args) if torch.is_grad_enabled() or needs_dispatcher(args) else backward(*args)
+
+    return call
 
 
 def reference_outside_kernels(requested: str, backend: str, what: str) -> str:

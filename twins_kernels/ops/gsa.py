@@ -77,11 +77,12 @@ from .common import (
     fma_rows,
     fma_warps,
     fused_cpu_attention,
+    kernel_backward_entry,
+    kernel_op_entry,
     launch_device,
     next_pow2,
     op_backend,
     pow2_block,
-    refuse_double_backward,
     scalar_arg,
 )
 
@@ -806,8 +807,7 @@ def _attention_backend(q: torch.Tensor, num_heads: int, requested: str) -> str:
     return attention_backend(q, q.shape[2], num_heads, requested)
 
 
-@torch.library.custom_op("twins_kernels::gsa_attention_forward", mutates_args=())
-def gsa_attention_forward_op(
+def gsa_attention_forward(
     q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     kernel = _attention_backend(q, num_heads, backend)
@@ -819,6 +819,10 @@ def gsa_attention_forward_op(
     return _attention_forward_reference(q, kv, num_heads, scale)
 
 
+gsa_attention_forward_op = torch.library.custom_op("twins_kernels::gsa_attention_forward", gsa_attention_forward,
+                                                   mutates_args=())
+
+
 @gsa_attention_forward_op.register_fake
 def _(q, kv, num_heads, scale, backend):
     batch, tokens, chans = q.shape
@@ -826,8 +830,7 @@ def _(q, kv, num_heads, scale, backend):
     return q.new_empty((batch, tokens, chans)), lse
 
 
-@torch.library.custom_op("twins_kernels::gsa_attention_backward", mutates_args=())
-def gsa_attention_backward_op(
+def gsa_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     num_heads: int, scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -840,9 +843,16 @@ def gsa_attention_backward_op(
     return _attention_backward_reference(grad_out, q, kv, out, lse, num_heads, scale)
 
 
+gsa_attention_backward_op = torch.library.custom_op("twins_kernels::gsa_attention_backward", gsa_attention_backward,
+                                                    mutates_args=())
+
+
 @gsa_attention_backward_op.register_fake
 def _(grad_out, q, kv, out, lse, num_heads, scale, backend):
     return q.new_empty(q.shape), kv.new_empty(kv.shape)
+
+
+run_gsa_attention_backward = kernel_backward_entry(gsa_attention_backward_op, gsa_attention_backward, "gsa_attention")
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -855,16 +865,15 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, _grad_lse):
     q, kv, out, lse = ctx.saved_tensors
-    grad_q, grad_kv = gsa_attention_backward_op(grad_out, q, kv, out, lse, *ctx.args)
+    grad_q, grad_kv = run_gsa_attention_backward(grad_out, q, kv, out, lse, *ctx.args)
     return grad_q, grad_kv, None, None, None
 
 
-gsa_attention_forward_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
-refuse_double_backward(gsa_attention_backward_op, "gsa_attention")
+run_gsa_attention_forward = kernel_op_entry(gsa_attention_forward_op, gsa_attention_forward, _attention_setup_context,
+                                            _attention_backward)
 
 
-@torch.library.custom_op("twins_kernels::gsa_subsample_forward", mutates_args=())
-def gsa_subsample_forward_op(
+def gsa_subsample_forward(
     x: torch.Tensor, sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor,
     norm_bias: torch.Tensor, height: int, width: int, sr_ratio: int, eps: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -872,6 +881,10 @@ def gsa_subsample_forward_op(
     if op_backend(x, backend) == "triton":
         return gsa_subsample_forward_triton(*args)
     return _subsample_forward_reference(*args)
+
+
+gsa_subsample_forward_op = torch.library.custom_op("twins_kernels::gsa_subsample_forward", gsa_subsample_forward,
+                                                   mutates_args=())
 
 
 @gsa_subsample_forward_op.register_fake
@@ -883,8 +896,7 @@ def _(x, sr_weight, sr_bias, norm_weight, norm_bias, height, width, sr_ratio, ep
             x.new_empty((batch, keys), dtype=acc), x.new_empty((batch, keys), dtype=acc))
 
 
-@torch.library.custom_op("twins_kernels::gsa_subsample_backward", mutates_args=())
-def gsa_subsample_backward_op(
+def gsa_subsample_backward(
     grad_out: torch.Tensor, x: torch.Tensor, sr_weight: torch.Tensor, norm_weight: torch.Tensor,
     y: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, height: int, width: int, sr_ratio: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -894,11 +906,18 @@ def gsa_subsample_backward_op(
     return _subsample_backward_reference(*args)
 
 
+gsa_subsample_backward_op = torch.library.custom_op("twins_kernels::gsa_subsample_backward", gsa_subsample_backward,
+                                                    mutates_args=())
+
+
 @gsa_subsample_backward_op.register_fake
 def _(grad_out, x, sr_weight, norm_weight, y, mean, rstd, height, width, sr_ratio, backend):
     chans = x.shape[2]
     return (x.new_empty(x.shape), sr_weight.new_empty(sr_weight.shape), sr_weight.new_empty((chans,)),
             norm_weight.new_empty((chans,)), norm_weight.new_empty((chans,)))
+
+
+run_gsa_subsample_backward = kernel_backward_entry(gsa_subsample_backward_op, gsa_subsample_backward, "gsa_subsample")
 
 
 def _subsample_setup_context(ctx, inputs, output):
@@ -910,12 +929,12 @@ def _subsample_setup_context(ctx, inputs, output):
 
 
 def _subsample_backward(ctx, grad_out, _grad_y, _grad_mean, _grad_rstd):
-    grads = gsa_subsample_backward_op(grad_out, *ctx.saved_tensors, *ctx.args)
+    grads = run_gsa_subsample_backward(grad_out, *ctx.saved_tensors, *ctx.args)
     return (*grads, None, None, None, None, None)
 
 
-gsa_subsample_forward_op.register_autograd(_subsample_backward, setup_context=_subsample_setup_context)
-refuse_double_backward(gsa_subsample_backward_op, "gsa_subsample")
+run_gsa_subsample_forward = kernel_op_entry(gsa_subsample_forward_op, gsa_subsample_forward, _subsample_setup_context,
+                                            _subsample_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -952,7 +971,7 @@ def gsa_attention(q, kv, num_heads: int, scale: float | None = None, backend: st
     scale = (chans // num_heads) ** -0.5 if scale is None else check_float(scale, "scale")
     if not torch.compiler.is_compiling():
         _attention_backend(q, num_heads, backend or "")  # fail here, naming what is wrong, not inside the op
-    return gsa_attention_forward_op(q, kv, num_heads, scale, backend or "")[0]
+    return run_gsa_attention_forward(q, kv, num_heads, scale, backend or "")[0]
 
 
 def gsa_subsample(x, size, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio: int, eps: float = 1e-5,
@@ -977,5 +996,5 @@ def gsa_subsample(x, size, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio:
         raise ValueError(f"eps must be > 0, got {eps}")
     if backend is not None and not torch.compiler.is_compiling():
         resolve_backend(backend, x.device)  # fail here, naming what is missing, not deep inside the op
-    return gsa_subsample_forward_op(x, sr_weight, sr_bias, norm_weight, norm_bias, height, width, sr_ratio,
+    return run_gsa_subsample_forward(x, sr_weight, sr_bias, norm_weight, norm_bias, height, width, sr_ratio,
                                     eps, backend or "")[0]

@@ -87,10 +87,11 @@ from .common import (
     fma_rows,
     fma_warps,
     fused_cpu_attention,
+    kernel_backward_entry,
+    kernel_op_entry,
     launch_device,
     next_pow2,
     reference_outside_kernels,
-    refuse_double_backward,
     scalar_arg,
 )
 
@@ -636,8 +637,7 @@ def _kernel_backend(qkv: torch.Tensor, num_heads: int, ws: int, requested: str) 
     return backend
 
 
-@torch.library.custom_op("twins_kernels::lsa_forward", mutates_args=())
-def lsa_forward_op(
+def lsa_forward(
     qkv: torch.Tensor, qkv_bias: torch.Tensor, height: int, width: int, ws: int, num_heads: int,
     scale: float, mask_padding: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -651,6 +651,9 @@ def lsa_forward_op(
     return _reference_forward(*args)
 
 
+lsa_forward_op = torch.library.custom_op("twins_kernels::lsa_forward", lsa_forward, mutates_args=())
+
+
 @lsa_forward_op.register_fake
 def _(qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding, backend):
     batch, tokens, chans3 = qkv.shape
@@ -658,8 +661,7 @@ def _(qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding, backend)
             qkv.new_empty((batch, num_heads, tokens), dtype=accumulation_dtype(qkv.dtype)))
 
 
-@torch.library.custom_op("twins_kernels::lsa_backward", mutates_args=())
-def lsa_backward_op(
+def lsa_backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     height: int, width: int, ws: int, num_heads: int, scale: float, mask_padding: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -676,9 +678,15 @@ def lsa_backward_op(
     return grad_qkv, grad_bias.to(qkv_bias.dtype)
 
 
+lsa_backward_op = torch.library.custom_op("twins_kernels::lsa_backward", lsa_backward, mutates_args=())
+
+
 @lsa_backward_op.register_fake
 def _(grad_out, qkv, qkv_bias, out, lse, height, width, ws, num_heads, scale, mask_padding, backend):
     return qkv.new_empty(qkv.shape), qkv_bias.new_empty(qkv_bias.shape)
+
+
+run_lsa_backward = kernel_backward_entry(lsa_backward_op, lsa_backward, "lsa")
 
 
 def _setup_context(ctx, inputs, output):
@@ -691,12 +699,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     qkv, qkv_bias, out, lse = ctx.saved_tensors
-    grad_qkv, grad_bias = lsa_backward_op(grad_out, qkv, qkv_bias, out, lse, *ctx.args)
+    grad_qkv, grad_bias = run_lsa_backward(grad_out, qkv, qkv_bias, out, lse, *ctx.args)
     return grad_qkv, grad_bias, None, None, None, None, None, None, None
 
 
-lsa_forward_op.register_autograd(_backward, setup_context=_setup_context)
-refuse_double_backward(lsa_backward_op, "lsa")
+run_lsa_forward = kernel_op_entry(lsa_forward_op, lsa_forward, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -728,5 +735,5 @@ def lsa(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None
     scale = (chans // num_heads) ** -0.5 if scale is None else check_float(scale, "scale")
     if not torch.compiler.is_compiling():
         _kernel_backend(qkv, num_heads, ws, backend or "")  # fail here, naming what is wrong, not inside the op
-    return lsa_forward_op(qkv, qkv_bias, height, width, ws, num_heads, float(scale), pad_mode == "mask",
+    return run_lsa_forward(qkv, qkv_bias, height, width, ws, num_heads, float(scale), pad_mode == "mask",
                           backend or "")[0]

@@ -32,11 +32,12 @@ from .common import (
     check_tokens,
     cuda_ops,
     empty_output,
+    kernel_backward_entry,
+    kernel_op_entry,
     launch_device,
     next_pow2,
     op_backend,
     pow2_block,
-    refuse_double_backward,
 )
 
 NUM_TAPS = 9  # 3 x 3 depthwise kernel
@@ -263,8 +264,7 @@ def _split_partial(sums: torch.Tensor, weight: torch.Tensor):
     return grad_w, sums[NUM_TAPS].to(weight.dtype, copy=True)
 
 
-@torch.library.custom_op("twins_kernels::peg_forward", mutates_args=())
-def peg_forward_op(
+def peg_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     height: int, width: int, stride: int, backend: str,
 ) -> torch.Tensor:
@@ -276,14 +276,16 @@ def peg_forward_op(
     return peg_reference(x, weight, bias, (height, width), stride).contiguous()
 
 
+peg_forward_op = torch.library.custom_op("twins_kernels::peg_forward", peg_forward, mutates_args=())
+
+
 @peg_forward_op.register_fake
 def _(x, weight, bias, height, width, stride, backend):
     out_h, out_w = peg_output_size(height, width, stride)
     return x.new_empty((x.shape[0], out_h * out_w, weight.shape[0]))
 
 
-@torch.library.custom_op("twins_kernels::peg_backward", mutates_args=())
-def peg_backward_op(
+def peg_backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     height: int, width: int, stride: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -299,9 +301,15 @@ def peg_backward_op(
     return grad_x.contiguous(), grad_w.to(weight.dtype).contiguous(), grad_b.to(weight.dtype)
 
 
+peg_backward_op = torch.library.custom_op("twins_kernels::peg_backward", peg_backward, mutates_args=())
+
+
 @peg_backward_op.register_fake
 def _(grad_out, x, weight, height, width, stride, backend):
     return x.new_empty(x.shape), torch.empty_like(weight), weight.new_empty((weight.shape[0],))
+
+
+run_peg_backward = kernel_backward_entry(peg_backward_op, peg_backward, "peg")
 
 
 def _setup_context(ctx, inputs, output):
@@ -313,12 +321,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
-    grad_x, grad_w, grad_b = peg_backward_op(grad_out, x, weight, *ctx.args)
+    grad_x, grad_w, grad_b = run_peg_backward(grad_out, x, weight, *ctx.args)
     return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None, None
 
 
-peg_forward_op.register_autograd(_backward, setup_context=_setup_context)
-refuse_double_backward(peg_backward_op, "peg")
+run_peg_forward = kernel_op_entry(peg_forward_op, peg_forward, _setup_context, _backward)
 
 
 def peg(x, weight, bias=None, size=None, stride: int = 1, backend: str | None = None):
@@ -345,4 +352,4 @@ def peg(x, weight, bias=None, size=None, stride: int = 1, backend: str | None = 
         check_param(bias, "bias", (out_chans,), x)
     if backend is not None and not torch.compiler.is_compiling():
         resolve_backend(backend, x.device)  # fail here, naming what is missing, not deep inside the op
-    return peg_forward_op(x, weight, bias, height, width, stride, backend or "")
+    return run_peg_forward(x, weight, bias, height, width, stride, backend or "")
