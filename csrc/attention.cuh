@@ -19,7 +19,8 @@
 //   bool key_of(KeyBlock, i, KeyRow&) / bool query_of(KeyBlock, j, Row&) the same for key blocks
 //   out_row / grad_out_row / dq_row(block, query), lse_index(block, query)  where a query's results go
 //   KeyGradRow<scalar_t> key_grad(KeyBlock, i, key)                        where a key's dk, dv go
-// and the fields head_dim, lse (written by the forward) and delta (read by the backward).
+// and the fields head_dim, lse (written by the forward), delta (read by the backward) and delta_in_dq
+// (true: the tensor-core dq kernel computes delta and writes it for dk/dv; see mma_attention_dq_kernel).
 #pragma once
 
 #ifdef __CUDACC__

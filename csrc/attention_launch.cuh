@@ -67,6 +67,7 @@ template <typename scalar_t, typename Geometry>
 void launch_backward(const Geometry& geo, bool tensor_cores, int64_t query_blocks, int64_t key_blocks,
                      int scalar_threads, float scale, cudaStream_t stream) {
   with_attention_kernels<scalar_t>(geo, tensor_cores, scalar_threads, [&](auto, auto dq, auto dkdv, int threads) {
+    // dq first: with geo.delta_in_dq it writes the delta dk/dv reads
     dq<<<query_blocks, threads, 0, stream>>>(geo, scale);
     dkdv<<<key_blocks, threads, 0, stream>>>(geo, scale);
   });

@@ -42,6 +42,13 @@ struct MmaTiles {
   static constexpr int kDimTiles = kHeadDim / 8;   // 8-column accumulator tiles over the head dimension
 };
 
+// The keys the dq kernel stages a step, for the instantiation that serves head_dim.
+inline int mma_dq_key_tile(int head_dim) {
+  int keys = 0;
+  dispatch_head_dim(head_dim, [&](auto max_head_dim) { keys = MmaTiles<decltype(max_head_dim)::value>::kDqKeyTile; });
+  return keys;
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -371,7 +378,11 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
 
 // ---------------------------------------------------------------------------------------------
 // dq = scale * sum_j dS_ij k_j with dS_ij = P_ij (dP_ij - D_i), P_ij = exp(s_ij - lse_i),
-// dP_ij = dO_i . v_j, D_i = dO_i . O_i (precomputed, fp32)
+// dP_ij = dO_i . v_j, D_i = dO_i . O_i (precomputed, fp32). With geo.delta_in_dq the block's keys are
+// one tile (an LSA window) and D_i = sum_j P_ij dP_ij of that tile instead, in fp32, written for dk/dv:
+// the same value, without the rounding of O to 16 bits, which is the backward's largest error where P
+// spreads over near-identical keys (the padded keys of timm's zero mode all hold the qkv bias): there
+// dP - D cancels (benchmarks/NOTES.md, 33).
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t, int kHeadDim, typename Geometry>
 __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
@@ -394,12 +405,13 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
   bool active[2];
   lane_queries(geo, block, query, active);
   float lse_log2[2] = {0.f, 0.f}, delta[2] = {0.f, 0.f};
+  int64_t index[2] = {0, 0};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (!active[r]) continue;
-    const int64_t index = geo.lse_index(block, query[r]);
-    lse_log2[r] = geo.lse[index] * kLog2e;
-    delta[r] = geo.delta[index];
+    index[r] = geo.lse_index(block, query[r]);
+    lse_log2[r] = geo.lse[index[r]] * kLog2e;
+    if (!geo.delta_in_dq) delta[r] = geo.delta[index[r]];
   }
 
   float dq[Tiles::kDimTiles][4] = {};
@@ -413,9 +425,26 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
     for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float p = tile.valid[8 * n + col + (e & 1)] ? exp2f(s[n][e] * scale_log2 - lse_log2[e >> 1]) : 0.f;
-        s[n][e] = p * (dp[n][e] - delta[e >> 1]);  // dS
+        s[n][e] = tile.valid[8 * n + col + (e & 1)] ? exp2f(s[n][e] * scale_log2 - lse_log2[e >> 1]) : 0.f;  // P
       }
+    }
+    if (geo.delta_in_dq) {  // this is the only tile: a row's sum over it is over all its keys
+      float share[2] = {0.f, 0.f};
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) share[e >> 1] += s[n][e] * dp[n][e];
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        delta[r] = warp::group_sum(share[r]);
+        if (active[r] && col == 0) geo.delta[index[r]] = delta[r];
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] *= dp[n][e] - delta[e >> 1];  // dS
     }
     warp::mma_accumulators_tile<scalar_t, kStride>(dq, s, tile.k);
   }

@@ -21,7 +21,9 @@ struct GsaGeometry {
   int64_t kv_stride_b, kv_stride_m, kv_stride_c;
   scalar_t* out;             // (B, N, C)
   float* lse;                // (B, heads, N)
-  const float* delta;        // (B, heads, N)
+  float* delta;              // (B, heads, N)
+  // a query block's keys span several tiles: delta comes from out (attention_delta_kernel)
+  static constexpr bool delta_in_dq = false;
   const scalar_t* grad_out;  // (B, N, C) contiguous
   scalar_t* grad_q;          // (B, N, C)
   scalar_t* grad_kv;         // (B, M, 2C), or, when a key block's queries are split:

@@ -50,6 +50,7 @@ LsaGeometry<scalar_t> make_geometry(const at::Tensor& qkv, const at::Tensor& bia
   geo.stride_n = qkv.stride(1);
   geo.stride_c = qkv.stride(2);
   geo.mask_padding = mask_padding;
+  geo.set_delta_source(tensor_cores);
   return geo;
 }
 
@@ -87,7 +88,6 @@ std::tuple<at::Tensor, at::Tensor> lsa_backward(const at::Tensor& grad_out, cons
   auto grad_bias = at::zeros({3 * shape.chans}, qkv.options().dtype(at::kFloat));
   if (grad_qkv.numel() == 0) return {grad_qkv, grad_bias};
   const auto grad = grad_out.to(qkv.scalar_type()).contiguous();
-  const auto out_c = out.to(qkv.scalar_type()).contiguous();
   auto delta = empty_output({shape.batch, num_heads, shape.tokens}, qkv.options().dtype(at::kFloat));
   const bool has_padding = !mask_padding && (height % ws != 0 || width % ws != 0);
   at::Tensor pad_grad;  // (B * padded windows * heads, ws*ws, 2, head_dim): the padded keys' dk, dv
@@ -96,7 +96,10 @@ std::tuple<at::Tensor, at::Tensor> lsa_backward(const at::Tensor& grad_out, cons
   const bool tensor_cores = attention::use_tensor_cores(qkv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "lsa_backward", [&] {
     auto geo = make_geometry<scalar_t>(qkv, bias, shape, height, width, ws, num_heads, mask_padding, tensor_cores);
-    attention::launch_delta<scalar_t>(grad, out_c, delta, c10::cuda::getCurrentCUDAStream());
+    if (!geo.delta_in_dq) {
+      attention::launch_delta<scalar_t>(grad, out.to(qkv.scalar_type()).contiguous(), delta,
+                                        c10::cuda::getCurrentCUDAStream());
+    }
     geo.lse = const_cast<float*>(lse_c.data_ptr<float>());
     geo.delta = delta.data_ptr<float>();
     geo.grad_out = grad.data_ptr<scalar_t>();

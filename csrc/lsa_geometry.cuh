@@ -3,7 +3,7 @@
 // host set-up only, so the CPU emulation test builds it with g++.
 #pragma once
 
-#include "attention.cuh"
+#include "attention_mma.cuh"
 
 namespace twins_kernels {
 
@@ -24,13 +24,14 @@ struct LsaGeometry {
   int64_t stride_b, stride_n, stride_c;
   scalar_t* out;              // (B, N, C)
   float* lse;                 // (B, heads, N)
-  const float* delta;         // (B, heads, N)
+  float* delta;               // (B, heads, N)
   const scalar_t* grad_out;   // (B, N, C) contiguous
   scalar_t* grad_qkv;         // (B, N, 3C)
   float* pad_grad;            // (B * padded windows * heads, ws*ws, 2, head_dim): padded keys' dk, dv (zero mode)
   int height, width, chans, heads, head_dim, ws, windows_h, windows_w;
   int block_rows, slot_tiles;  // window slots a block covers; blocks a window and head
   bool mask_padding;
+  bool delta_in_dq;  // the tensor-core dq kernel computes delta (set_delta_source)
 
   // Sets the shape and the block size; the pointers are the caller's to fill.
   __host__ void set_shape(int64_t h, int64_t w, int64_t c, int64_t num_heads, int64_t window, int rows) {
@@ -44,6 +45,12 @@ struct LsaGeometry {
     windows_w = static_cast<int>((w + window - 1) / window);
     block_rows = rows;
     slot_tiles = (ws * ws + rows - 1) / rows;
+  }
+  // Where the backward's delta comes from: with the tensor-core kernels, where a window's slots are
+  // one dq key tile (ws <= 8 at head_dim <= 64: every Twins window), the dq kernel computes it from the
+  // probabilities (see there) and attention_delta_kernel does not run; else from out.
+  __host__ void set_delta_source(bool tensor_cores) {
+    delta_in_dq = tensor_cores && ws * ws <= attention::mma_dq_key_tile(head_dim);
   }
   // (window, head) pairs of a batch of `batch` images, and thread blocks for them
   __host__ int64_t window_heads(int64_t batch) const {

@@ -144,6 +144,7 @@ def randn(*shape, dtype):
 
 
 # (batch, height, width, heads, head_dim, ws)
+MOSTLY_PADDED = "2x1-ws8-mostly-padded"
 LSA_SHAPES = {
     "13x17-ws7-padded": (2, 13, 17, 2, 32, 7),
     "14x14-ws7-exact": (1, 14, 14, 1, 64, 7),
@@ -153,6 +154,8 @@ LSA_SHAPES = {
     "10x16-ws16-hd48": (1, 10, 16, 1, 48, 16),
     # rows of 3C = 120 values: every other token's row is not 16-byte aligned (element-wise staging)
     "6x5-ws3-hd20-unaligned": (1, 6, 5, 2, 20, 3),
+    # in zero mode 62 of 64 keys are the bias: delta must come from P dP, not the 16-bit out (mma dq)
+    MOSTLY_PADDED: (1, 2, 1, 1, 16, 8),
 }
 # (batch, tokens, keys, heads, head_dim, query_splits); query_splits: key blocks sharing a key tile's
 # queries (gsa.cu picks it from the GPU's SM count)
@@ -265,6 +268,9 @@ def check_peg(peg_harness, tmp_path, shape, dtype, both_orders=False):
 @pytest.mark.parametrize("pad_mode", ["zero", "mask"])
 @KERNELS_AND_DTYPES
 def test_emulated_lsa_kernels_match_the_reference(harness, tmp_path, shape, pad_mode, kernels, dtype):
+    if shape == LSA_SHAPES[MOSTLY_PADDED] and kernels == "scalar" and dtype != torch.float32:
+        pytest.skip("the scalar kernels take delta from out, 16-bit where they run 16-bit inputs: only code "
+                    "built for GPUs before compute capability 8.0 runs them so (attention_launch.cuh)")
     check_lsa(harness, tmp_path, shape, pad_mode, kernels, dtype, both_orders=True)
 
 

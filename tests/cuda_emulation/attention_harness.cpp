@@ -28,7 +28,8 @@
 
 using namespace twins_kernels;
 
-// Forward, then the backward: delta (attention_delta_kernel), dq and dk/dv, with the family's kernels.
+// Forward, then the backward: delta (attention_delta_kernel, unless dq computes it), dq and dk/dv, with the
+// family's kernels.
 template <typename scalar_t, typename Geometry>
 static void run_kernels(Geometry& geo, bool tensor_cores, long query_blocks, long key_blocks, int threads,
                         float scale, std::vector<float>& delta, const std::vector<scalar_t>& grad_out,
@@ -37,11 +38,13 @@ static void run_kernels(Geometry& geo, bool tensor_cores, long query_blocks, lon
     emulated_launch(query_blocks, block_threads, [&] { forward(geo, scale); });
     const long rows = batch * tokens;
     delta.assign(batch * heads * tokens, NAN);
-    emulated_launch((rows + attention::kDeltaWarps - 1) / attention::kDeltaWarps,
-                    attention::kDeltaWarps * warp::kSize, [&] {
-                      attention::attention_delta_kernel(grad_out.data(), out.data(), delta.data(), rows, tokens,
-                                                        heads, chans / heads);
-                    });
+    if (!geo.delta_in_dq) {
+      emulated_launch((rows + attention::kDeltaWarps - 1) / attention::kDeltaWarps,
+                      attention::kDeltaWarps * warp::kSize, [&] {
+                        attention::attention_delta_kernel(grad_out.data(), out.data(), delta.data(), rows, tokens,
+                                                          heads, chans / heads);
+                      });
+    }
     geo.delta = delta.data();
     emulated_launch(query_blocks, block_threads, [&] { dq(geo, scale); });
     emulated_launch(key_blocks, block_threads, [&] { dkdv(geo, scale); });
@@ -101,6 +104,7 @@ static void lsa_kernels(const LsaCase& c, bool tensor_cores, std::vector<scalar_
   geo.stride_n = 3 * c.chans;
   geo.stride_c = 1;
   geo.mask_padding = c.mask;
+  geo.set_delta_source(tensor_cores);
   const long blocks = geo.blocks(c.batch);
   auto out = nans<scalar_t>(c.batch * tokens * c.chans), grad_qkv = nans<scalar_t>(c.batch * tokens * 3 * c.chans);
   auto lse = nans<float>(c.batch * c.heads * tokens);

@@ -337,26 +337,38 @@ def _program_window(HEADS, WINDOWS, WINDOWS_W, WS: tl.constexpr):
 
 @triton.jit
 def _query_block(qkv_b, out_b, grad_out_b, lse_bh, slots, y0, x0, q_chans, d_mask, H, W, C,
-                 stride_n, stride_c, stride_gn, stride_gc, WS: tl.constexpr, ACC: tl.constexpr):
-    """What the backward needs of a block of query slots: tokens, inside, q, dO, lse and
-    delta = rowsum(dO * O); zeros for slots outside the map (cropped queries)."""
+                 stride_n, stride_c, stride_gn, stride_gc, WS: tl.constexpr, ACC: tl.constexpr,
+                 DELTA_FROM_OUT: tl.constexpr):
+    """What the backward needs of a block of query slots: tokens, inside, q, dO, lse and, with
+    DELTA_FROM_OUT, delta = rowsum(dO * O) (else zeros: ``_probs_and_grad_scores`` computes it); zeros
+    for slots outside the map (cropped queries)."""
     tokens, _, inside = _window_slots(slots, y0, x0, H, W, WS)
     q = _load_rows(qkv_b, tokens, inside, q_chans, d_mask, stride_n, stride_c)
     grad = _load_rows(grad_out_b, tokens, inside, q_chans, d_mask, stride_gn, stride_gc).to(q.dtype)
-    out = _load_rows(out_b, tokens, inside, q_chans, d_mask, C, 1)
-    delta = tl.sum(grad.to(ACC) * out.to(ACC), axis=1)
+    if DELTA_FROM_OUT:
+        out = _load_rows(out_b, tokens, inside, q_chans, d_mask, C, 1)
+        delta = tl.sum(grad.to(ACC) * out.to(ACC), axis=1)
+    else:
+        delta = tl.zeros(slots.shape, dtype=ACC)
     lse = tl.load(lse_bh + tokens, mask=inside, other=0.0)
     return tokens, inside, q, grad, lse, delta
 
 
 @triton.jit
 def _probs_and_grad_scores(q, k, v, grad, lse, delta, q_inside, k_valid, scale,
-                           ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """P (recomputed from the log-sum-exp) and dS = P * (dO V^T - delta) of a query block x key block;
-    zero for cropped queries and excluded keys."""
+                           ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DELTA_FROM_OUT: tl.constexpr):
+    """P (recomputed from the log-sum-exp) and dS = P * (dP - delta), dP = dO V^T, of a query block x
+    key block; zero for cropped queries and excluded keys. Without DELTA_FROM_OUT the key block is the
+    whole window and delta = rowsum(P * dP), in ACC: the same value as rowsum(dO * O) (O = P V), without
+    the rounding of O to a 16-bit dtype. That rounding is the backward's largest error where P spreads
+    over near-identical keys, as the padded keys of timm's zero mode are (all the qkv bias): dP - delta
+    cancels there, and dQ = dS K came out up to 1.8e-2 off in bf16 on a 4 x 1 map with ws 6, against
+    6e-3 now (NOTES 33)."""
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * scale
     probs = tl.where(q_inside[:, None] & k_valid[None, :], tl.exp(scores - lse[:, None]), 0.0)
     grad_probs = tl.dot(grad, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC)
+    if not DELTA_FROM_OUT:
+        delta = tl.sum(probs * grad_probs, axis=1)
     return probs, probs * (grad_probs - delta[:, None])
 
 
@@ -420,7 +432,8 @@ def lsa_backward_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of BLOCK_K key slots (block program_id(1)) of one window and head, over all its query
-    blocks; with WITH_DQ (the window is this one key block) also dQ of every query block. With
+    blocks; with WITH_DQ (the window is this one key block) also dQ of every query block, and delta
+    from the probabilities rather than from O (which it then does not read). With
     HAS_PADDED_KEYS, the padded keys' dK, dV sums go to this program's slot of pad_grad_ptr."""
     b, h, y0, x0 = _program_window(HEADS, WINDOWS, WINDOWS_W, WS)
     tokens_per_image = H * W
@@ -448,9 +461,9 @@ def lsa_backward_kernel(
         q_slots = q_start + tl.arange(0, BLOCK_Q)
         q_tokens, q_inside, q, grad, lse, delta = _query_block(
             qkv_b, out_b, grad_out_b, lse_bh, q_slots, y0, x0, q_chans, d_mask, H, W, C,
-            stride_n, stride_c, stride_gn, stride_gc, WS, ACC)
+            stride_n, stride_c, stride_gn, stride_gc, WS, ACC, not WITH_DQ)
         probs, grad_scores = _probs_and_grad_scores(q, k, v, grad, lse, delta, q_inside, k_valid, scale,
-                                                    ACC, DOT_PRECISION)
+                                                    ACC, DOT_PRECISION, not WITH_DQ)
         grad_v += tl.dot(tl.trans(probs.to(q.dtype)), grad, input_precision=DOT_PRECISION, out_dtype=ACC)
         grad_k += tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=DOT_PRECISION, out_dtype=ACC)
         if WITH_DQ:
@@ -494,7 +507,7 @@ def lsa_backward_dq_kernel(
     q_tokens, q_inside, q, grad, lse, delta = _query_block(
         qkv_b, out_ptr + b * tokens_per_image * C, grad_out_ptr + b * stride_gb,
         lse_ptr + (b * HEADS + h) * tokens_per_image, q_slots, y0, x0, q_chans, d_mask, H, W, C,
-        stride_n, stride_c, stride_gn, stride_gc, WS, ACC)
+        stride_n, stride_c, stride_gn, stride_gc, WS, ACC, True)
 
     grad_q = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
     for k_start in range(0, SLOTS, BLOCK_K):
@@ -505,7 +518,7 @@ def lsa_backward_dq_kernel(
         v = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, 2 * C + q_chans, d_mask, stride_n, stride_c,
                        PAD_WITH_BIAS)
         _, grad_scores = _probs_and_grad_scores(q, k, v, grad, lse, delta, q_inside, k_valid, scale,
-                                                ACC, DOT_PRECISION)
+                                                ACC, DOT_PRECISION, True)
         grad_q += tl.dot(grad_scores.to(k.dtype), k, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     tl.store(grad_qkv_ptr + (b * tokens_per_image + q_tokens)[:, None] * 3 * C + q_chans[None, :],
