@@ -22,7 +22,8 @@ struct GsaGeometry {
   scalar_t* out;             // (B, N, C)
   float* lse;                // (B, heads, N)
   float* delta;              // (B, heads, N)
-  // a query block's keys span several tiles: delta comes from out (attention_delta_kernel)
+  // delta comes from out (attention_delta_kernel): GSA's keys are distinct sub-sampled tokens, not the
+  // identical padded keys that make O's rounding matter in LSA (see mma_attention_dq_kernel)
   static constexpr bool delta_in_dq = false;
   const scalar_t* grad_out;  // (B, N, C) contiguous
   scalar_t* grad_q;          // (B, N, C)

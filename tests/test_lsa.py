@@ -159,6 +159,9 @@ def test_backward_on_windows_of_mostly_padded_keys(backend, pad_mode, dtype):
     Eight fresh inputs, each within the tolerance."""
     if backend == "cuda":
         skip_unless_available("cuda")
+        if torch.ops.twins_kernels_cuda.device_code_version(torch.cuda.current_device()) < 80:
+            pytest.skip("this build's code for the GPU predates compute capability 8.0: the scalar kernels "
+                        "run 16-bit inputs, their delta taken from out (csrc/lsa_geometry.cuh)")
     for _ in range(8):
         qkv = make_tokens(1, 2, 1, 48, dtype, KERNEL_DEVICE).requires_grad_()  # head_dim 16
         bias = torch.randn(48, device=KERNEL_DEVICE).to(dtype).requires_grad_()

@@ -127,21 +127,47 @@ def test_eager_calls_compute_what_the_custom_ops_compute(kind):
         assert torch.equal(a, b)
 
 
-def test_eager_calls_skip_the_dispatcher_and_tracers_do_not():
-    """In eager mode a call builds the op's own autograd node; with the profiler on (which names the
-    ops it sees), under torch.func.vmap and on meta tensors (the fake implementation) the custom op runs."""
+def test_eager_calls_skip_the_dispatcher_and_tracers_do_not(monkeypatch):
+    """A plain eager forward and backward call no custom op. The custom ops run where something must see
+    them: a backward that builds a graph (create_graph=True: its own backward must raise, naming the op),
+    the profiler (which names the ops it sees), a torch function mode (a default device), torch.func.vmap
+    and meta tensors (the fake implementation)."""
     from twins_kernels.ops import peg
 
+    called = []
+    call = type(peg_forward_op).__call__
+
+    def noting_call(op, *args, **kwargs):
+        called.append(op)
+        return call(op, *args, **kwargs)
+
+    monkeypatch.setattr(type(peg_forward_op), "__call__", noting_call)
     x, weight = torch.randn(3, 20, 16, requires_grad=True), torch.randn(16, 1, 3, 3)
-    assert peg(x, weight, size=(4, 5)).grad_fn.name() == "peg_forwardBackward"
+
+    def calls(run):
+        called.clear()
+        run()
+        return called[:]
+
+    assert calls(lambda: peg(x, weight, size=(4, 5)).sum().backward()) == []
+    assert calls(lambda: torch.autograd.grad(peg(x, weight, size=(4, 5)).square().sum(), x,
+                                             create_graph=True)) == [peg_backward_op]
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         peg(x, weight, size=(4, 5)).sum().backward()
-    names = {event.name for event in profile.events()}
-    assert {"twins_kernels::peg_forward", "twins_kernels::peg_backward"} <= names
+    assert {"twins_kernels::peg_forward", "twins_kernels::peg_backward"} <= {event.name for event in profile.events()}
 
-    batched = torch.func.vmap(lambda t: peg(t, weight, size=(4, 5)))(x.detach().unsqueeze(1))
-    torch.testing.assert_close(batched.squeeze(1), peg(x.detach(), weight, size=(4, 5)))
+    with torch.device("cpu"):
+        assert calls(lambda: peg(x, weight, size=(4, 5))) == [peg_forward_op]
 
-    meta = peg(x.detach().to("meta"), weight.to("meta"), size=(4, 5))
-    assert meta.device.type == "meta" and meta.shape == x.shape
+    def batched():
+        out = torch.func.vmap(lambda t: peg(t, weight, size=(4, 5)))(x.detach().unsqueeze(1))
+        torch.testing.assert_close(out.squeeze(1), peg(x.detach(), weight, size=(4, 5)))
+
+    assert calls(batched)[0] is peg_forward_op
+
+    def on_meta():
+        out = peg(x.detach().to("meta"), weight.to("meta"), size=(4, 5))
+        assert out.device.type == "meta" and out.shape == x.shape
+
+    assert calls(on_meta) == [peg_forward_op]

@@ -195,10 +195,13 @@ def needs_dispatcher(args) -> bool:
     dispatch mode (FakeTensorMode, FlopCounterMode, ``with torch.device(...)``); with the profiler on,
     so that profiles name the op; and on tensors other than plain CPU and CUDA ones (fake, functional or
     meta tensors, subclasses), which only the dispatcher routes to the op's fake implementation or to
-    the subclass."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None
-            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0):
+    the subclass. A torch without one of the private checks used here takes the dispatcher always."""
+    try:
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled()
+                or torch._C._functorch.peek_interpreter_stack() is not None
+                or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0):
+            return True
+    except AttributeError:
         return True
     return any(isinstance(a, torch.Tensor)
                and (type(a) not in _PLAIN_TENSOR_TYPES or a.device.type not in ("cpu", "cuda")) for a in args)

@@ -22,7 +22,8 @@ window of 16 x 16 = 256 slots never holds a 256 x 256 score tile. It saves the l
 (batch, head, query): O(N * heads), never the ws^4 scores. Accumulation is fp32 (fp64 for float64
 inputs, which gradcheck uses); fp32 dots use ``input_precision="ieee"`` (no tf32).
 
-Backward recomputes the probabilities from the log-sum-exp, with delta = rowsum(dO * O):
+Backward recomputes the probabilities from the log-sum-exp, with delta = rowsum(dO * O), or, where the
+window is one key block, rowsum(P * dO V^T) (the same value without O's rounding; O is not read):
   dV = P^T dO,  dS = P * (dO V^T - delta),  dQ = scale * dS K,  dK = scale * dS^T Q,
 written straight into a (B, N, 3C) gradient (each real token's q, k and v slice has exactly one writer:
 no zero fill, no atomics). One program per (batch, window, head) and block of key slots loops over the
