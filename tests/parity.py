@@ -6,11 +6,12 @@ from collections.abc import Callable
 import torch
 from torch._dynamo.utils import counters
 
+from twins_kernels.ops import poisoned_outputs
 from twins_kernels.testing import DTYPE_IDS, TOLERANCE, make_tokens, module_parity_errors, rel_err
 
 __all__ = [
     "DTYPE_IDS", "TOLERANCE", "assert_rel_close", "check_compiled_matches_eager", "check_module_parity",
-    "make_tokens", "rel_err",
+    "check_op_against_reference", "make_tokens", "rel_err",
 ]
 
 
@@ -19,6 +20,29 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     tol = TOLERANCE[dtype]
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e} ({DTYPE_IDS[dtype]})"
     return err
+
+
+def check_op_against_reference(op, reference, inputs, dtype, zero_grad_inputs=()):
+    """Run ``op`` on ``inputs`` (in dtype) and ``reference`` on float64 copies; compare the output and
+    every input's gradient by relative error. The op's outputs are poisoned before it runs.
+    ``zero_grad_inputs``: inputs whose gradient is analytically zero (both sides are rounding noise,
+    so a relative error means nothing): their gradient must be tiny next to the output gradient."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    expected = reference(*inputs64)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    with poisoned_outputs():
+        out = op(*inputs)
+        out.backward(grad.to(dtype))
+    assert rel_err(out, expected) <= TOLERANCE[dtype], "output"
+    for index, (actual, reference_input) in enumerate(zip(inputs, inputs64)):
+        if index in zero_grad_inputs:
+            assert actual.grad.double().norm() <= TOLERANCE[dtype] * grad.norm(), f"gradient of input {index}"
+        else:
+            # None: the reference did not use the input (lsa_reference's bias on a map with no padding)
+            expected_grad = torch.zeros_like(reference_input) if reference_input.grad is None else reference_input.grad
+            assert rel_err(actual.grad, expected_grad) <= TOLERANCE[dtype], f"gradient of input {index}"
 
 
 def strided_with_nans(t: torch.Tensor) -> torch.Tensor:

@@ -26,35 +26,12 @@ from twins_kernels.testing import ieee_fp32, module_parity_errors
 
 from conftest import (HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, SHALLOW, SMALL_FUSED_KINDS, large_gpu_memory,
                       requires_gpu, skip_unless_available, small_fused_module)
-from parity import TOLERANCE, make_tokens, rel_err
+from parity import TOLERANCE, check_op_against_reference, make_tokens, rel_err
 
 # CPU examples run in the Triton interpreter: keep the budget to seconds per property
 FUZZ = settings(max_examples=60 if HAS_GPU else 10, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 FUZZ_BACKENDS = ["triton"] + (["cuda"] if HAS_GPU and twins_kernels.cuda_extension_built() else [])
-
-
-def check_op_against_reference(op, reference, inputs, dtype, zero_grad_inputs=()):
-    """Run ``op`` on ``inputs`` (in dtype) and ``reference`` on float64 copies; compare the output and
-    every input's gradient by relative error. The op's outputs are poisoned before it runs.
-    ``zero_grad_inputs``: inputs whose gradient is analytically zero (both sides are rounding noise,
-    so a relative error means nothing): their gradient must be tiny next to the output gradient."""
-    inputs = [t.detach().requires_grad_() for t in inputs]
-    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
-    expected = reference(*inputs64)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    with twins_kernels.ops.poisoned_outputs():
-        out = op(*inputs)
-        out.backward(grad.to(dtype))
-    assert rel_err(out, expected) <= TOLERANCE[dtype], "output"
-    for index, (actual, reference_input) in enumerate(zip(inputs, inputs64)):
-        if index in zero_grad_inputs:
-            assert actual.grad.double().norm() <= TOLERANCE[dtype] * grad.norm(), f"gradient of input {index}"
-        else:
-            # None: the reference did not use the input (lsa_reference's bias on a map with no padding)
-            expected_grad = torch.zeros_like(reference_input) if reference_input.grad is None else reference_input.grad
-            assert rel_err(actual.grad, expected_grad) <= TOLERANCE[dtype], f"gradient of input {index}"
 
 
 @FUZZ
