@@ -26,11 +26,14 @@ def check_op_against_reference(op, reference, inputs, dtype, zero_grad_inputs=()
     """Run ``op`` on ``inputs`` (in dtype) and ``reference`` on float64 copies; compare the output and
     every input's gradient by relative error. The op's outputs are poisoned before it runs.
     ``zero_grad_inputs``: inputs whose gradient is analytically zero (both sides are rounding noise,
-    so a relative error means nothing): their gradient must be tiny next to the output gradient."""
+    so a relative error means nothing): their gradient must be tiny next to the output gradient.
+    The reference's output gradient is the op's, rounded to dtype as the inputs are: what is measured is
+    the op's error, not the rounding of its arguments (a bias gradient sums the output gradient, and
+    where the sum cancels, the rounding of its terms alone can exceed the tolerance)."""
     inputs = [t.detach().requires_grad_() for t in inputs]
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
     expected = reference(*inputs64)
-    grad = torch.randn_like(expected)
+    grad = torch.randn_like(expected).to(dtype).double()
     expected.backward(grad)
     with poisoned_outputs():
         out = op(*inputs)

@@ -101,7 +101,7 @@ def test_attention_reads_strided_q_and_kv(dtype):
     out = gsa_attention(q, kv, heads, backend="triton")
     q_ref, kv_ref = q.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
     out_ref = gsa_attention_reference(q_ref, kv_ref, heads)
-    grad = torch.randn_like(out_ref)
+    grad = torch.randn_like(out_ref).to(dtype).double()
     out.backward(grad.to(dtype))
     out_ref.backward(grad)
     assert_rel_close(out, out_ref, dtype, "out")
