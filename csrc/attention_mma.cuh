@@ -49,6 +49,15 @@ inline int mma_dq_key_tile(int head_dim) {
   return keys;
 }
 
+// A geometry's delta_in_dq: whether the tensor-core dq kernel (which runs 16-bit inputs only) computes the
+// backward's delta from the probabilities, where the `keys` each query sees are one of its key tiles (every
+// Twins window, and GSA's M = 49 sub-sampled keys at 224 x 224, at head_dim <= 64); else attention_delta_kernel
+// takes it from out (see mma_attention_dq_kernel).
+template <typename scalar_t>
+bool dq_computes_delta(bool tensor_cores, int64_t keys, int head_dim) {
+  return tensor_cores && kTensorCoreDtype<scalar_t> && keys <= mma_dq_key_tile(head_dim);
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -379,10 +388,11 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
 // ---------------------------------------------------------------------------------------------
 // dq = scale * sum_j dS_ij k_j with dS_ij = P_ij (dP_ij - D_i), P_ij = exp(s_ij - lse_i),
 // dP_ij = dO_i . v_j, D_i = dO_i . O_i (precomputed, fp32). With geo.delta_in_dq the block's keys are
-// one tile (an LSA window) and D_i = sum_j P_ij dP_ij of that tile instead, in fp32, written for dk/dv:
-// the same value, without the rounding of O to 16 bits, which is the backward's largest error where P
-// spreads over near-identical keys (the padded keys of timm's zero mode all hold the qkv bias): there
-// dP - D cancels (benchmarks/NOTES.md, 33).
+// one tile (an LSA window, GSA's sub-sampled keys) and D_i = sum_j P_ij dP_ij of that tile instead, in
+// fp32, written for dk/dv: the same value, without the rounding of O to 16 bits, which is the backward's
+// largest error wherever dP_ij - D_i cancels: P spread over near-identical keys (the padded keys of timm's
+// zero mode all hold the qkv bias), or over few keys whose dP nearly agree (with two,
+// dS_i1 = P_i1 P_i2 (dP_i1 - dP_i2)) (benchmarks/NOTES.md, 33 and 34).
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t, int kHeadDim, typename Geometry>
 __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)

@@ -27,6 +27,7 @@ GsaGeometry<scalar_t> make_geometry(const at::Tensor& q, const at::Tensor& kv, i
   geo.kv_stride_b = kv.stride(0);
   geo.kv_stride_m = kv.stride(1);
   geo.kv_stride_c = kv.stride(2);
+  geo.set_delta_source(tensor_cores);
   return geo;
 }
 
@@ -85,14 +86,16 @@ std::tuple<at::Tensor, at::Tensor> gsa_attention_backward(const at::Tensor& grad
   auto grad_kv = empty_output(kv.sizes(), kv.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad_q.numel() == 0) return {grad_q, grad_kv.zero_()};
   const auto grad = grad_out.to(q.scalar_type()).contiguous();
-  const auto out_c = out.to(q.scalar_type()).contiguous();
   auto delta = empty_output({q.size(0), num_heads, q.size(1)}, q.options().dtype(at::kFloat));
   const auto lse_c = lse.contiguous();
   const bool tensor_cores = attention::use_tensor_cores(q);
   at::Tensor grad_kv_partial;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gsa_attention_backward", [&] {
     auto geo = make_geometry<scalar_t>(q, kv, num_heads, tensor_cores);
-    attention::launch_delta<scalar_t>(grad, out_c, delta, c10::cuda::getCurrentCUDAStream());
+    if (!geo.delta_in_dq) {
+      attention::launch_delta<scalar_t>(grad, out.to(q.scalar_type()).contiguous(), delta,
+                                        c10::cuda::getCurrentCUDAStream());
+    }
     geo.lse = const_cast<float*>(lse_c.data_ptr<float>());
     geo.delta = delta.data_ptr<float>();
     geo.grad_out = grad.data_ptr<scalar_t>();

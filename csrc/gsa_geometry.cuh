@@ -3,7 +3,7 @@
 // host set-up only, so the CPU emulation test builds it with g++.
 #pragma once
 
-#include "attention.cuh"
+#include "attention_mma.cuh"
 
 namespace twins_kernels {
 
@@ -22,9 +22,7 @@ struct GsaGeometry {
   scalar_t* out;             // (B, N, C)
   float* lse;                // (B, heads, N)
   float* delta;              // (B, heads, N)
-  // delta comes from out (attention_delta_kernel): GSA's keys are distinct sub-sampled tokens, not the
-  // identical padded keys that make O's rounding matter in LSA (see mma_attention_dq_kernel)
-  static constexpr bool delta_in_dq = false;
+  bool delta_in_dq;          // the tensor-core dq kernel computes delta (set_delta_source)
   const scalar_t* grad_out;  // (B, N, C) contiguous
   scalar_t* grad_q;          // (B, N, C)
   scalar_t* grad_kv;         // (B, M, 2C), or, when a key block's queries are split:
@@ -48,6 +46,11 @@ struct GsaGeometry {
     key_tiles = (m + rows - 1) / rows;
     query_splits = 1;
     queries_per_split = n;
+  }
+  // Where the backward's delta comes from (attention::dq_computes_delta): a query sees all M keys, one dq
+  // key tile up to 64 at head_dim <= 64.
+  __host__ void set_delta_source(bool tensor_cores) {
+    delta_in_dq = attention::dq_computes_delta<scalar_t>(tensor_cores, keys, head_dim);
   }
   // Splits each key block's loop over the queries into about `splits` parts, of a multiple of
   // `granularity` queries (the last may be shorter); dk, dv then go to grad_kv_partial.

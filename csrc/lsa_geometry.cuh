@@ -46,13 +46,10 @@ struct LsaGeometry {
     block_rows = rows;
     slot_tiles = (ws * ws + rows - 1) / rows;
   }
-  // Where the backward's delta comes from: with the tensor-core kernels (which run 16-bit inputs only),
-  // where a window's slots are one dq key tile (ws <= 8 at head_dim <= 64: every Twins window), the dq
-  // kernel computes it from the probabilities (see there) and attention_delta_kernel does not run; else
-  // from out.
+  // Where the backward's delta comes from (attention::dq_computes_delta): a query's keys are its window's
+  // ws * ws slots, one dq key tile for ws <= 8 at head_dim <= 64.
   __host__ void set_delta_source(bool tensor_cores) {
-    delta_in_dq = tensor_cores && attention::kTensorCoreDtype<scalar_t> &&
-                  ws * ws <= attention::mma_dq_key_tile(head_dim);
+    delta_in_dq = attention::dq_computes_delta<scalar_t>(tensor_cores, ws * ws, head_dim);
   }
   // (window, head) pairs of a batch of `batch` images, and thread blocks for them
   __host__ int64_t window_heads(int64_t batch) const {

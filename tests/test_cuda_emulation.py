@@ -159,6 +159,7 @@ LSA_SHAPES = {
 }
 # (batch, tokens, keys, heads, head_dim, query_splits); query_splits: key blocks sharing a key tile's
 # queries (gsa.cu picks it from the GPU's SM count)
+NEAR_IDENTICAL_VALUES = "N16-M2-near-identical-values"
 GSA_SHAPES = {
     "N150-M40": (2, 150, 40, 2, 32, 1),  # several query blocks, keys past one staging tile
     "N150-M40-2-splits": (2, 150, 40, 2, 32, 2),  # splits of 128 and 22 queries
@@ -167,6 +168,8 @@ GSA_SHAPES = {
     "hd128": (1, 33, 7, 2, 128, 1),  # the mma dk/dv kernel's 16-query tiles (3 of them)
     "hd128-M40": (1, 20, 40, 1, 128, 1),  # the mma forward's 32-key tiles (2 of them) and dq's 16-key ones (3)
     "hd36-unaligned": (1, 70, 9, 1, 36, 1),  # rows of 36 (q) and 72 (kv) values
+    # values 1% apart: dP - delta cancels, so delta must come from P dP, not the 16-bit out (mma dq)
+    NEAR_IDENTICAL_VALUES: (1, 16, 2, 1, 16, 1),
 }
 # (batch, height, width, chans)
 PEG_SHAPES = {
@@ -174,6 +177,10 @@ PEG_SHAPES = {
     "1x9-C300-two-blocks": (1, 1, 9, 300),
     "W1": (3, 4, 1, 33),  # rows of 33 channels: one channel a thread
 }
+
+
+SCALAR_DELTA_FROM_OUT = ("the scalar kernels take delta from out, 16-bit where they run 16-bit inputs: only code "
+                         "built for GPUs before compute capability 8.0 runs them so (attention_launch.cuh)")
 
 
 def shapes(table):
@@ -222,6 +229,8 @@ def check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=False):
     chans = heads * head_dim
     q = randn(batch, tokens, chans, dtype=dtype)
     kv = randn(batch, keys, 2 * chans, dtype=dtype)
+    if shape == GSA_SHAPES[NEAR_IDENTICAL_VALUES]:
+        kv[..., chans:] = (torch.randn(batch, 1, chans) + 0.01 * torch.randn(batch, keys, chans)).to(dtype).float()
     grad_out = randn(batch, tokens, chans, dtype=dtype)
     scale = head_dim ** -0.5
     out, lse, grad_q, grad_kv = run_harness(
@@ -269,14 +278,18 @@ def check_peg(peg_harness, tmp_path, shape, dtype, both_orders=False):
 @KERNELS_AND_DTYPES
 def test_emulated_lsa_kernels_match_the_reference(harness, tmp_path, shape, pad_mode, kernels, dtype):
     if shape == LSA_SHAPES[MOSTLY_PADDED] and kernels == "scalar" and dtype != torch.float32:
-        pytest.skip("the scalar kernels take delta from out, 16-bit where they run 16-bit inputs: only code "
-                    "built for GPUs before compute capability 8.0 runs them so (attention_launch.cuh)")
+        pytest.skip(SCALAR_DELTA_FROM_OUT)
     check_lsa(harness, tmp_path, shape, pad_mode, kernels, dtype, both_orders=True)
 
 
 @shapes(GSA_SHAPES)
 @KERNELS_AND_DTYPES
 def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, shape, kernels, dtype):
+    if shape == GSA_SHAPES[NEAR_IDENTICAL_VALUES] and kernels == "scalar":
+        pytest.skip(SCALAR_DELTA_FROM_OUT if dtype != torch.float32 else
+                    "fp32: the cancellation amplifies the dot products' own fp32 rounding past the 1e-5 tolerance "
+                    "in any fp32 implementation (PyTorch's autograd: 3.2e-5 on such values); the case is about "
+                    "the 16-bit out")
     check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=True)
 
 

@@ -10,7 +10,8 @@ import twins_kernels
 from twins_kernels import FusedLSA
 from twins_kernels.ops import lsa, lsa_reference
 
-from conftest import KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu, skip_unless_available
+from conftest import (KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu, skip_unless_available,
+                      skip_cuda_unless_tensor_cores)
 from parity import (
     DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity, check_op_against_reference,
     make_tokens, rel_err, strided_with_nans,
@@ -157,11 +158,7 @@ def test_backward_on_windows_of_mostly_padded_keys(backend, pad_mode, dtype):
     dP - delta cancels in dS = P (dP - delta), and delta taken from the 16-bit output (rowsum(dO * O))
     put dQ 1.7e-2 (fp16) and 4.5e-2 (bf16) off, past the tolerance; taken from P and dP, 5e-4 and 4e-3.
     Eight fresh inputs, each within the tolerance (in mask mode the bias gradient is zero)."""
-    if backend == "cuda":
-        skip_unless_available("cuda")
-        if torch.ops.twins_kernels_cuda.device_code_version(torch.cuda.current_device()) < 80:
-            pytest.skip("this build's code for the GPU predates compute capability 8.0: the scalar kernels "
-                        "run 16-bit inputs, their delta taken from out (csrc/lsa_geometry.cuh)")
+    skip_cuda_unless_tensor_cores(backend)
     for _ in range(8):
         qkv = make_tokens(1, 2, 1, 48, dtype, KERNEL_DEVICE)  # head_dim 16
         bias = torch.randn(48, device=KERNEL_DEVICE).to(dtype)

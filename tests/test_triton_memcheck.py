@@ -107,18 +107,23 @@ def test_lsa_kernels_have_no_races_or_out_of_bounds_accesses(dtype, pad_mode, ba
 
 
 @DTYPES
-@pytest.mark.parametrize("sr,size", [pytest.param(2, (9, 10), id="sr2-9x10-floored"),
-                                     pytest.param(8, (14, 15), id="sr8-M1"),
-                                     pytest.param(1, (12, 12), id="sr1-split-dkdv")])
-def test_gsa_kernels_have_no_races_or_out_of_bounds_accesses(dtype, sr, size):
+@pytest.mark.parametrize("sr,size,dq_kernel", [pytest.param(2, (9, 10), False, id="sr2-9x10-floored"),
+                                               pytest.param(8, (14, 15), False, id="sr8-M1"),
+                                               pytest.param(1, (12, 12), True, id="sr1-split-dkdv")])
+def test_gsa_kernels_have_no_races_or_out_of_bounds_accesses(dtype, sr, size, dq_kernel):
+    """dq_kernel: the keys are more than one block (M = 144), so dq has its own kernel; else the dk/dv
+    kernel computes it."""
     module = FusedGSA(64, num_heads=1, sr_ratio=sr, backend="triton").to(dtype)
     with record_accesses() as report:
         run_module(module, torch.randn(1, size[0] * size[1], 64, dtype=dtype), size)
-    expected = {"gsa_attention_forward_kernel", "gsa_attention_dq_kernel", "gsa_attention_dkdv_kernel"}
+    expected = {"gsa_attention_forward_kernel", "gsa_attention_dkdv_kernel"}
+    if dq_kernel:
+        expected.add("gsa_attention_dq_kernel")
     if sr > 1:
         expected |= {"gsa_subsample_forward_kernel", "gsa_subsample_norm_backward_kernel",
                      "gsa_subsample_weight_grad_kernel", "gsa_subsample_input_grad_kernel"}
     assert_no_hazards(report, expected)
+    assert ("gsa_attention_dq_kernel" in report.launches) == dq_kernel
 
 
 @DTYPES

@@ -162,6 +162,7 @@ static void gsa_kernels(const GsaCase& c, bool tensor_cores, std::vector<scalar_
   geo.kv_stride_b = c.keys * 2 * c.chans;
   geo.kv_stride_m = 2 * c.chans;
   geo.kv_stride_c = 1;
+  geo.set_delta_source(tensor_cores);
   auto out = nans<scalar_t>(c.batch * c.tokens * c.chans), grad_q = nans<scalar_t>(c.batch * c.tokens * c.chans);
   auto grad_kv = nans<scalar_t>(c.batch * c.keys * 2 * c.chans);
   auto lse = nans<float>(c.batch * c.heads * c.tokens);

@@ -327,17 +327,20 @@ def gsa_attention_dq_kernel(
 
 @triton.jit
 def gsa_attention_dkdv_kernel(
-    q_ptr, kv_ptr, grad_out_ptr, lse_ptr, scale_ptr, delta_ptr, grad_kv_ptr,
+    q_ptr, kv_ptr, grad_out_ptr, lse_ptr, scale_ptr, delta_ptr, grad_q_ptr, grad_kv_ptr,
     N, M, C, HEADS, HEAD_DIM, QUERIES_PER_SPLIT,
     stride_qb, stride_qn, stride_qc,
     stride_kvb, stride_kvm, stride_kvc,
     stride_gb, stride_gn, stride_gc,
     stride_split, stride_ob, stride_om,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WITH_DQ: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk, dv of one key block and head, summed over the queries of split ``program_id(1)``;
-    written to grad_kv_ptr[split] (a (B, M, 2C) slice, channel stride 1)."""
+    written to grad_kv_ptr[split] (a (B, M, 2C) slice, channel stride 1). With WITH_DQ (all M keys are
+    this one block) also dq of the split's queries, and delta = rowsum(P * dP) from the probabilities
+    (delta_ptr is not read): the whole backward in one pass over q and dO, where the dq kernel and this
+    one read both (and the dq kernel O) each."""
     block, b, h = _block_batch_head(M, BLOCK_N, HEADS)
     split = tl.program_id(1)
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -367,13 +370,20 @@ def gsa_attention_dkdv_kernel(
                          mask=dm_mask, other=0.0).to(q_t.dtype)
         row = (b * HEADS + h) * N + offs_m
         lse = tl.load(lse_ptr + row, mask=m_mask, other=0.0)
-        delta = tl.load(delta_ptr + row, mask=m_mask, other=0.0)
         scores_t = tl.dot(k, q_t, input_precision=DOT_PRECISION, out_dtype=ACC) * scale
-        probs_t = tl.where(m_mask[None, :], tl.exp(scores_t - lse[None, :]), 0.0)
+        probs_t = tl.where(n_mask[:, None] & m_mask[None, :], tl.exp(scores_t - lse[None, :]), 0.0)
         grad_v += tl.dot(probs_t.to(q_t.dtype), tl.trans(grad_t), input_precision=DOT_PRECISION, out_dtype=ACC)
         grad_probs_t = tl.dot(v, grad_t, input_precision=DOT_PRECISION, out_dtype=ACC)
-        grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
-        grad_k += tl.dot(grad_scores_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION, out_dtype=ACC)
+        if WITH_DQ:
+            delta = tl.sum(probs_t * grad_probs_t, axis=0)
+        else:
+            delta = tl.load(delta_ptr + row, mask=m_mask, other=0.0)
+        grad_scores_t = (probs_t * (grad_probs_t - delta[None, :])).to(q_t.dtype)
+        grad_k += tl.dot(grad_scores_t, tl.trans(q_t), input_precision=DOT_PRECISION, out_dtype=ACC)
+        if WITH_DQ:
+            grad_q = tl.dot(tl.trans(grad_scores_t), k, input_precision=DOT_PRECISION, out_dtype=ACC) * scale
+            tl.store(grad_q_ptr + (b * N + offs_m)[:, None] * C + head_chans[None, :],
+                     grad_q.to(grad_q_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
     out_rows = (grad_kv_ptr + split.to(tl.int64) * stride_split + b * stride_ob
                 + offs_n[:, None].to(tl.int64) * stride_om)
@@ -611,13 +621,16 @@ def attention_tiles(dtype: torch.dtype, head_dim: int, tokens: int, keys: int, b
     """H100 tiles. 16-bit forward: 128 queries x 64 keys, the flash-attention sweet spot for tensor
     cores (4 warps up to head_dim 64, 8 at 128 where the accumulator doubles; 3 stages to pipeline the
     k/v loads, 2 at head_dim 128 for shared memory). Backward kernels hold k, v (or q, dO) and two
-    accumulators, so 64 x 64. fp32 and fp64 (ieee precision) run on the FMA units, whose operands
-    live in registers (``fma_rows``, ``fma_warps``): 32 keys a block; the forward's queries 64 up to
-    head_dim 32, the backward's 32 up to 64, each halved each time head_dim doubles past that."""
+    accumulators, so 64 x 64; where the M keys are one block, the dk/dv kernel computes dq as well and
+    takes 32 queries a step (at 64, ptxas spilled 152 bytes a thread for sm_80 at head_dim 64, and
+    sm_90 held 8 to 12 warps an SM against 12 to 20 at 32; tests/triton_aot.py). fp32 and fp64 (ieee
+    precision) run on the FMA units, whose operands live in registers (``fma_rows``, ``fma_warps``):
+    32 keys a block; the forward's queries 64 up to head_dim 32, the backward's 32 up to 64, each
+    halved each time head_dim doubles past that."""
     wide = head_dim > 64
     if dtype in (torch.float16, torch.bfloat16):
         if backward:
-            tiles = AttentionTiles(64, 64, 8 if wide else 4, 2)
+            tiles = AttentionTiles(32 if keys <= 64 else 64, 64, 8 if wide else 4, 2)
         else:
             tiles = AttentionTiles(128, 64, 8 if wide else 4, 2 if wide else 3)
     else:
@@ -691,10 +704,12 @@ def gsa_attention_backward_triton(grad_out, q, kv, out, lse, num_heads: int, sca
                   BLOCK_N=tiles.block_n, BLOCK_D=next_pow2(head_dim), num_warps=tiles.num_warps,
                   num_stages=tiles.num_stages)
 
-    delta = empty_output((batch, num_heads, tokens), q, dtype=acc)
     grad_q = empty_output((batch, tokens, chans), q)
     query_blocks = triton.cdiv(tokens, tiles.block_m)
     key_blocks = triton.cdiv(keys, tiles.block_n)
+    with_dq = key_blocks == 1  # the dk/dv kernel computes dq and delta too
+    # delta = rowsum(dO * O), from the dq kernel for the dk/dv kernel; lse stands in, unread, with_dq
+    delta = lse if with_dq else empty_output((batch, num_heads, tokens), q, dtype=acc)
     if query_splits is None:
         query_splits = _dkdv_query_splits(batch * num_heads * key_blocks, query_blocks, q.device)
     queries_per_split = triton.cdiv(query_blocks, query_splits) * tiles.block_m
@@ -707,15 +722,16 @@ def gsa_attention_backward_triton(grad_out, q, kv, out, lse, num_heads: int, sca
         stride_split = target.stride(0)
 
     with launch_device(q):
-        # dq first: it also computes delta, which the dk/dv kernel reads
-        gsa_attention_dq_kernel[(query_blocks * batch * num_heads,)](
-            q, kv, out, grad_out, lse, scale_t, delta, grad_q, tokens, keys, chans, num_heads, head_dim,
-            *q.stride(), *kv.stride(), *grad_out.stride(), **common,
-        )
+        if not with_dq:
+            # dq first: it also computes delta, which the dk/dv kernel reads
+            gsa_attention_dq_kernel[(query_blocks * batch * num_heads,)](
+                q, kv, out, grad_out, lse, scale_t, delta, grad_q, tokens, keys, chans, num_heads, head_dim,
+                *q.stride(), *kv.stride(), *grad_out.stride(), **common,
+            )
         gsa_attention_dkdv_kernel[(key_blocks * batch * num_heads, query_splits)](
-            q, kv, grad_out, lse, scale_t, delta, target, tokens, keys, chans, num_heads, head_dim,
+            q, kv, grad_out, lse, scale_t, delta, grad_q, target, tokens, keys, chans, num_heads, head_dim,
             queries_per_split, *q.stride(), *kv.stride(), *grad_out.stride(),
-            stride_split, keys * 2 * chans, 2 * chans, **common,
+            stride_split, keys * 2 * chans, 2 * chans, WITH_DQ=with_dq, **common,
         )
     if query_splits > 1:
         grad_kv = target.sum(dim=0).to(q.dtype)
