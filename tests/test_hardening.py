@@ -1,4 +1,4 @@
-"""Hardening: fuzzed parity, NaN propagation, 64-bit offsets, distributed training."""
+"""Hardening: fuzzed parity, NaN propagation, 64-bit offsets, activation checkpointing, distributed training."""
 import copy
 import os
 import socket
@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.attention
+import torch.utils.checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from timm.models.twins import PosConv
@@ -149,6 +150,31 @@ def test_empty_batch_gives_empty_output_and_zero_parameter_grads(kind, backend):
     assert out.shape == x.shape and x.grad.shape == x.shape
     for name, param in module.named_parameters():
         assert param.grad is not None and not param.grad.any(), name
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("kind", SMALL_FUSED_KINDS)
+def test_activation_checkpointing_gives_the_plain_gradients(kind, backend, use_reentrant):
+    """torch.utils.checkpoint around a fused module (what mmsegmentation's with_cp does to a block): the
+    forward runs without saving, then again in the backward, and output and gradients are those of a plain
+    run, bit for bit (the kernels are deterministic)."""
+    if backend == "cuda":
+        skip_unless_available("cuda")
+    module = small_fused_module(kind, backend)
+    size = (9, 10)
+    x = torch.randn(2, size[0] * size[1], 32, device=KERNEL_DEVICE, requires_grad=True)
+    grad = torch.randn_like(x)
+    runs = []
+    for checkpointed in (False, True):
+        out = (torch.utils.checkpoint.checkpoint(module, x, size, use_reentrant=use_reentrant) if checkpointed
+               else module(x, size))
+        out.backward(grad)
+        runs.append([out.detach(), x.grad, *(p.grad for p in module.parameters())])
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+    for name, plain, checkpointed in zip(["out", "grad_x", *dict(module.named_parameters())], *runs):
+        assert torch.equal(plain, checkpointed), name
 
 
 def _tokens(chans, height=13, width=17):
