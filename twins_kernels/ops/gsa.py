@@ -614,7 +614,11 @@ class SubsampleTiles:
 # The split dk/dv path aims for this many programs in the interpreter, which has no SMs to count; it is
 # small so that the CPU tests run both the split and the direct path.
 INTERPRETER_TARGET_PROGRAMS = 8
+# Programs an SM the split aims for: 2 beside the dq kernel's (a program per query block); 4 where the
+# dk/dv kernel computes dq too and is the whole backward, as many as sm_90 holds of it at once (12-16
+# warps an SM at 4 warps a program, tests/triton_aot.py)
 SPLIT_PROGRAMS_PER_SM = 2
+WITH_DQ_PROGRAMS_PER_SM = 4
 
 
 def attention_tiles(dtype: torch.dtype, head_dim: int, tokens: int, keys: int, backward: bool) -> AttentionTiles:
@@ -659,11 +663,11 @@ def subsample_tiles(dtype: torch.dtype, chans: int, rows: int) -> SubsampleTiles
     )
 
 
-def _dkdv_query_splits(base_programs: int, query_blocks: int, device: torch.device) -> int:
+def _dkdv_query_splits(base_programs: int, query_blocks: int, device: torch.device, programs_per_sm: int) -> int:
     """How many programs share one key block's query loop: enough to fill the GPU when there are few
     key blocks (M = 49 keys is one block per batch and head)."""
     if device.type == "cuda":
-        target = SPLIT_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        target = programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = INTERPRETER_TARGET_PROGRAMS
     return max(1, min(query_blocks, target // base_programs))
@@ -711,7 +715,8 @@ def gsa_attention_backward_triton(grad_out, q, kv, out, lse, num_heads: int, sca
     # delta = rowsum(dO * O), from the dq kernel for the dk/dv kernel; lse stands in, unread, with_dq
     delta = lse if with_dq else empty_output((batch, num_heads, tokens), q, dtype=acc)
     if query_splits is None:
-        query_splits = _dkdv_query_splits(batch * num_heads * key_blocks, query_blocks, q.device)
+        query_splits = _dkdv_query_splits(batch * num_heads * key_blocks, query_blocks, q.device,
+                                          WITH_DQ_PROGRAMS_PER_SM if with_dq else SPLIT_PROGRAMS_PER_SM)
     queries_per_split = triton.cdiv(query_blocks, query_splits) * tiles.block_m
     query_splits = triton.cdiv(tokens, queries_per_split)
     if query_splits == 1:
