@@ -125,13 +125,16 @@ def test_single_key(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("keys", [2, 49])
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_backward_on_near_identical_values(backend, keys, dtype):
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_backward_on_near_identical_values(backend, keys, dtype, monkeypatch):
     """Values that differ by 1% (v_j = v + 0.01 noise_j): dP_ij = dO_i . v_j nearly agree, dP_ij - delta_i
     cancels in dS = P (dP - delta), and delta taken from the 16-bit output (rowsum(dO * O)) put dq up to
     7.7e-2 (fp16) and 5.1e-1 (bf16) off; taken from P and dP (the keys are one block: M = 49 is every
-    Twins stage at 224 x 224), 3.7e-4 and 3e-3. Eight fresh inputs, each within the tolerance."""
+    Twins stage at 224 x 224), 3.7e-4 and 3e-3. Eight fresh inputs, each within the tolerance. The torch
+    backend as it runs off the CPU (query chunks; on CPU tensors it runs PyTorch's fused CPU attention,
+    which takes delta from the output, as timm does there)."""
     skip_cuda_unless_tensor_cores(backend)
+    monkeypatch.setattr(gsa_module, "fused_cpu_attention", lambda t: False)
     for _ in range(8):
         q = torch.randn(1, 16, 16, device=KERNEL_DEVICE).to(dtype)
         values = torch.randn(1, 1, 16, device=KERNEL_DEVICE) + 0.01 * torch.randn(1, keys, 16, device=KERNEL_DEVICE)
@@ -140,10 +143,13 @@ def test_backward_on_near_identical_values(backend, keys, dtype):
                                    lambda q, kv: gsa_attention_reference(q, kv, 1), [q, kv], dtype)
 
 
+@pytest.mark.parametrize("keys", [9, 40], ids=["one-key-block", "two-key-blocks"])
 @pytest.mark.parametrize("query_splits", [1, 2, 5])
-def test_dkdv_query_splits_agree(query_splits):
-    """The dk/dv query loop split over programs (fp32 partials) matches the unsplit kernel and the reference."""
-    batch, tokens, keys, chans, heads, scale = 1, 150, 9, 32, 1, 0.3
+def test_dkdv_query_splits_agree(query_splits, keys):
+    """The dk/dv query loop split over programs (fp32 partials) matches the unsplit kernel and the reference:
+    with one key block (the dk/dv kernel computes dq as well) and two (fp32 takes 32 keys a block; the dq
+    kernel runs first)."""
+    batch, tokens, chans, heads, scale = 1, 150, 32, 1, 0.3
     q = torch.randn(batch, tokens, chans, device=KERNEL_DEVICE)
     kv = torch.randn(batch, keys, 2 * chans, device=KERNEL_DEVICE)
     grad = torch.randn(batch, tokens, chans, device=KERNEL_DEVICE)
@@ -166,7 +172,7 @@ def test_chunked_reference_matches_the_fused_cpu_attention(dtype, monkeypatch):
     chunked_out, chunked_lse = _attention_forward_chunked(q, kv, 2, 0.3)
     assert lse.dtype == chunked_lse.dtype and lse.is_contiguous() and out.is_contiguous()
     grads = _attention_backward_reference(grad, q, kv, out, lse, 2, 0.3)
-    chunked_grads = _attention_backward_chunked(grad, q, kv, chunked_out, chunked_lse, 2, 0.3)
+    chunked_grads = _attention_backward_chunked(grad, q, kv, chunked_lse, 2, 0.3)
     for name, actual, expected in zip(("out", "lse", "grad_q", "grad_kv"), (out, lse, *grads),
                                       (chunked_out, chunked_lse, *chunked_grads)):
         assert_rel_close(actual, expected, dtype, name)
@@ -203,8 +209,10 @@ def test_gradcheck_float64(backend):
     def make(*shape):
         return torch.randn(*shape, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
 
-    q, kv = make(2, 5, 32), make(2, 3, 64)
-    assert torch.autograd.gradcheck(lambda a, b: gsa_attention(a, b, 2, backend=backend), (q, kv), fast_mode=True)
+    for keys in (3, 40):  # one key block, two (32 keys a block in float64): with and without the dq kernel
+        q, kv = make(2, 5, 32), make(2, keys, 64)
+        assert torch.autograd.gradcheck(lambda a, b: gsa_attention(a, b, 2, backend=backend), (q, kv),
+                                        fast_mode=True)
     x, weight, bias, norm_weight, norm_bias = make(1, 15, 16), make(16, 16, 2, 2), make(16), make(16), make(16)
     assert torch.autograd.gradcheck(lambda *a: gsa_subsample(a[0], (3, 5), *a[1:], sr_ratio=2, backend=backend),
                                     (x, weight, bias, norm_weight, norm_bias), fast_mode=True)

@@ -42,7 +42,7 @@ def test_every_kernel_compiles_and_fits(builds, arch):
     ours = [b for b in builds if b["arch"] == arch]
     kernels = {b["kernel"] for b in ours}
     assert {"peg_conv3x3_kernel", "lsa_forward_kernel", "lsa_backward_dq_kernel", "gsa_attention_dkdv_kernel",
-            "gsa_subsample_input_grad_kernel"} <= kernels, f"launch cases missing: only {sorted(kernels)}"
+            "gsa_attention_dq_kernel", "gsa_subsample_input_grad_kernel"} <= kernels, f"launch cases missing: only {sorted(kernels)}"
     failed = [f"{b['kernel']} ({b['case']}): {'; '.join(b['problems'])}" for b in ours if b["problems"]]
     assert not failed, f"{len(failed)} of {len(ours)} builds for sm_{arch} fail:\n" + "\n".join(failed)
 
@@ -51,7 +51,7 @@ def test_every_kernel_compiles_and_fits(builds, arch):
 def test_16bit_dots_run_on_tensor_cores(builds, arch):
     """A 16-bit tl.dot that lowered to FMA (a layout or shape the MMA path refuses) would be correct and
     several times slower: every bf16 kernel with dots must issue tensor-core MMAs. On sm_90, Twins' own
-    attention tiles (LSA ws 7, GSA on 49 keys: 64-row blocks, 4 warps) must use Hopper's wgmma; smaller
+    attention tiles (LSA ws 7, GSA on 49 keys: a 64-key block, 4 warps) must use Hopper's wgmma; smaller
     blocks (ws 4, one key, the launch cases' few patches) may use mma.sync."""
     from triton_aot import NO_DOT_KERNELS
 

@@ -278,11 +278,12 @@ def lsa_cases(dtypes, head_dims, window_sizes, quick: bool) -> Iterator[LaunchCa
             yield LaunchCase(f"lsa-{name}-hd{head_dim}-ws{ws}-{pad}", launch)
 
 
-def gsa_cases(dtypes, head_dims, quick: bool) -> Iterator[LaunchCase]:
+def gsa_cases(dtypes, head_dims) -> Iterator[LaunchCase]:
     _, _, gsa = _ops()
-    # keys: 1 (sr 8 on a 14x14 map: the smallest key block), 49 (sr 8 at 56x56), 300 (several blocks:
-    # the same tiles as 49, so not in quick); enough queries for the largest query block
-    key_counts = (1, 49) if quick else (1, 49, 300)
+    # keys: 1 (sr 8 on a 14x14 map: the smallest key block), 20 (fp32's 32-key block), 49 (sr 8 at 56x56)
+    # and 300 (several blocks: the backward's dq kernel), all but 1 one key block in 16 bits (the dk/dv kernel
+    # computes dq); enough queries for the largest query block
+    key_counts = (1, 20, 49, 300)
 
     def attention(dtype, batch, tokens, keys, head_dim, heads=2):
         """A launch of the attention forward and backward on q (batch, tokens, C), kv (batch, keys, 2C)."""
@@ -328,7 +329,7 @@ def all_cases(dtypes=DTYPES, head_dims=HEAD_DIMS, window_sizes=WINDOW_SIZES, qui
     """Launch cases over dtypes x head_dims (x window sizes for LSA). ``quick`` leaves out cases that
     only repeat another's tiles with other flags (about half the builds: what CI runs)."""
     return [*peg_cases(dtypes), *lsa_cases(dtypes, head_dims, window_sizes, quick),
-            *gsa_cases(dtypes, head_dims, quick)]
+            *gsa_cases(dtypes, head_dims)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,12 +12,13 @@ online softmax with fp32 accumulation (fp64 for float64 inputs) and never holds 
 q is read from (B, N, C) and k, v from the (B, M, 2C) kv tensor by head strides (any strides), and out
 is written to (B, N, C) in token order: no permute copies. The forward saves the log-sum-exp per
 (batch, head, query); the backward recomputes the probabilities from it:
-  the dq kernel (one program per query block and head, looping over key blocks) first computes
-  delta = rowsum(dO * O) for its queries and stores it, then dq;
-  the dk/dv kernel (one program per key block and head, looping over query blocks) runs after it and
-  reads delta. When there are few key blocks (M is small: 1 to 49 keys at sr 8) the query loop is
-  split across programs that write fp32 partials, summed by one ``sum``. No atomics anywhere: the
-  gradients are bitwise reproducible.
+  the dk/dv kernel (one program per key block and head, looping over query blocks): where the M keys
+  are one block (up to 64 in 16 bits: 49 at every Twins stage at 224 x 224), it is the whole backward,
+  computing for each query block delta = rowsum(P * dP) from the probabilities (not rowsum(dO * O)
+  from the rounded O: NOTES 34) and dq too. Past one block, the dq kernel (one program per query block
+  and head, looping over key blocks) runs first, computes delta = rowsum(dO * O) and stores it for
+  the dk/dv kernel, then dq. With few key blocks the query loop is split across programs that write
+  fp32 partials, summed by one ``sum``. No atomics anywhere: the gradients are bitwise reproducible.
 
 The sub-sampling (``gsa_subsample``) is the stride-sr conv as a patch GEMM: a patch's K = sr*sr*C
 inputs are sr*sr token rows of C channels, read from (B, N, C) by index arithmetic (rows and columns
@@ -138,7 +139,7 @@ def _attention_forward_reference(q, kv, num_heads: int, scale: float):
 def _attention_backward_reference(grad_out, q, kv, out, lse, num_heads: int, scale: float):
     """(grad_q, grad_kv) of the torch backend: PyTorch's fused CPU attention backward on CPU, chunks elsewhere."""
     if not fused_cpu_attention(q):
-        return _attention_backward_chunked(grad_out, q, kv, out, lse, num_heads, scale)
+        return _attention_backward_chunked(grad_out, q, kv, lse, num_heads, scale)
     chans = q.shape[2]
     heads = (_heads(t, num_heads, q.dtype) for t in (grad_out, q, kv[..., :chans], kv[..., chans:], out))
     grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -161,18 +162,20 @@ def _attention_forward_chunked(q, kv, num_heads: int, scale: float):
     return _merge_heads(out, q.dtype), lse
 
 
-def _attention_backward_chunked(grad_out, q, kv, out, lse, num_heads: int, scale: float):
+def _attention_backward_chunked(grad_out, q, kv, lse, num_heads: int, scale: float):
+    """The backward in query chunks, each holding all M keys' probabilities: delta = rowsum(P * dP) of
+    them, not rowsum(dO * O) from the output in its dtype (as the kernels, NOTES 34)."""
     acc = accumulation_dtype(q.dtype)
     chans = q.shape[2]
     qh, k, v = (_heads(t, num_heads, acc) for t in (q, kv[..., :chans], kv[..., chans:]))
     grad = _heads(grad_out, num_heads, acc)
-    delta = (grad * _heads(out, num_heads, acc)).sum(-1)
     grad_q, grad_k, grad_v = torch.empty_like(qh), torch.zeros_like(k), torch.zeros_like(v)
     for start in range(0, qh.shape[2], REFERENCE_QUERY_CHUNK):
         rows = slice(start, start + REFERENCE_QUERY_CHUNK)
         probs = torch.exp(qh[:, :, rows] @ k.transpose(-1, -2) * scale - lse[:, :, rows, None])
         grad_v += probs.transpose(-1, -2) @ grad[:, :, rows]
-        grad_scores = probs * (grad[:, :, rows] @ v.transpose(-1, -2) - delta[:, :, rows, None])
+        grad_probs = grad[:, :, rows] @ v.transpose(-1, -2)
+        grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
         grad_q[:, :, rows] = grad_scores @ k * scale
         grad_k += grad_scores.transpose(-1, -2) @ qh[:, :, rows] * scale
     grad_kv = torch.cat([_merge_heads(grad_k, q.dtype), _merge_heads(grad_v, q.dtype)], dim=-1)
@@ -615,8 +618,8 @@ class SubsampleTiles:
 # small so that the CPU tests run both the split and the direct path.
 INTERPRETER_TARGET_PROGRAMS = 8
 # Programs an SM the split aims for: 2 beside the dq kernel's (a program per query block); 4 where the
-# dk/dv kernel computes dq too and is the whole backward, as many as sm_90 holds of it at once (12-16
-# warps an SM at 4 warps a program, tests/triton_aot.py)
+# dk/dv kernel computes dq too and is the whole backward, about as many as sm_90 holds of it at once
+# (12 to 20 warps an SM at 4 warps a program, tests/triton_aot.py)
 SPLIT_PROGRAMS_PER_SM = 2
 WITH_DQ_PROGRAMS_PER_SM = 4
 
@@ -625,16 +628,17 @@ def attention_tiles(dtype: torch.dtype, head_dim: int, tokens: int, keys: int, b
     """H100 tiles. 16-bit forward: 128 queries x 64 keys, the flash-attention sweet spot for tensor
     cores (4 warps up to head_dim 64, 8 at 128 where the accumulator doubles; 3 stages to pipeline the
     k/v loads, 2 at head_dim 128 for shared memory). Backward kernels hold k, v (or q, dO) and two
-    accumulators, so 64 x 64; where the M keys are one block, the dk/dv kernel computes dq as well and
-    takes 32 queries a step (at 64, ptxas spilled 152 bytes a thread for sm_80 at head_dim 64, and
-    sm_90 held 8 to 12 warps an SM against 12 to 20 at 32; tests/triton_aot.py). fp32 and fp64 (ieee
-    precision) run on the FMA units, whose operands live in registers (``fma_rows``, ``fma_warps``):
-    32 keys a block; the forward's queries 64 up to head_dim 32, the backward's 32 up to 64, each
-    halved each time head_dim doubles past that."""
+    accumulators, so 64 x 64. fp32 and fp64 (ieee precision) run on the FMA units, whose operands live
+    in registers (``fma_rows``, ``fma_warps``): 32 keys a block; the forward's queries 64 up to head_dim
+    32, the backward's 32 up to 64, each halved each time head_dim doubles past that. Where the M keys
+    are one block, the backward's dk/dv kernel computes dq as well and takes half the queries a step
+    (16-bit at 64 queries: ptxas spilled 152 bytes a thread for sm_80 at head_dim 64, and sm_90 held 8
+    to 12 warps an SM, against 12 to 20 at 32; fp32 at 32 queries: 255 registers and spills for sm_90
+    at head_dim 32 and 64, at 16 none, in 112-128; tests/triton_aot.py)."""
     wide = head_dim > 64
     if dtype in (torch.float16, torch.bfloat16):
         if backward:
-            tiles = AttentionTiles(32 if keys <= 64 else 64, 64, 8 if wide else 4, 2)
+            tiles = AttentionTiles(64, 64, 8 if wide else 4, 2)
         else:
             tiles = AttentionTiles(128, 64, 8 if wide else 4, 2 if wide else 3)
     else:
@@ -645,7 +649,8 @@ def attention_tiles(dtype: torch.dtype, head_dim: int, tokens: int, keys: int, b
         else:
             rows = fma_rows(block_d, 64)
             tiles = AttentionTiles(rows, 32, fma_warps(rows, block_d), 2)
-    return AttentionTiles(pow2_block(tiles.block_m, tokens), pow2_block(tiles.block_n, keys), tiles.num_warps,
+    block_m = max(16, tiles.block_m // 2) if backward and keys <= tiles.block_n else tiles.block_m
+    return AttentionTiles(pow2_block(block_m, tokens), pow2_block(tiles.block_n, keys), tiles.num_warps,
                           tiles.num_stages)
 
 
@@ -702,7 +707,7 @@ def gsa_attention_backward_triton(grad_out, q, kv, out, lse, num_heads: int, sca
     head_dim = chans // num_heads
     acc = accumulation_dtype(q.dtype)
     tiles = attention_tiles(q.dtype, head_dim, tokens, keys, backward=True)
-    out, lse = out.contiguous(), lse.contiguous()
+    lse = lse.contiguous()
     scale_t = scalar_arg(scale, q, acc)
     common = dict(ACC=TRITON_DTYPES[acc], DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=tiles.block_m,
                   BLOCK_N=tiles.block_n, BLOCK_D=next_pow2(head_dim), num_warps=tiles.num_warps,
@@ -730,7 +735,7 @@ def gsa_attention_backward_triton(grad_out, q, kv, out, lse, num_heads: int, sca
         if not with_dq:
             # dq first: it also computes delta, which the dk/dv kernel reads
             gsa_attention_dq_kernel[(query_blocks * batch * num_heads,)](
-                q, kv, out, grad_out, lse, scale_t, delta, grad_q, tokens, keys, chans, num_heads, head_dim,
+                q, kv, out.contiguous(), grad_out, lse, scale_t, delta, grad_q, tokens, keys, chans, num_heads, head_dim,
                 *q.stride(), *kv.stride(), *grad_out.stride(), **common,
             )
         gsa_attention_dkdv_kernel[(key_blocks * batch * num_heads, query_splits)](

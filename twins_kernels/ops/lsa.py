@@ -216,17 +216,18 @@ def _reference_backward(grad_out, qkv, qkv_bias, out, lse, height: int, width: i
     acc = accumulation_dtype(qkv.dtype)
     fused = fused_cpu_attention(qkv)
     dtype = qkv.dtype if fused else acc
-    grad, out = (_window_heads_of(t.to(dtype), height, width, ws, num_heads) for t in (grad_out, out))
+    grad = _window_heads_of(grad_out.to(dtype), height, width, ws, num_heads)
     lse = _window_heads_of(lse.transpose(1, 2), height, width, ws, num_heads,
                            lse.new_full((num_heads,), float("inf")))[..., 0]
     if fused:
+        out = _window_heads_of(out.to(dtype), height, width, ws, num_heads)
         q, k, v, attn_mask = _cpu_window_inputs(qkv, qkv_bias, height, width, ws, num_heads, mask_padding)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *(_flat_windows(t) for t in (grad, q, k, v, out, lse)), 0.0, False, attn_mask=attn_mask, scale=scale)
         grads = [g.reshape(q.shape) for g in grads]
     else:
-        grads = _window_attention_math_backward(grad, out, lse, qkv, qkv_bias, height, width, ws, num_heads,
-                                                scale, mask_padding)
+        grads = _window_attention_math_backward(grad, lse, qkv, qkv_bias, height, width, ws, num_heads, scale,
+                                                mask_padding)
     padded = ~_key_inside(height, width, ws, qkv.device)
     grad_bias = torch.cat([g.transpose(2, 3)[:, padded].to(acc).sum(dim=(0, 1)).flatten() for g in grads])
     return _window_heads_to_tokens(grads, height, width, ws, qkv.dtype), grad_bias
@@ -267,16 +268,19 @@ def _window_attention_math(qkv, qkv_bias, height: int, width: int, ws: int, num_
     return torch.exp(scores - lse[..., None]) @ v, lse
 
 
-def _window_attention_math_backward(grad, out, lse, qkv, qkv_bias, height: int, width: int, ws: int,
-                                    num_heads: int, scale: float, mask_padding: bool):
-    """(grad_q, grad_k, grad_v) (B, windows, heads, ws*ws, D) from the output gradient, the output and the
-    lse in window heads: the fused CPU attention's backward in plain tensor math, in the accumulation dtype."""
+def _window_attention_math_backward(grad, lse, qkv, qkv_bias, height: int, width: int, ws: int, num_heads: int,
+                                    scale: float, mask_padding: bool):
+    """(grad_q, grad_k, grad_v) (B, windows, heads, ws*ws, D) from the output gradient and the lse in
+    window heads: the fused CPU attention's backward in plain tensor math, in the accumulation dtype, but
+    for delta = rowsum(P * dP) from the whole window's probabilities, not rowsum(dO * O) from the output
+    in its dtype (as the kernels, NOTES 33)."""
     acc = accumulation_dtype(qkv.dtype)
     q, k, v = _window_heads(qkv.to(acc), qkv_bias.to(qkv.dtype).to(acc), height, width, ws, num_heads)
     key_inside = _key_inside(height, width, ws, qkv.device) if mask_padding else None
     probs = torch.exp(_scores(q, k, scale, key_inside) - lse[..., None])
     grad_v = probs.transpose(-1, -2) @ grad
-    grad_scores = probs * (grad @ v.transpose(-1, -2) - (grad * out).sum(-1, keepdim=True))
+    grad_probs = grad @ v.transpose(-1, -2)
+    grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
     return grad_scores @ k * scale, grad_scores.transpose(-1, -2) @ q * scale, grad_v
 
 
