@@ -735,8 +735,8 @@ def gsa_attention_backward_triton(grad_out, q, kv, out, lse, num_heads: int, sca
         if not with_dq:
             # dq first: it also computes delta, which the dk/dv kernel reads
             gsa_attention_dq_kernel[(query_blocks * batch * num_heads,)](
-                q, kv, out.contiguous(), grad_out, lse, scale_t, delta, grad_q, tokens, keys, chans, num_heads, head_dim,
-                *q.stride(), *kv.stride(), *grad_out.stride(), **common,
+                q, kv, out.contiguous(), grad_out, lse, scale_t, delta, grad_q, tokens, keys, chans, num_heads,
+                head_dim, *q.stride(), *kv.stride(), *grad_out.stride(), **common,
             )
         gsa_attention_dkdv_kernel[(key_blocks * batch * num_heads, query_splits)](
             q, kv, grad_out, lse, scale_t, delta, grad_q, target, tokens, keys, chans, num_heads, head_dim,
