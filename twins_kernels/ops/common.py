@@ -102,6 +102,13 @@ def fused_cpu_attention(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def scores_grad(probs: torch.Tensor, grad_probs: torch.Tensor) -> torch.Tensor:
+    """The softmax backward of the references' plain-math attention: dS = P * (dP - delta) with delta =
+    rowsum(P * dP) over all of a query's keys, in the probabilities' dtype, not rowsum(dO * O) from an
+    output rounded to its dtype (as the kernels do where a query's keys are one block; NOTES 33, 34)."""
+    return probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -85,6 +85,7 @@ from .common import (
     op_backend,
     pow2_block,
     scalar_arg,
+    scores_grad,
 )
 
 REFERENCE_QUERY_CHUNK = 1024  # the reference attention holds chunk x M scores, never N x M
@@ -163,8 +164,7 @@ def _attention_forward_chunked(q, kv, num_heads: int, scale: float):
 
 
 def _attention_backward_chunked(grad_out, q, kv, lse, num_heads: int, scale: float):
-    """The backward in query chunks, each holding all M keys' probabilities: delta = rowsum(P * dP) of
-    them, not rowsum(dO * O) from the output in its dtype (as the kernels, NOTES 34)."""
+    """The backward in query chunks, each holding all M keys' probabilities (``scores_grad``)."""
     acc = accumulation_dtype(q.dtype)
     chans = q.shape[2]
     qh, k, v = (_heads(t, num_heads, acc) for t in (q, kv[..., :chans], kv[..., chans:]))
@@ -174,8 +174,7 @@ def _attention_backward_chunked(grad_out, q, kv, lse, num_heads: int, scale: flo
         rows = slice(start, start + REFERENCE_QUERY_CHUNK)
         probs = torch.exp(qh[:, :, rows] @ k.transpose(-1, -2) * scale - lse[:, :, rows, None])
         grad_v += probs.transpose(-1, -2) @ grad[:, :, rows]
-        grad_probs = grad[:, :, rows] @ v.transpose(-1, -2)
-        grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+        grad_scores = scores_grad(probs, grad[:, :, rows] @ v.transpose(-1, -2))
         grad_q[:, :, rows] = grad_scores @ k * scale
         grad_k += grad_scores.transpose(-1, -2) @ qh[:, :, rows] * scale
     grad_kv = torch.cat([_merge_heads(grad_k, q.dtype), _merge_heads(grad_v, q.dtype)], dim=-1)

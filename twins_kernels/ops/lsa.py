@@ -94,6 +94,7 @@ from .common import (
     next_pow2,
     reference_outside_kernels,
     scalar_arg,
+    scores_grad,
 )
 
 MIN_WS, MAX_WS = 2, 16  # 16 x 16 = 256 window slots bounds the tiles; ws = 1 is global attention (GSA)
@@ -272,15 +273,13 @@ def _window_attention_math_backward(grad, lse, qkv, qkv_bias, height: int, width
                                     scale: float, mask_padding: bool):
     """(grad_q, grad_k, grad_v) (B, windows, heads, ws*ws, D) from the output gradient and the lse in
     window heads: the fused CPU attention's backward in plain tensor math, in the accumulation dtype, but
-    for delta = rowsum(P * dP) from the whole window's probabilities, not rowsum(dO * O) from the output
-    in its dtype (as the kernels, NOTES 33)."""
+    for delta, taken from the whole window's probabilities (``scores_grad``)."""
     acc = accumulation_dtype(qkv.dtype)
     q, k, v = _window_heads(qkv.to(acc), qkv_bias.to(qkv.dtype).to(acc), height, width, ws, num_heads)
     key_inside = _key_inside(height, width, ws, qkv.device) if mask_padding else None
     probs = torch.exp(_scores(q, k, scale, key_inside) - lse[..., None])
     grad_v = probs.transpose(-1, -2) @ grad
-    grad_probs = grad @ v.transpose(-1, -2)
-    grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+    grad_scores = scores_grad(probs, grad @ v.transpose(-1, -2))
     return grad_scores @ k * scale, grad_scores.transpose(-1, -2) @ q * scale, grad_v
 
 
