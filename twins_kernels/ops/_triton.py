@@ -44,9 +44,20 @@ try:
         interpreter_bf16.enable()
         _index_scalar_arguments(interpreter)
     TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+    @triton.jit
+    def scalar_value(arg, ACC: tl.constexpr):
+        """The value of a float argument from ``common.scalar_arg`` for accumulator ACC: the one
+        element of its tensor in fp64, else the float itself."""
+        if ACC == tl.float64:
+            value = tl.load(arg)
+        else:
+            value = arg
+        return value
 except Exception:  # not installed, or broken: the backend status reports the reason
     triton = SimpleNamespace(jit=lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f))
     tl = SimpleNamespace(constexpr=object)
     TRITON_DTYPES = {}
+    scalar_value = None
 
-__all__ = ["TRITON_DTYPES", "triton", "tl"]
+__all__ = ["TRITON_DTYPES", "scalar_value", "triton", "tl"]

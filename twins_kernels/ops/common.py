@@ -144,10 +144,13 @@ def fma_warps(rows: int, block_d: int) -> int:
     return 8 if rows * block_d >= FMA_MAX_TILE_ELEMENTS else 4
 
 
-def scalar_arg(value: float, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A float for a kernel as a one-element tensor: a float argument would be fp32, a tensor keeps
-    fp64 exact for float64 inputs."""
-    return torch.full((1,), value, device=like.device, dtype=dtype)
+def scalar_arg(value: float, like: torch.Tensor, dtype: torch.dtype) -> float | torch.Tensor:
+    """A float for a Triton kernel accumulating in ``dtype`` (read there with ``scalar_value``): a one-
+    element tensor for fp64, which a float argument (fp32 to Triton) would round, else the float itself,
+    which costs no allocation and no fill kernel a call."""
+    if dtype == torch.float64:
+        return torch.full((1,), value, device=like.device, dtype=dtype)
+    return float(value)
 
 
 def launch_device(t: torch.Tensor):

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import resolve_backend
-from ._triton import TRITON_DTYPES, tl, triton
+from ._triton import TRITON_DTYPES, scalar_value, tl, triton
 from .common import (
     KERNEL_DTYPES,
     accumulation_dtype,
@@ -229,7 +229,7 @@ def _block_batch_head(ROWS, BLOCK: tl.constexpr, HEADS):
 
 @triton.jit
 def gsa_attention_forward_kernel(
-    q_ptr, kv_ptr, out_ptr, lse_ptr, scale_ptr,
+    q_ptr, kv_ptr, out_ptr, lse_ptr, scale_arg,
     N, M, C, HEADS, HEAD_DIM,
     stride_qb, stride_qn, stride_qc,
     stride_kvb, stride_kvm, stride_kvc,
@@ -243,7 +243,7 @@ def gsa_attention_forward_kernel(
     m_mask = offs_m < N
     d_mask = offs_d < HEAD_DIM
     head_chans = h * HEAD_DIM + offs_d
-    scale = tl.load(scale_ptr)
+    scale = scalar_value(scale_arg, ACC)
 
     q = tl.load(q_ptr + b * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn + head_chans[None, :] * stride_qc,
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
@@ -278,7 +278,7 @@ def gsa_attention_forward_kernel(
 
 @triton.jit
 def gsa_attention_dq_kernel(
-    q_ptr, kv_ptr, out_ptr, grad_out_ptr, lse_ptr, scale_ptr, delta_ptr, grad_q_ptr,
+    q_ptr, kv_ptr, out_ptr, grad_out_ptr, lse_ptr, scale_arg, delta_ptr, grad_q_ptr,
     N, M, C, HEADS, HEAD_DIM,
     stride_qb, stride_qn, stride_qc,
     stride_kvb, stride_kvm, stride_kvc,
@@ -294,7 +294,7 @@ def gsa_attention_dq_kernel(
     d_mask = offs_d < HEAD_DIM
     md_mask = m_mask[:, None] & d_mask[None, :]
     head_chans = h * HEAD_DIM + offs_d
-    scale = tl.load(scale_ptr)
+    scale = scalar_value(scale_arg, ACC)
 
     q = tl.load(q_ptr + b * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn + head_chans[None, :] * stride_qc,
                 mask=md_mask, other=0.0)
@@ -329,7 +329,7 @@ def gsa_attention_dq_kernel(
 
 @triton.jit
 def gsa_attention_dkdv_kernel(
-    q_ptr, kv_ptr, grad_out_ptr, lse_ptr, scale_ptr, delta_ptr, grad_q_ptr, grad_kv_ptr,
+    q_ptr, kv_ptr, grad_out_ptr, lse_ptr, scale_arg, delta_ptr, grad_q_ptr, grad_kv_ptr,
     N, M, C, HEADS, HEAD_DIM, QUERIES_PER_SPLIT,
     stride_qb, stride_qn, stride_qc,
     stride_kvb, stride_kvm, stride_kvc,
@@ -351,7 +351,7 @@ def gsa_attention_dkdv_kernel(
     d_mask = offs_d < HEAD_DIM
     nd_mask = n_mask[:, None] & d_mask[None, :]
     head_chans = h * HEAD_DIM + offs_d
-    scale = tl.load(scale_ptr)
+    scale = scalar_value(scale_arg, ACC)
 
     key_rows = kv_ptr + b * stride_kvb + offs_n[:, None].to(tl.int64) * stride_kvm
     k = tl.load(key_rows + head_chans[None, :] * stride_kvc, mask=nd_mask, other=0.0)
@@ -406,7 +406,7 @@ def _patch_rows(rows, KEYS, OUT_W, W, SR):
 
 @triton.jit
 def gsa_subsample_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, out_ptr, y_ptr, mean_ptr, rstd_ptr, eps_ptr,
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, out_ptr, y_ptr, mean_ptr, rstd_ptr, eps_arg,
     ROWS, KEYS, OUT_W, W, C, SR,
     stride_xb, stride_xn, stride_xc,
     stride_wi, stride_wj, stride_wc, stride_wo,
@@ -457,7 +457,7 @@ def gsa_subsample_forward_kernel(
         sq_dev += tl.sum(dev * dev, axis=1) + shift * shift * (count * chunk_count / total)
         count = total
 
-    eps = tl.load(eps_ptr)
+    eps = scalar_value(eps_arg, ACC)
     rstd = 1.0 / tl.sqrt(sq_dev / C + eps)
     tl.store(mean_ptr + rows, mean, mask=r_mask)
     tl.store(rstd_ptr + rows, rstd, mask=r_mask)
@@ -707,7 +707,7 @@ def gsa_attention_backward_triton(grad_out, q, kv, out, lse, num_heads: int, sca
     acc = accumulation_dtype(q.dtype)
     tiles = attention_tiles(q.dtype, head_dim, tokens, keys, backward=True)
     lse = lse.contiguous()
-    scale_t = scalar_arg(scale, q, acc)
+    scale_arg = scalar_arg(scale, q, acc)
     common = dict(ACC=TRITON_DTYPES[acc], DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=tiles.block_m,
                   BLOCK_N=tiles.block_n, BLOCK_D=next_pow2(head_dim), num_warps=tiles.num_warps,
                   num_stages=tiles.num_stages)
@@ -734,11 +734,11 @@ def gsa_attention_backward_triton(grad_out, q, kv, out, lse, num_heads: int, sca
         if not with_dq:
             # dq first: it also computes delta, which the dk/dv kernel reads
             gsa_attention_dq_kernel[(query_blocks * batch * num_heads,)](
-                q, kv, out.contiguous(), grad_out, lse, scale_t, delta, grad_q, tokens, keys, chans, num_heads,
+                q, kv, out.contiguous(), grad_out, lse, scale_arg, delta, grad_q, tokens, keys, chans, num_heads,
                 head_dim, *q.stride(), *kv.stride(), *grad_out.stride(), **common,
             )
         gsa_attention_dkdv_kernel[(key_blocks * batch * num_heads, query_splits)](
-            q, kv, grad_out, lse, scale_t, delta, grad_q, target, tokens, keys, chans, num_heads, head_dim,
+            q, kv, grad_out, lse, scale_arg, delta, grad_q, target, tokens, keys, chans, num_heads, head_dim,
             queries_per_split, *q.stride(), *kv.stride(), *grad_out.stride(),
             stride_split, keys * 2 * chans, 2 * chans, WITH_DQ=with_dq, **common,
         )

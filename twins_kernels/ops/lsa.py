@@ -73,7 +73,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton import TRITON_DTYPES, tl, triton
+from ._triton import TRITON_DTYPES, scalar_value, tl, triton
 from .common import (
     accumulation_dtype,
     attention_backend,
@@ -378,7 +378,7 @@ def _probs_and_grad_scores(q, k, v, grad, lse, delta, q_inside, k_valid, scale,
 
 @triton.jit
 def lsa_forward_kernel(
-    qkv_ptr, bias_ptr, out_ptr, lse_ptr, scale_ptr,
+    qkv_ptr, bias_ptr, out_ptr, lse_ptr, scale_arg,
     H, W, C, HEADS, HEAD_DIM, WINDOWS, WINDOWS_W,
     stride_b, stride_n, stride_c,
     WS: tl.constexpr, SLOTS: tl.constexpr, PAD_WITH_BIAS: tl.constexpr,
@@ -393,7 +393,7 @@ def lsa_forward_kernel(
     d_mask = offs_d < HEAD_DIM
     q_chans = h * HEAD_DIM + offs_d
     qkv_b = qkv_ptr + b * stride_b
-    scale = tl.load(scale_ptr)
+    scale = scalar_value(scale_arg, ACC)
 
     q_slots = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_tokens, _, q_inside = _window_slots(q_slots, y0, x0, H, W, WS)
@@ -427,7 +427,7 @@ def lsa_forward_kernel(
 
 @triton.jit
 def lsa_backward_kernel(
-    qkv_ptr, bias_ptr, out_ptr, lse_ptr, grad_out_ptr, grad_qkv_ptr, pad_grad_ptr, scale_ptr,
+    qkv_ptr, bias_ptr, out_ptr, lse_ptr, grad_out_ptr, grad_qkv_ptr, pad_grad_ptr, scale_arg,
     H, W, C, HEADS, HEAD_DIM, WINDOWS, WINDOWS_W,
     stride_b, stride_n, stride_c,
     stride_gb, stride_gn, stride_gc,
@@ -449,7 +449,7 @@ def lsa_backward_kernel(
     grad_out_b = grad_out_ptr + b * stride_gb
     grad_qkv_b = grad_qkv_ptr + b * tokens_per_image * 3 * C
     lse_bh = lse_ptr + (b * HEADS + h) * tokens_per_image
-    scale = tl.load(scale_ptr)
+    scale = scalar_value(scale_arg, ACC)
 
     key_block = tl.program_id(1)
     k_slots = key_block * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -489,7 +489,7 @@ def lsa_backward_kernel(
 
 @triton.jit
 def lsa_backward_dq_kernel(
-    qkv_ptr, bias_ptr, out_ptr, lse_ptr, grad_out_ptr, grad_qkv_ptr, scale_ptr,
+    qkv_ptr, bias_ptr, out_ptr, lse_ptr, grad_out_ptr, grad_qkv_ptr, scale_arg,
     H, W, C, HEADS, HEAD_DIM, WINDOWS, WINDOWS_W,
     stride_b, stride_n, stride_c,
     stride_gb, stride_gn, stride_gc,
@@ -505,7 +505,7 @@ def lsa_backward_dq_kernel(
     d_mask = offs_d < HEAD_DIM
     q_chans = h * HEAD_DIM + offs_d
     qkv_b = qkv_ptr + b * stride_b
-    scale = tl.load(scale_ptr)
+    scale = scalar_value(scale_arg, ACC)
 
     q_slots = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_tokens, q_inside, q, grad, lse, delta = _query_block(
@@ -626,16 +626,16 @@ def lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height: int, width: i
         BLOCK_D=tiles.block_d, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     dims = (height, width, chans, num_heads, head_dim, windows, windows_w, *qkv.stride(), *grad_out.stride())
-    scale_t = scalar_arg(scale, qkv, acc)
+    scale_arg = scalar_arg(scale, qkv, acc)
     with_dq = key_blocks == 1
     with launch_device(qkv):
         lsa_backward_kernel[(base_programs, key_blocks)](
-            qkv, qkv_bias, out, lse, grad_out, grad_qkv, pad_grad, scale_t, *dims,
+            qkv, qkv_bias, out, lse, grad_out, grad_qkv, pad_grad, scale_arg, *dims,
             HAS_PADDED_KEYS=has_padded_keys, WITH_DQ=with_dq, **common,
         )
         if not with_dq:
             lsa_backward_dq_kernel[(base_programs, tiles.slots // tiles.block_q)](
-                qkv, qkv_bias, out, lse, grad_out, grad_qkv, scale_t, *dims, **common,
+                qkv, qkv_bias, out, lse, grad_out, grad_qkv, scale_arg, *dims, **common,
             )
     grad_bias = torch.zeros(chans3, device=qkv.device, dtype=acc)
     if has_padded_keys:
