@@ -100,6 +100,67 @@ def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):
     assert "CompilationError" in problems and "static_range" in problems, problems
 
 
+# Each op launched on three maps of other sizes (a multiple of 16 among them) with the same model shapes,
+# and GSA's attention against key counts that keep its tiles (one 64-key block; two, for its dq kernel):
+# compiled once a tile choice, not once a size.
+OTHER_IMAGE_SIZES = """
+import sys, torch
+sys.path.insert(0, "tests")
+from triton_aot import LaunchCase, _ops, compile_all
+import twins_kernels
+
+peg, lsa, gsa = _ops()
+dtype, heads, head_dim, chans = torch.float16, 2, 32, 64
+
+def launch(height, width, keys):
+    x = torch.randn(2, height * width, chans).to(dtype)
+    peg.peg_conv3x3_triton(x, torch.randn(chans, 1, 3, 3), torch.randn(chans), height, width)
+    peg.peg_weight_grad_triton(x, x, height, width)
+    qkv, qkv_bias = torch.randn(2, height * width, 3 * chans).to(dtype), torch.randn(3 * chans).to(dtype)
+    for ws in (7, 12):  # one key block (Twins), and two (the dq kernel)
+        out, lse = lsa.lsa_forward_triton(qkv, qkv_bias, height, width, ws, heads, 0.2, False)
+        lsa.lsa_backward_triton(torch.randn_like(out), qkv, qkv_bias, out, lse, height, width, ws, heads, 0.2, False)
+    params = [torch.randn(chans) for _ in range(3)]
+    sub, y, mean, rstd = gsa.gsa_subsample_forward_triton(x, torch.randn(chans, chans, 2, 2), *params,
+                                                          height, width, 2, 1e-5)
+    gsa.gsa_subsample_backward_triton(torch.randn_like(sub), x, torch.randn(chans, chans, 2, 2), params[1], y,
+                                      mean, rstd, height, width, 2)
+    for key_count in keys:
+        kv = torch.randn(2, key_count, 2 * chans).to(dtype)
+        out, lse = gsa.gsa_attention_forward_triton(x, kv, heads, 0.2)
+        gsa.gsa_attention_backward_triton(torch.randn_like(out), x, kv, out, lse, heads, 0.2)
+
+maps = [(13, 11, (33, 113)), (16, 16, (48, 96)), (2, 33, (64, 80))]
+cases = [LaunchCase(f"{h}x{w}", lambda h=h, w=w, keys=keys: launch(h, w, keys)) for h, w, keys in maps]
+for b in compile_all([90], cases):
+    print("BUILD", b.kernel, b.num_warps, b.num_stages, sorted(b.constexprs.items()), b.problems)
+"""
+
+
+def test_other_image_sizes_reuse_the_compiled_kernels(tmp_path):
+    """A new image size (detection, segmentation) must not compile the kernels again: Triton specializes
+    int arguments on == 1 and divisibility by 16, which the kernels' size arguments opt out of."""
+    if HAS_GPU:
+        pytest.skip("a GPU is present: the compile-only driver is for machines without one")
+    pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas ships with it)")
+    script = tmp_path / "image_sizes.py"
+    script.write_text(OTHER_IMAGE_SIZES)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": ROOT}  # this tree's
+    result = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+    builds = [line.split(" ", 2)[1:] for line in result.stdout.splitlines() if line.startswith("BUILD ")]
+    assert builds, result.stdout[-3000:] + result.stderr[-3000:]
+    assert all(rest.endswith(" []") for _, rest in builds), builds  # compiled, no problems
+    assert {kernel for kernel, _ in builds} == {
+        "peg_conv3x3_kernel", "peg_weight_grad_kernel", "lsa_forward_kernel", "lsa_backward_kernel",
+        "lsa_backward_dq_kernel", "gsa_subsample_forward_kernel", "gsa_subsample_norm_backward_kernel",
+        "gsa_subsample_weight_grad_kernel", "gsa_subsample_input_grad_kernel", "gsa_attention_forward_kernel",
+        "gsa_attention_dq_kernel", "gsa_attention_dkdv_kernel"}
+    # a kernel compiled twice with the same tiles and flags was specialized on a size
+    repeated = sorted({f"{kernel} {rest}" for kernel, rest in builds if builds.count([kernel, rest]) > 1})
+    assert not repeated, "compiled again for another image size:\n" + "\n".join(repeated)
+
+
 def test_shared_memory_beyond_the_architecture_is_a_problem():
     from triton_aot import SHARED_MEMORY_LIMIT, KernelBuild
 

@@ -227,7 +227,8 @@ def _block_batch_head(ROWS, BLOCK: tl.constexpr, HEADS):
     return pid % blocks, (bh // HEADS).to(tl.int64), bh % HEADS
 
 
-@triton.jit
+# do_not_specialize: the token, key and row counts vary with the image (see lsa._MAP_SIZE_ARGS)
+@triton.jit(do_not_specialize=["N", "M"])
 def gsa_attention_forward_kernel(
     q_ptr, kv_ptr, out_ptr, lse_ptr, scale_arg,
     N, M, C, HEADS, HEAD_DIM,
@@ -276,7 +277,7 @@ def gsa_attention_forward_kernel(
     tl.store(lse_ptr + (b * HEADS + h) * N + offs_m, row_max + tl.log(row_sum), mask=m_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "M"])
 def gsa_attention_dq_kernel(
     q_ptr, kv_ptr, out_ptr, grad_out_ptr, lse_ptr, scale_arg, delta_ptr, grad_q_ptr,
     N, M, C, HEADS, HEAD_DIM,
@@ -327,7 +328,7 @@ def gsa_attention_dq_kernel(
              (grad_q * scale).to(grad_q_ptr.dtype.element_ty), mask=md_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "M", "QUERIES_PER_SPLIT"])
 def gsa_attention_dkdv_kernel(
     q_ptr, kv_ptr, grad_out_ptr, lse_ptr, scale_arg, delta_ptr, grad_q_ptr, grad_kv_ptr,
     N, M, C, HEADS, HEAD_DIM, QUERIES_PER_SPLIT,
@@ -404,7 +405,7 @@ def _patch_rows(rows, KEYS, OUT_W, W, SR):
     return b, (m // OUT_W) * SR * W + (m % OUT_W) * SR
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS", "KEYS", "OUT_W", "W"])
 def gsa_subsample_forward_kernel(
     x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, out_ptr, y_ptr, mean_ptr, rstd_ptr, eps_arg,
     ROWS, KEYS, OUT_W, W, C, SR,
@@ -473,7 +474,7 @@ def gsa_subsample_forward_kernel(
         tl.store(out_ptr + y_rows + offs_co[None, :], out.to(out_ptr.dtype.element_ty), mask=rc_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS", "KEYS"])
 def gsa_subsample_norm_backward_kernel(
     grad_ptr, y_ptr, mean_ptr, rstd_ptr, gamma_ptr, grad_y_ptr, partial_ptr,
     ROWS, KEYS, C,
@@ -521,7 +522,7 @@ def gsa_subsample_norm_backward_kernel(
         tl.store(partial + 2 * C + offs_co, tl.sum(grad_y, axis=0), mask=co_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS", "KEYS", "OUT_W", "W"])
 def gsa_subsample_weight_grad_kernel(
     grad_y_ptr, x_ptr, grad_w_ptr,
     ROWS, KEYS, OUT_W, W, C, SR,
@@ -557,7 +558,7 @@ def gsa_subsample_weight_grad_kernel(
     tl.store(ptrs, acc.to(grad_w_ptr.dtype.element_ty), mask=co_mask[:, None] & c_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS", "KEYS", "OUT_W", "N", "W"])
 def gsa_subsample_input_grad_kernel(
     grad_y_ptr, w_ptr, grad_x_ptr,
     ROWS, KEYS, OUT_W, N, W, C, SR,

@@ -376,7 +376,14 @@ def _probs_and_grad_scores(q, k, v, grad, lse, delta, q_inside, k_valid, scale,
     return probs, probs * (grad_probs - delta[:, None])
 
 
-@triton.jit
+# Triton specializes an int argument on its value (== 1, divisible by 16) and compiles once per case:
+# the map's sizes vary from image to image (detection, segmentation) and nothing vectorizes on them
+# (the strides and C do that), so they are not specialized, and a new image size compiles nothing
+# where C is a multiple of 16 (else the batch stride, H * W * 3C, changes its divisibility with the map).
+_MAP_SIZE_ARGS = ["H", "W", "WINDOWS", "WINDOWS_W"]
+
+
+@triton.jit(do_not_specialize=_MAP_SIZE_ARGS)
 def lsa_forward_kernel(
     qkv_ptr, bias_ptr, out_ptr, lse_ptr, scale_arg,
     H, W, C, HEADS, HEAD_DIM, WINDOWS, WINDOWS_W,
@@ -425,7 +432,7 @@ def lsa_forward_kernel(
     tl.store(lse_ptr + (b * HEADS + h) * tokens_per_image + q_tokens, row_max + tl.log(row_sum), mask=q_inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_MAP_SIZE_ARGS)
 def lsa_backward_kernel(
     qkv_ptr, bias_ptr, out_ptr, lse_ptr, grad_out_ptr, grad_qkv_ptr, pad_grad_ptr, scale_arg,
     H, W, C, HEADS, HEAD_DIM, WINDOWS, WINDOWS_W,
@@ -487,7 +494,7 @@ def lsa_backward_kernel(
         tl.store(slot + HEAD_DIM + offs_d, tl.sum(tl.where(padded, grad_v, 0.0), axis=0), mask=d_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_MAP_SIZE_ARGS)
 def lsa_backward_dq_kernel(
     qkv_ptr, bias_ptr, out_ptr, lse_ptr, grad_out_ptr, grad_qkv_ptr, scale_arg,
     H, W, C, HEADS, HEAD_DIM, WINDOWS, WINDOWS_W,

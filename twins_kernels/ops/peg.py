@@ -98,7 +98,8 @@ def _tap_grad(g, x_ptr, b, hh, ww, c_offs, c_mask, H, W, stride_xb, stride_xn, s
     return tl.sum(g * _load_shifted_tile(x_ptr, b, hh, ww, c_offs, c_mask, H, W, stride_xb, stride_xn, stride_xc, ACC), axis=0)
 
 
-@triton.jit
+# do_not_specialize: the map's sizes vary with the image (see lsa._MAP_SIZE_ARGS)
+@triton.jit(do_not_specialize=["H", "W"])
 def peg_conv3x3_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
     H, W, C,
@@ -135,7 +136,7 @@ def peg_conv3x3_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(w_offs < W)[:, None] & c_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W", "rows"])
 def peg_weight_grad_kernel(
     g_ptr, x_ptr, partial_ptr,
     H, W, C, rows, rows_per_program,
