@@ -193,18 +193,22 @@ class PegTiles:
     num_warps: int
 
 
-def conv_tiles(chans: int, width: int) -> PegTiles:
+def conv_tiles(chans: int, width: int, unit_channel_stride: bool = True) -> PegTiles:
     """The conv (forward and input gradient): up to 128 channels (256 bytes of a token in 16 bits) by
     up to 4096 / that many tokens of a row, so a program's tile is at most 64 x 64 of Twins' C = 64, on
-    4 warps (the nine shifted loads of a tile are independent; NOTES 5 has the register count)."""
+    4 warps (the nine shifted loads of a tile are independent; NOTES 5 has the register count). Half
+    that tile where the channels are strided: each element then needs its own 64-bit address, and the
+    full tile spilled up to 184 bytes a thread with Triton 3.6 (NOTES 35)."""
     block_c = pow2_block(128, chans)
-    return PegTiles(min(next_pow2(width), max(1, 4096 // block_c)), block_c, 4)
+    elements = 4096 if unit_channel_stride else 2048
+    return PegTiles(min(next_pow2(width), max(1, elements // block_c)), block_c, 4)
 
 
-def weight_grad_tiles(chans: int, width: int) -> PegTiles:
+def weight_grad_tiles(chans: int, width: int, unit_channel_stride: bool = True) -> PegTiles:
     """The weight gradient walks its rows a tile at a time (the gradient's and nine shifted input
-    tiles live at once) into ten per-channel accumulators: 32 tokens x up to 64 channels, 4 warps."""
-    return PegTiles(min(next_pow2(width), 32), pow2_block(64, chans), 4)
+    tiles live at once) into ten per-channel accumulators: 32 tokens x up to 64 channels, 4 warps;
+    16 tokens where the channels are strided (as for the conv)."""
+    return PegTiles(min(next_pow2(width), 32 if unit_channel_stride else 16), pow2_block(64, chans), 4)
 
 
 def peg_conv3x3_triton(x, weight, bias, height: int, width: int, flip_weight: bool = False):
@@ -214,7 +218,7 @@ def peg_conv3x3_triton(x, weight, bias, height: int, width: int, flip_weight: bo
     acc = accumulation_dtype(x.dtype)
     w9 = weight.reshape(chans, NUM_TAPS).to(acc).contiguous()
     bias_acc = bias.to(acc).contiguous() if bias is not None else w9
-    tiles = conv_tiles(chans, width)
+    tiles = conv_tiles(chans, width, x.stride(2) == 1)
     grid = (batch * height, triton.cdiv(width, tiles.block_w), triton.cdiv(chans, tiles.block_c))
     with launch_device(x):
         peg_conv3x3_kernel[grid](
@@ -236,7 +240,7 @@ def peg_weight_grad_triton(grad_out, x, height: int, width: int):
     rows_per_program, programs = weight_grad_partition(batch * height)
     acc = accumulation_dtype(x.dtype)
     partial = empty_output((programs, PARTIAL_SLOTS, chans), x, acc)
-    tiles = weight_grad_tiles(chans, width)
+    tiles = weight_grad_tiles(chans, width, x.stride(2) == 1 and grad_out.stride(2) == 1)
     grid = (programs, triton.cdiv(chans, tiles.block_c))
     with launch_device(x):
         peg_weight_grad_kernel[grid](
