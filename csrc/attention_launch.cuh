@@ -40,6 +40,12 @@ inline void check_saved_for_backward(const at::Tensor& grad_out, const at::Tenso
               at::IntArrayRef(lse_shape), ", got ", lse.scalar_type(), " ", lse.sizes());
 }
 
+// A 1-D grid of ``blocks``, checked against grid.x's limit (2^31 - 1) rather than narrowed to unsigned.
+inline unsigned grid_blocks(int64_t blocks) {
+  TORCH_CHECK(blocks <= int64_t(0x7fffffff), "a launch of ", blocks, " blocks is past CUDA's grid.x limit of 2^31 - 1");
+  return static_cast<unsigned>(blocks);
+}
+
 // The rows a block covers: kMmaRows for the tensor-core kernels, scalar_rows (a thread each) otherwise.
 inline int block_rows(bool tensor_cores, int scalar_rows) { return tensor_cores ? kMmaRows : scalar_rows; }
 
@@ -47,7 +53,7 @@ template <typename scalar_t, typename Geometry>
 void launch_forward(const Geometry& geo, bool tensor_cores, int64_t blocks, int scalar_threads, float scale,
                     cudaStream_t stream) {
   with_attention_kernels<scalar_t>(geo, tensor_cores, scalar_threads, [&](auto forward, auto, auto, int threads) {
-    forward<<<blocks, threads, 0, stream>>>(geo, scale);
+    forward<<<grid_blocks(blocks), threads, 0, stream>>>(geo, scale);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -57,7 +63,7 @@ template <typename scalar_t>
 void launch_delta(const at::Tensor& grad_out, const at::Tensor& out, at::Tensor& delta, cudaStream_t stream) {
   const int64_t rows = grad_out.size(0) * grad_out.size(1), heads = delta.size(1);
   const int64_t blocks = (rows + kDeltaWarps - 1) / kDeltaWarps;
-  attention_delta_kernel<scalar_t><<<blocks, kDeltaWarps * warp::kSize, 0, stream>>>(
+  attention_delta_kernel<scalar_t><<<grid_blocks(blocks), kDeltaWarps * warp::kSize, 0, stream>>>(
       grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), delta.data_ptr<float>(), rows, grad_out.size(1),
       static_cast<int>(heads), static_cast<int>(grad_out.size(2) / heads));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -68,8 +74,8 @@ void launch_backward(const Geometry& geo, bool tensor_cores, int64_t query_block
                      int scalar_threads, float scale, cudaStream_t stream) {
   with_attention_kernels<scalar_t>(geo, tensor_cores, scalar_threads, [&](auto, auto dq, auto dkdv, int threads) {
     // dq first: with geo.delta_in_dq it writes the delta dk/dv reads
-    dq<<<query_blocks, threads, 0, stream>>>(geo, scale);
-    dkdv<<<key_blocks, threads, 0, stream>>>(geo, scale);
+    dq<<<grid_blocks(query_blocks), threads, 0, stream>>>(geo, scale);
+    dkdv<<<grid_blocks(key_blocks), threads, 0, stream>>>(geo, scale);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

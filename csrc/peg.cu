@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -85,6 +86,9 @@ at::Tensor peg_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int6
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t chans = x.size(2);
   const int64_t rows = x.size(0) * height;
+  if (rows == 0 || width == 0 || chans == 0) {  // no tokens: zero sums, where a launch would have no blocks
+    return at::zeros({kPartialSlots, chans}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  }
   const int64_t rows_per_program = std::max<int64_t>(1, (rows + kWeightGradPrograms - 1) / kWeightGradPrograms);
   const int64_t programs = (rows + rows_per_program - 1) / rows_per_program;
   at::Tensor sums;

@@ -31,9 +31,12 @@ __host__ int conv_vector_width(const scalar_t* x, const acc_t* w9t, const acc_t*
 }
 
 // The conv's grid is (B * H, conv_blocks_per_row): blockIdx.x a map row, so that index has 2^31 of room;
-// blockIdx.y covers the row's W * C elements, vec a thread.
-__host__ inline unsigned conv_blocks_per_row(int width, int chans, int vec) {
-  return static_cast<unsigned>((static_cast<int64_t>(width) * chans / vec + kConvThreads - 1) / kConvThreads);
+// blockIdx.y covers the row's W * C elements, vec a thread, and at most max_blocks of them (grid.y's
+// limit, 65535: a long row of many channels, W * C / vec past 16.7M elements, loops over its blocks).
+constexpr int64_t kMaxGridY = 65535;
+__host__ inline unsigned conv_blocks_per_row(int width, int chans, int vec, int64_t max_blocks = kMaxGridY) {
+  const int64_t blocks = (static_cast<int64_t>(width) * chans / vec + kConvThreads - 1) / kConvThreads;
+  return static_cast<unsigned>(blocks < max_blocks ? blocks : max_blocks);
 }
 
 // out = x + bias + conv3x3(x), kVec channels of one token a thread (chans % kVec == 0); w9t holds the
@@ -43,40 +46,44 @@ __global__ void peg_conv3x3_kernel(const scalar_t* __restrict__ x, const acc_t* 
                                    const acc_t* __restrict__ bias, scalar_t* __restrict__ out, int height,
                                    int width, int chans, TokenStrides s) {
   const int64_t row = blockIdx.x;
-  const int element = (blockIdx.y * blockDim.x + threadIdx.x) * kVec;
-  if (element >= width * chans) return;
   const int b = static_cast<int>(row / height);
   const int h = static_cast<int>(row % height);
-  const int w = element / chans;
-  const int c = element % chans;
-  const scalar_t* x_bc = x + b * s.batch + c * s.channel;
-  auto token = [&](int hh, int ww) { return x_bc + (static_cast<int64_t>(hh) * width + ww) * s.token; };
+  const int64_t row_elements = static_cast<int64_t>(width) * chans;
+  const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.x * kVec;
+  for (int64_t element = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * kVec;
+       element < row_elements; element += step) {
+    const int row_element = static_cast<int>(element);  // W * C < 2^31 (peg.cu): 32-bit division
+    const int w = row_element / chans;
+    const int c = row_element % chans;
+    const scalar_t* x_bc = x + b * s.batch + c * s.channel;
+    auto token = [&](int hh, int ww) { return x_bc + (static_cast<int64_t>(hh) * width + ww) * s.token; };
 
-  alignas(16) scalar_t values[kVec];
-  alignas(16) acc_t weights[kVec];
-  acc_t acc[kVec];
-  copy_values<kVec>(values, token(h, w));
-  if constexpr (kHasBias) copy_values<kVec>(weights, bias + c);
+    alignas(16) scalar_t values[kVec];
+    alignas(16) acc_t weights[kVec];
+    acc_t acc[kVec];
+    copy_values<kVec>(values, token(h, w));
+    if constexpr (kHasBias) copy_values<kVec>(weights, bias + c);
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) acc[e] = static_cast<acc_t>(values[e]) + (kHasBias ? weights[e] : acc_t(0));
+    for (int e = 0; e < kVec; ++e) acc[e] = static_cast<acc_t>(values[e]) + (kHasBias ? weights[e] : acc_t(0));
 #pragma unroll
-  for (int i = 0; i < 3; ++i) {
-    const int hh = h + i - 1;
-    if (hh < 0 || hh >= height) continue;
+    for (int i = 0; i < 3; ++i) {
+      const int hh = h + i - 1;
+      if (hh < 0 || hh >= height) continue;
 #pragma unroll
-    for (int j = 0; j < 3; ++j) {
-      const int ww = w + j - 1;
-      if (ww < 0 || ww >= width) continue;
-      const int tap = kFlip ? (kTaps - 1) - (i * 3 + j) : i * 3 + j;
-      copy_values<kVec>(values, token(hh, ww));
-      copy_values<kVec>(weights, w9t + tap * chans + c);
+      for (int j = 0; j < 3; ++j) {
+        const int ww = w + j - 1;
+        if (ww < 0 || ww >= width) continue;
+        const int tap = kFlip ? (kTaps - 1) - (i * 3 + j) : i * 3 + j;
+        copy_values<kVec>(values, token(hh, ww));
+        copy_values<kVec>(weights, w9t + tap * chans + c);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[e] += weights[e] * static_cast<acc_t>(values[e]);
+        for (int e = 0; e < kVec; ++e) acc[e] += weights[e] * static_cast<acc_t>(values[e]);
+      }
     }
-  }
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) values[e] = static_cast<scalar_t>(acc[e]);
-  copy_values<kVec>(out + row * width * chans + element, values);
+    for (int e = 0; e < kVec; ++e) values[e] = static_cast<scalar_t>(acc[e]);
+    copy_values<kVec>(out + row * row_elements + element, values);
+  }
 }
 
 // Calls launch(kernel) with the conv kernel for vec (1, or the 16 bytes conv_vector_width may give).
@@ -132,7 +139,7 @@ __global__ void peg_weight_grad_kernel(const scalar_t* __restrict__ g, const sca
   for (int k = threadIdx.y; k < kPartialSlots; k += kGradLanes) {
     acc_t total = acc_t(0);
     for (int lane = 0; lane < kGradLanes; ++lane) total += lane_sums[k][lane][threadIdx.x];
-    if (c < chans) partial[(blockIdx.x * kPartialSlots + k) * chans + c] = total;
+    if (c < chans) partial[(static_cast<int64_t>(blockIdx.x) * kPartialSlots + k) * chans + c] = total;
   }
 }
 

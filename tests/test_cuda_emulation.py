@@ -252,7 +252,7 @@ def check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=False):
     assert rel_err(lse.view(batch, heads, tokens), expected_lse) <= tol
 
 
-def check_peg(peg_harness, tmp_path, shape, dtype, both_orders=False):
+def check_peg(peg_harness, tmp_path, shape, dtype, both_orders=False, max_row_blocks=65535):
     batch, height, width, chans = shape
     tol = TOLERANCE[dtype]
     tokens = height * width
@@ -261,7 +261,7 @@ def check_peg(peg_harness, tmp_path, shape, dtype, both_orders=False):
     bias = randn(chans, dtype=dtype)
     grad_out = randn(batch, tokens, chans, dtype=dtype)
     out, grad_x, sums = run_harness(peg_harness, tmp_path, [x, weight.reshape(chans, 9), bias, grad_out],
-                                    [DTYPE_IDS[dtype]], [batch, height, width, chans],
+                                    [DTYPE_IDS[dtype]], [batch, height, width, chans, max_row_blocks],
                                     [batch * tokens * chans] * 2 + [10 * chans], both_orders)
     x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
     expected = peg_reference(x64, w64, b64, (height, width))
@@ -297,6 +297,14 @@ def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, shape, kern
 @DTYPES
 def test_emulated_peg_kernels_match_the_reference(peg_harness, tmp_path, shape, dtype):
     check_peg(peg_harness, tmp_path, shape, dtype, both_orders=True)
+
+
+@pytest.mark.parametrize("vector", [True, False], ids=["16-byte", "scalar"])
+def test_emulated_peg_conv_loops_over_a_row_past_the_grids_blocks(peg_harness, tmp_path, vector):
+    """A row of more than grid.y's 65535 blocks of elements (W * C / vec past 16.7M) gets 65535 blocks,
+    each looping over its share: here rows of 4 (scalar: 13) blocks capped at 2."""
+    shape = (2, 3, 21, 160) if vector else (2, 3, 5, 661)  # fp32: 4 channels a thread where C % 4 == 0
+    check_peg(peg_harness, tmp_path, shape, torch.float32, max_row_blocks=2)
 
 
 # The sanitizers run a case 2-5x slower: these cover every barrier of both kernel families (each removed,

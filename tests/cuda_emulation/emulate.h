@@ -38,6 +38,7 @@ struct EmulatedDim3 {
 inline thread_local EmulatedDim3 threadIdx;
 inline EmulatedDim3 blockIdx;
 inline EmulatedDim3 blockDim;
+inline EmulatedDim3 gridDim;
 inline std::barrier<>* emulated_block_barrier = nullptr;
 
 inline void __syncthreads() { emulated_block_barrier->arrive_and_wait(); }
@@ -156,6 +157,7 @@ inline bool emulated_blocks_reversed() {
 template <typename Kernel>
 void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, Kernel kernel) {
   blockDim = block;
+  gridDim = grid;
   const unsigned threads = block.x * block.y;
   const unsigned blocks = grid.x * grid.y;
   const bool reversed = emulated_blocks_reversed();

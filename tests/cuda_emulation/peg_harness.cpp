@@ -1,6 +1,7 @@
 // Runs csrc/peg_kernels.cuh on the CPU under emulate.h, in fp32, fp16 or bf16 tokens with fp32 weights
 // and accumulation (as peg.cu launches them), on inputs from a file, for tests/test_cuda_emulation.py.
-//   peg_harness DTYPE IN OUT B H W C      IN: x (B,N,C), weight (C,9), bias (C), grad_out (B,N,C)
+//   peg_harness DTYPE IN OUT B H W C ROW_BLOCKS   IN: x (B,N,C), weight (C,9), bias (C), grad_out (B,N,C)
+//   ROW_BLOCKS caps the conv's blocks a row (grid.y), as grid.y's limit caps them on a GPU
 //   OUT (fp32): out = x + bias + conv(x); grad_x = g + conv(g, flipped weight); sums (10, C) over the partials
 #include "harness_io.h"  // before emulate.h: c10's headers must not see its __device__ stand-ins
 #include "emulate.h"
@@ -16,6 +17,7 @@ using namespace twins_kernels::peg;
 template <typename scalar_t>
 static void run(FILE* in, FILE* out_file, char** argv) {
   const int batch = atoi(argv[0]), height = atoi(argv[1]), width = atoi(argv[2]), chans = atoi(argv[3]);
+  const int64_t max_row_blocks = atol(argv[4]);
   const long elements = static_cast<long>(batch) * height * width * chans;
   const auto x = read_as<scalar_t>(in, elements);
   const auto weight = read_floats(in, static_cast<size_t>(chans) * kTaps);
@@ -32,7 +34,8 @@ static void run(FILE* in, FILE* out_file, char** argv) {
   auto conv = [&](const std::vector<scalar_t>& input, const float* conv_bias, std::vector<scalar_t>& output,
                   auto launch_flags) {
     const int vec = conv_vector_width(input.data(), w9t.data(), conv_bias, chans, strides);
-    const EmulatedDim3 grid{static_cast<unsigned>(batch * height), conv_blocks_per_row(width, chans, vec), 0};
+    const EmulatedDim3 grid{static_cast<unsigned>(batch * height),
+                            conv_blocks_per_row(width, chans, vec, max_row_blocks), 0};
     launch_flags(vec, [&](auto kernel) {
       emulated_launch(grid, {kConvThreads, 1, 0}, [&] {
         kernel(input.data(), w9t.data(), conv_bias, output.data(), height, width, chans, strides);
