@@ -722,6 +722,7 @@ def gsa_attention_backward_triton(grad_out, q, kv, out, lse, num_heads: int, sca
     if query_splits is None:
         query_splits = _dkdv_query_splits(batch * num_heads * key_blocks, query_blocks, q.device,
                                           WITH_DQ_PROGRAMS_PER_SM if with_dq else SPLIT_PROGRAMS_PER_SM)
+    query_splits = max(1, min(query_splits, 65535))  # the splits are the grid's axis 1, at most 65535
     queries_per_split = triton.cdiv(query_blocks, query_splits) * tiles.block_m
     query_splits = triton.cdiv(tokens, queries_per_split)
     if query_splits == 1:
