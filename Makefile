@@ -45,9 +45,10 @@ kernel-report: $(VENV)/.extension
 		--json benchmarks/results/triton_kernels.json --markdown benchmarks/results/triton_kernels.md
 
 # The GPU machine's versions (the device tool's KINDS.md: Python 3.12, torch 2.11.0+cu130, triton 3.6.0):
-# the extension must compile against that torch's headers and the package must work with it, or a GPU
-# session loses its device time to a build error. Built and tested in a copy of the tree, with arch 9.0
-# only (the H100), so the .venv build stays as it is.
+# the extension must compile against that torch's headers, the package must work with it and every
+# Triton kernel must compile with that Triton (triton_aot.py --quick, sm_90), or a GPU session loses its
+# device time to a build error. Built and tested in a copy of the tree, with arch 9.0 only (the H100),
+# so the .venv build stays as it is.
 GPU_VERSIONS_SPEC ?= torch==2.11.0 torchvision==0.26.0
 # (a pyenv shim for 3.12 may be on PATH without being active, hence the fallbacks)
 GPU_VERSIONS_PYTHON ?= $(shell (python3.12 -c 'import sys; print(sys.executable)' || ls $(HOME)/.pyenv/versions/3.12*/bin/python3.12 || echo python3) 2>/dev/null | head -1)
@@ -69,6 +70,8 @@ gpu-versions: $(GPU_VERSIONS_VENV)/.installed
 	cd $(GPU_VERSIONS_TREE) && TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) \
 		$(abspath $(GPU_VERSIONS_VENV))/bin/python -m pytest tests/test_backend.py tests/test_lsa.py tests/test_gsa.py \
 		tests/test_peg.py -q -n $(TEST_WORKERS) -p no:cacheprovider
+	cd $(GPU_VERSIONS_TREE) && env -u TRITON_INTERPRET $(abspath $(GPU_VERSIONS_VENV))/bin/python tests/triton_aot.py \
+		--quick --arch 90
 
 # The tile sweep's candidates (benchmarks/sweep_tiles.py) compiled for sm_90 with the GPU machine's Triton
 # (registers, spills, shared memory): the GPU sweep skips those that spill (run_gpu.sh sweep)
