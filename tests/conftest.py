@@ -88,10 +88,15 @@ def deterministic_torch_convs(monkeypatch):
     torch.set_num_threads(threads)
 
 
+# Another value draws other inputs for every case (a soak for inputs near a tolerance: the GPU's
+# generator draws other values than the CPU's from the same seed); 0, the default, is CI's draw.
+SEED_SALT = int(os.environ.get("TWINS_KERNELS_TEST_SEED", "0"))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    """Fresh random inputs per case, reproducible from the test id."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    """Fresh random inputs per case, reproducible from the test id (and TWINS_KERNELS_TEST_SEED)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode(), SEED_SALT))
     yield
 
 
