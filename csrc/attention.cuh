@@ -20,7 +20,7 @@
 //   out_row / grad_out_row / dq_row(block, query), lse_index(block, query)  where a query's results go
 //   KeyGradRow<scalar_t> key_grad(KeyBlock, i, key)                        where a key's dk, dv go
 // and the fields head_dim, lse (written by the forward), delta (read by the backward) and delta_in_dq
-// (true: the tensor-core dq kernel computes delta and writes it for dk/dv; see mma_attention_dq_kernel).
+// (true: the dq kernel computes delta and writes it for dk/dv; see attention_mma.cuh's dq_computes_delta).
 #pragma once
 
 #ifdef __CUDACC__
@@ -180,9 +180,19 @@ __global__ void attention_forward_kernel(Geometry geo, float scale) {
   geo.lse[geo.lse_index(block, query)] = running_max + logf(denom);
 }
 
+// sum += value, with the rounding error carried in `error` (Kahan): a sum of many near-equal terms in fp32
+// without the error growing with their count. Kept exact under nvcc's default flags (no fast-math).
+__device__ __forceinline__ void kahan_add(float& sum, float& error, float value) {
+  const float corrected = value - error;
+  const float next = sum + corrected;
+  error = (next - sum) - corrected;
+  sum = next;
+}
+
 // ---------------------------------------------------------------------------------------------
-// dq = scale * sum_j P_ij (dP_ij - D_i) k_j, with P_ij = exp(s_ij - lse_i), dP_ij = dO_i . v_j,
-// D_i = dO_i . O_i (precomputed, fp32)
+// dq = scale * sum_j P_ij (dP_ij - D_i) k_j, with P_ij = exp(s_ij - lse_i), dP_ij = dO_i . v_j and
+// D_i = sum_j P_ij dP_ij, computed here in a first pass over the keys and written for dk/dv
+// (geo.delta_in_dq, always for this kernel; dO_i . O_i, precomputed, otherwise)
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t, int kMaxHeadDim, typename Geometry>
 __global__ void attention_dq_kernel(Geometry geo, float scale) {
@@ -199,7 +209,7 @@ __global__ void attention_dq_kernel(Geometry geo, float scale) {
   if (active) {
     const scalar_t* g = geo.grad_out_row(block, query);
     lse = geo.lse[geo.lse_index(block, query)];
-    delta = geo.delta[geo.lse_index(block, query)];
+    if (!geo.delta_in_dq) delta = geo.delta[geo.lse_index(block, query)];
 #pragma unroll
     for (int d = 0; d < kMaxHeadDim; ++d) {
       q[d] = d < head_dim ? load(query.ptr + d * query.stride) * scale : 0.f;
@@ -209,6 +219,33 @@ __global__ void attention_dq_kernel(Geometry geo, float scale) {
   }
 
   const int keys = geo.num_keys(block);
+  if (geo.delta_in_dq) {
+    // D_i = sum_j P_ij dP_ij / sum_j P_ij from the very P_ij and dP_ij that dS_ij uses, in compensated sums:
+    // where dP_ij - D_i cancels (keys nearly alike, such as timm's padded keys, all the qkv bias) the error
+    // of D_i is amplified (by about 1 / the other keys' probability), and that of dO . O, or of a plain
+    // sum over 64 near-equal terms, put fp32 dq up to 1.6e-4 off on a 2 x 1 map in an 8 x 8 window (NOTES 36)
+    float weighted = 0.f, weighted_error = 0.f, total = 0.f, total_error = 0.f;
+    for (int j0 = 0; j0 < keys; j0 += kTile) {
+      stage_keys<scalar_t>(geo, block, j0, keys, k_tile, v_tile, k_valid);
+      if (!active) continue;
+      for (int j = 0; j < kTile; ++j) {
+        if (!k_valid[j]) continue;
+        float s = 0.f, dp = 0.f;
+#pragma unroll
+        for (int d = 0; d < kMaxHeadDim; ++d) {
+          s += q[d] * k_tile[j][d];
+          dp += grad_o[d] * v_tile[j][d];
+        }
+        const float p = expf(s - lse);
+        kahan_add(weighted, weighted_error, p * dp);
+        kahan_add(total, total_error, p);
+      }
+    }
+    if (active) {
+      delta = total > 0.f ? weighted / total : 0.f;  // total is 0 only for a query with no key
+      geo.delta[geo.lse_index(block, query)] = delta;
+    }
+  }
   for (int j0 = 0; j0 < keys; j0 += kTile) {
     stage_keys<scalar_t>(geo, block, j0, keys, k_tile, v_tile, k_valid);
     if (!active) continue;

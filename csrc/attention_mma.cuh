@@ -49,13 +49,15 @@ inline int mma_dq_key_tile(int head_dim) {
   return keys;
 }
 
-// A geometry's delta_in_dq: whether the tensor-core dq kernel (which runs 16-bit inputs only) computes the
-// backward's delta from the probabilities, where the `keys` each query sees are one of its key tiles (every
-// Twins window, and GSA's M = 49 sub-sampled keys at 224 x 224, at head_dim <= 64); else attention_delta_kernel
+// A geometry's delta_in_dq: whether the dq kernel computes the backward's delta from the probabilities: the
+// scalar one always (a thread holds a query and loops over all its keys: a first pass for delta), the
+// tensor-core one (16-bit inputs only) where the `keys` each query sees are one of its key tiles (every Twins
+// window, and GSA's M = 49 sub-sampled keys at 224 x 224, at head_dim <= 64); else attention_delta_kernel
 // takes it from out (see mma_attention_dq_kernel).
 template <typename scalar_t>
 bool dq_computes_delta(bool tensor_cores, int64_t keys, int head_dim) {
-  return tensor_cores && kTensorCoreDtype<scalar_t> && keys <= mma_dq_key_tile(head_dim);
+  const bool mma_kernels = tensor_cores && kTensorCoreDtype<scalar_t>;  // as with_attention_kernels picks them
+  return !mma_kernels || keys <= mma_dq_key_tile(head_dim);
 }
 
 constexpr float kLog2e = 1.4426950408889634f;

@@ -22,7 +22,7 @@ struct GsaGeometry {
   scalar_t* out;             // (B, N, C)
   float* lse;                // (B, heads, N)
   float* delta;              // (B, heads, N)
-  bool delta_in_dq;          // the tensor-core dq kernel computes delta (set_delta_source)
+  bool delta_in_dq;          // the dq kernel computes delta (set_delta_source)
   const scalar_t* grad_out;  // (B, N, C) contiguous
   scalar_t* grad_q;          // (B, N, C)
   scalar_t* grad_kv;         // (B, M, 2C), or, when a key block's queries are split:
@@ -47,8 +47,8 @@ struct GsaGeometry {
     query_splits = 1;
     queries_per_split = n;
   }
-  // Where the backward's delta comes from (attention::dq_computes_delta): a query sees all M keys, one dq
-  // key tile up to 64 at head_dim <= 64.
+  // Where the backward's delta comes from (attention::dq_computes_delta): a query sees all M keys, one
+  // tensor-core dq key tile up to 64 at head_dim <= 64.
   __host__ void set_delta_source(bool tensor_cores) {
     delta_in_dq = attention::dq_computes_delta<scalar_t>(tensor_cores, keys, head_dim);
   }

@@ -31,7 +31,7 @@ struct LsaGeometry {
   int height, width, chans, heads, head_dim, ws, windows_h, windows_w;
   int block_rows, slot_tiles;  // window slots a block covers; blocks a window and head
   bool mask_padding;
-  bool delta_in_dq;  // the tensor-core dq kernel computes delta (set_delta_source)
+  bool delta_in_dq;  // the dq kernel computes delta (set_delta_source)
 
   // Sets the shape and the block size; the pointers are the caller's to fill.
   __host__ void set_shape(int64_t h, int64_t w, int64_t c, int64_t num_heads, int64_t window, int rows) {
@@ -47,7 +47,7 @@ struct LsaGeometry {
     slot_tiles = (ws * ws + rows - 1) / rows;
   }
   // Where the backward's delta comes from (attention::dq_computes_delta): a query's keys are its window's
-  // ws * ws slots, one dq key tile for ws <= 8 at head_dim <= 64.
+  // ws * ws slots, one tensor-core dq key tile for ws <= 8 at head_dim <= 64.
   __host__ void set_delta_source(bool tensor_cores) {
     delta_in_dq = attention::dq_computes_delta<scalar_t>(tensor_cores, ws * ws, head_dim);
   }
