@@ -218,13 +218,9 @@ __global__ void attention_dq_kernel(Geometry geo, float scale) {
     }
   }
 
+  // visit(j, P_ij, dP_ij) for each of the query's keys, staged a tile at a time (every thread stages)
   const int keys = geo.num_keys(block);
-  if (geo.delta_in_dq) {
-    // D_i = sum_j P_ij dP_ij / sum_j P_ij from the very P_ij and dP_ij that dS_ij uses, in compensated sums:
-    // where dP_ij - D_i cancels (keys nearly alike, such as timm's padded keys, all the qkv bias) the error
-    // of D_i is amplified (by about 1 / the other keys' probability), and that of dO . O, or of a plain
-    // sum over 64 near-equal terms, put fp32 dq up to 1.6e-4 off on a 2 x 1 map in an 8 x 8 window (NOTES 36)
-    float weighted = 0.f, weighted_error = 0.f, total = 0.f, total_error = 0.f;
+  auto for_each_key = [&](auto visit) {
     for (int j0 = 0; j0 < keys; j0 += kTile) {
       stage_keys<scalar_t>(geo, block, j0, keys, k_tile, v_tile, k_valid);
       if (!active) continue;
@@ -236,32 +232,30 @@ __global__ void attention_dq_kernel(Geometry geo, float scale) {
           s += q[d] * k_tile[j][d];
           dp += grad_o[d] * v_tile[j][d];
         }
-        const float p = expf(s - lse);
-        kahan_add(weighted, weighted_error, p * dp);
-        kahan_add(total, total_error, p);
+        visit(j, expf(s - lse), dp);
       }
     }
+  };
+  if (geo.delta_in_dq) {
+    // D_i = sum_j P_ij dP_ij / sum_j P_ij from the very P_ij and dP_ij that dS_ij uses, in compensated sums:
+    // where dP_ij - D_i cancels (keys nearly alike, such as timm's padded keys, all the qkv bias) the error
+    // of D_i is amplified (by about 1 / the other keys' probability), and that of dO . O, or of a plain
+    // sum over 64 near-equal terms, put fp32 dq up to 1.6e-4 off on a 2 x 1 map in an 8 x 8 window (NOTES 36)
+    float weighted = 0.f, weighted_error = 0.f, total = 0.f, total_error = 0.f;
+    for_each_key([&](int, float p, float dp) {
+      kahan_add(weighted, weighted_error, p * dp);
+      kahan_add(total, total_error, p);
+    });
     if (active) {
       delta = total > 0.f ? weighted / total : 0.f;  // total is 0 only for a query with no key
       geo.delta[geo.lse_index(block, query)] = delta;
     }
   }
-  for (int j0 = 0; j0 < keys; j0 += kTile) {
-    stage_keys<scalar_t>(geo, block, j0, keys, k_tile, v_tile, k_valid);
-    if (!active) continue;
-    for (int j = 0; j < kTile; ++j) {
-      if (!k_valid[j]) continue;
-      float s = 0.f, dp = 0.f;
+  for_each_key([&](int j, float p, float dp) {
+    const float ds = p * (dp - delta);
 #pragma unroll
-      for (int d = 0; d < kMaxHeadDim; ++d) {
-        s += q[d] * k_tile[j][d];
-        dp += grad_o[d] * v_tile[j][d];
-      }
-      const float ds = expf(s - lse) * (dp - delta);
-#pragma unroll
-      for (int d = 0; d < kMaxHeadDim; ++d) dq[d] += ds * k_tile[j][d];
-    }
-  }
+    for (int d = 0; d < kMaxHeadDim; ++d) dq[d] += ds * k_tile[j][d];
+  });
   if (!active) return;
   scalar_t* dst = geo.dq_row(block, query);
 #pragma unroll
