@@ -191,8 +191,8 @@ __device__ __forceinline__ void kahan_add(float& sum, float& error, float value)
 
 // ---------------------------------------------------------------------------------------------
 // dq = scale * sum_j P_ij (dP_ij - D_i) k_j, with P_ij = exp(s_ij - lse_i), dP_ij = dO_i . v_j and
-// D_i = sum_j P_ij dP_ij, computed here in a first pass over the keys and written for dk/dv
-// (geo.delta_in_dq, always for this kernel; dO_i . O_i, precomputed, otherwise)
+// D_i = sum_j P_ij dP_ij, computed here in a first pass over the keys and written for dk/dv (this kernel
+// always computes it: dq_computes_delta is true for every geometry the scalar kernels serve)
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t, int kMaxHeadDim, typename Geometry>
 __global__ void attention_dq_kernel(Geometry geo, float scale) {
@@ -209,7 +209,6 @@ __global__ void attention_dq_kernel(Geometry geo, float scale) {
   if (active) {
     const scalar_t* g = geo.grad_out_row(block, query);
     lse = geo.lse[geo.lse_index(block, query)];
-    if (!geo.delta_in_dq) delta = geo.delta[geo.lse_index(block, query)];
 #pragma unroll
     for (int d = 0; d < kMaxHeadDim; ++d) {
       q[d] = d < head_dim ? load(query.ptr + d * query.stride) * scale : 0.f;
@@ -236,20 +235,18 @@ __global__ void attention_dq_kernel(Geometry geo, float scale) {
       }
     }
   };
-  if (geo.delta_in_dq) {
-    // D_i = sum_j P_ij dP_ij / sum_j P_ij from the very P_ij and dP_ij that dS_ij uses, in compensated sums:
-    // where dP_ij - D_i cancels (keys nearly alike, such as timm's padded keys, all the qkv bias) the error
-    // of D_i is amplified (by about 1 / the other keys' probability), and that of dO . O, or of a plain
-    // sum over 64 near-equal terms, put fp32 dq up to 1.6e-4 off on a 2 x 1 map in an 8 x 8 window (NOTES 36)
-    float weighted = 0.f, weighted_error = 0.f, total = 0.f, total_error = 0.f;
-    for_each_key([&](int, float p, float dp) {
-      kahan_add(weighted, weighted_error, p * dp);
-      kahan_add(total, total_error, p);
-    });
-    if (active) {
-      delta = total > 0.f ? weighted / total : 0.f;  // total is 0 only for a query with no key
-      geo.delta[geo.lse_index(block, query)] = delta;
-    }
+  // D_i = sum_j P_ij dP_ij / sum_j P_ij from the very P_ij and dP_ij that dS_ij uses, in compensated sums:
+  // where dP_ij - D_i cancels (keys nearly alike, such as timm's padded keys, all the qkv bias) the error
+  // of D_i is amplified (by about 1 / the other keys' probability), and that of dO . O, or of a plain
+  // sum over 64 near-equal terms, put fp32 dq up to 1.6e-4 off on a 2 x 1 map in an 8 x 8 window (NOTES 36)
+  float weighted = 0.f, weighted_error = 0.f, total = 0.f, total_error = 0.f;
+  for_each_key([&](int, float p, float dp) {
+    kahan_add(weighted, weighted_error, p * dp);
+    kahan_add(total, total_error, p);
+  });
+  if (active) {
+    delta = total > 0.f ? weighted / total : 0.f;  // total is 0 only for a query with no key
+    geo.delta[geo.lse_index(block, query)] = delta;
   }
   for_each_key([&](int j, float p, float dp) {
     const float ds = p * (dp - delta);
