@@ -117,17 +117,11 @@ def skip_unless_available(backend: str):
         pytest.skip(status.reason)
 
 
-def skip_cuda_unless_tensor_cores(backend: str):
-    """For the cuda backend: skip_unless_available, and skip a build whose code for this GPU predates
-    compute capability 8.0 too: its scalar kernels run 16-bit inputs, and take the backward's delta from
-    the 16-bit out (csrc/attention_mma.cuh's dq_computes_delta), which the tests of a cancelling
-    dP - delta are about. Other backends run (triton on the CPU through the interpreter)."""
-    if backend != "cuda":
-        return
-    skip_unless_available(backend)
-    if torch.ops.twins_kernels_cuda.device_code_version(torch.cuda.current_device()) < 80:
-        pytest.skip("this build's code for the GPU predates compute capability 8.0: the scalar kernels run "
-                    "16-bit inputs, their delta taken from out")
+def skip_cuda_unless_available(backend: str):
+    """For the cuda backend: skip_unless_available. Other backends run (triton on the CPU through the
+    interpreter)."""
+    if backend == "cuda":
+        skip_unless_available(backend)
 
 
 def require_cuda_extension():

@@ -19,7 +19,7 @@ from twins_kernels.ops.gsa import (
 )
 from twins_kernels.testing import module_parity_errors
 
-from conftest import KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_cuda_unless_tensor_cores, skip_unless_available
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_cuda_unless_available, skip_unless_available
 from parity import (
     DTYPE_IDS, TOLERANCE, assert_rel_close, check_compiled_matches_eager, check_module_parity,
     check_op_against_reference, make_tokens, strided_with_nans,
@@ -133,7 +133,7 @@ def test_backward_on_near_identical_values(backend, keys, dtype, monkeypatch):
     Twins stage at 224 x 224), 3.7e-4 and 3e-3. Eight fresh inputs, each within the tolerance. The torch
     backend as it runs off the CPU (query chunks; on CPU tensors it runs PyTorch's fused CPU attention,
     which takes delta from the output, as timm does there)."""
-    skip_cuda_unless_tensor_cores(backend)
+    skip_cuda_unless_available(backend)
     monkeypatch.setattr(gsa_module, "fused_cpu_attention", lambda t: False)
     for _ in range(8):
         q = torch.randn(1, 16, 16, device=KERNEL_DEVICE).to(dtype)

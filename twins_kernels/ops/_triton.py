@@ -54,10 +54,29 @@ try:
         else:
             value = arg
         return value
+
+    # The attention backward's delta_i = sum_j P_ij dP_ij / sum_j P_ij, from the very P and dP that
+    # dS = P (dP - delta) uses, not rowsum(dO * O): where P spreads over near-identical keys (timm's
+    # zero-mode padded keys are all the qkv bias) or over few keys whose dP nearly agree, dP - delta
+    # cancels and delta's error is amplified (by about 1 / the other keys' probability). O's rounding to
+    # 16 bits put dq up to 1.8e-2 off in bf16 on an LSA window (NOTES 33) and 5.1e-1 on GSA's
+    # (NOTES 34); in fp32, taking delta from O = P V put 12 of 200 draws of a mostly padded LSA window past
+    # 1e-5, rowsum(P dP) alone 11, divided by rowsum(P) (the lse's rounding taken out) none (NOTES 37).
+    @triton.jit
+    def softmax_delta(weighted, total):
+        """delta from rowsum(P dP) and rowsum(P); zero for a row with no probability (a cropped query)."""
+        return tl.where(total > 0.0, weighted / tl.where(total > 0.0, total, 1.0), 0.0)
+
+    @triton.jit
+    def compensated_add(total, error, value):
+        """(total, error) after adding value to a Kahan sum: error carries the low bits total lost."""
+        corrected = value - error
+        new_total = total + corrected
+        return new_total, (new_total - total) - corrected
 except Exception:  # not installed, or broken: the backend status reports the reason
     triton = SimpleNamespace(jit=lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f))
     tl = SimpleNamespace(constexpr=object)
     TRITON_DTYPES = {}
-    scalar_value = None
+    scalar_value = compensated_add = softmax_delta = None
 
-__all__ = ["TRITON_DTYPES", "scalar_value", "triton", "tl"]
+__all__ = ["TRITON_DTYPES", "compensated_add", "scalar_value", "softmax_delta", "triton", "tl"]

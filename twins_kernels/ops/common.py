@@ -104,9 +104,15 @@ def fused_cpu_attention(t: torch.Tensor) -> bool:
 
 def scores_grad(probs: torch.Tensor, grad_probs: torch.Tensor) -> torch.Tensor:
     """The softmax backward of the references' plain-math attention: dS = P * (dP - delta) with delta =
-    rowsum(P * dP) over all of a query's keys, in the probabilities' dtype, not rowsum(dO * O) from an
-    output rounded to its dtype (as the kernels do where a query's keys are one block; NOTES 33, 34)."""
-    return probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+    rowsum(P * dP) / rowsum(P) over all of a query's keys, not rowsum(dO * O) from an output rounded to its
+    dtype, as the LSA kernels do (NOTES 33, 34, 37). Where dP - delta cancels, delta's error is amplified:
+    dividing takes out the rounding of the lse that P is recomputed from, and the sums run in fp64 (the
+    kernels' are compensated); fp32 sums put 2 of 200 draws of LSA's mostly padded window past 1e-5. A row
+    of no probability (a cropped query) has delta 0."""
+    total = probs.sum(-1, keepdim=True, dtype=torch.float64)
+    weighted = (probs * grad_probs).sum(-1, keepdim=True, dtype=torch.float64)
+    delta = weighted / total.clamp_min(torch.finfo(total.dtype).tiny)
+    return probs * (grad_probs - delta.to(probs.dtype))
 
 
 def next_pow2(n: int) -> int:

@@ -14,9 +14,9 @@ is written to (B, N, C) in token order: no permute copies. The forward saves the
 (batch, head, query); the backward recomputes the probabilities from it:
   the dk/dv kernel (one program per key block and head, looping over query blocks): where the M keys
   are one block (up to 64 in 16 bits: 49 at every Twins stage at 224 x 224), it is the whole backward,
-  computing for each query block delta = rowsum(P * dP) from the probabilities (not rowsum(dO * O)
-  from the rounded O: NOTES 34) and dq too. Past one block, the dq kernel (one program per query block
-  and head, looping over key blocks) runs first, computes delta = rowsum(dO * O) and stores it for
+  computing for each query block delta = rowsum(P * dP) / rowsum(P) from the probabilities (not
+  rowsum(dO * O) from the rounded O: NOTES 34, 37) and dq too. Past one block, the dq kernel (one
+  program per query block and head, looping over key blocks) runs first, computes delta = rowsum(dO * O) and stores it for
   the dk/dv kernel, then dq. With few key blocks the query loop is split across programs that write
   fp32 partials, summed by one ``sum``. No atomics anywhere: the gradients are bitwise reproducible.
 
@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import resolve_backend
-from ._triton import TRITON_DTYPES, scalar_value, tl, triton
+from ._triton import TRITON_DTYPES, scalar_value, softmax_delta, tl, triton
 from .common import (
     KERNEL_DTYPES,
     accumulation_dtype,
@@ -341,9 +341,9 @@ def gsa_attention_dkdv_kernel(
 ):
     """dk, dv of one key block and head, summed over the queries of split ``program_id(1)``;
     written to grad_kv_ptr[split] (a (B, M, 2C) slice, channel stride 1). With WITH_DQ (all M keys are
-    this one block) also dq of the split's queries, and delta = rowsum(P * dP) from the probabilities
-    (delta_ptr is not read): the whole backward in one pass over q and dO, where the dq kernel and this
-    one read both (and the dq kernel O) each."""
+    this one block) also dq of the split's queries, and delta = rowsum(P * dP) / rowsum(P) from the
+    probabilities (``softmax_delta``; delta_ptr is not read): the whole backward in one pass over q and
+    dO, where the dq kernel and this one read both (and the dq kernel O) each."""
     block, b, h = _block_batch_head(M, BLOCK_N, HEADS)
     split = tl.program_id(1)
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -378,7 +378,7 @@ def gsa_attention_dkdv_kernel(
         grad_v += tl.dot(probs_t.to(q_t.dtype), tl.trans(grad_t), input_precision=DOT_PRECISION, out_dtype=ACC)
         grad_probs_t = tl.dot(v, grad_t, input_precision=DOT_PRECISION, out_dtype=ACC)
         if WITH_DQ:
-            delta = tl.sum(probs_t * grad_probs_t, axis=0)
+            delta = softmax_delta(tl.sum(probs_t * grad_probs_t, axis=0), tl.sum(probs_t, axis=0))
         else:
             delta = tl.load(delta_ptr + row, mask=m_mask, other=0.0)
         grad_scores_t = (probs_t * (grad_probs_t - delta[None, :])).to(q_t.dtype)

@@ -22,17 +22,19 @@ window of 16 x 16 = 256 slots never holds a 256 x 256 score tile. It saves the l
 (batch, head, query): O(N * heads), never the ws^4 scores. Accumulation is fp32 (fp64 for float64
 inputs, which gradcheck uses); fp32 dots use ``input_precision="ieee"`` (no tf32).
 
-Backward recomputes the probabilities from the log-sum-exp, with delta = rowsum(dO * O), or, where the
-window is one key block, rowsum(P * dO V^T) (the same value without O's rounding; O is not read):
+Backward recomputes the probabilities from the log-sum-exp, with delta = rowsum(P * dO V^T) / rowsum(P)
+(the value of rowsum(dO * O) without O's rounding, which the cancelling dP - delta amplifies; O is not
+read):
   dV = P^T dO,  dS = P * (dO V^T - delta),  dQ = scale * dS K,  dK = scale * dS^T Q,
 written straight into a (B, N, 3C) gradient (each real token's q, k and v slice has exactly one writer:
 no zero fill, no atomics). One program per (batch, window, head) and block of key slots loops over the
 window's query blocks for dK, dV; when the window is one key block (ws <= 8 in 16 bits; in fp32
-ws <= 5, or 4 above head_dim 64: ``lsa_tiles``) the same program also writes dQ, otherwise a second
-kernel does, one program per query block. Zero padding: the padded keys are copies of the bias, so
-their dK, dV are the bias's share of the gradient; each program writes its padded keys' sums to its
-own slot of a buffer that one ``sum`` reduces (no float atomics: bitwise reproducible). Padded queries
-are cropped, so the q part of that share is zero.
+ws <= 5, or 4 above head_dim 64: ``lsa_tiles``) the same program also writes dQ and computes delta,
+otherwise a second kernel, launched first, one program per query block, computes delta (a first pass
+over the key blocks, in compensated sums) and dQ (a second), and writes delta for the first. Zero
+padding: the padded keys are copies of the bias, so their dK, dV are the bias's share of the gradient;
+each program writes its padded keys' sums to its own slot of a buffer that one ``sum`` reduces (no
+float atomics: bitwise reproducible). Padded queries are cropped, so the q part of that share is zero.
 
 Backends (see ``twins_kernels.backend``):
   triton  the kernels above (float32, float16, bfloat16; float64 for checks).
@@ -73,7 +75,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton import TRITON_DTYPES, scalar_value, tl, triton
+from ._triton import TRITON_DTYPES, compensated_add, scalar_value, softmax_delta, tl, triton
 from .common import (
     accumulation_dtype,
     attention_backend,
@@ -329,6 +331,17 @@ def _load_keys(qkv_b, bias_ptr, tokens, inside, valid, chans, d_mask, stride_n, 
 
 
 @triton.jit
+def _key_block(qkv_b, bias_ptr, k_slots, y0, x0, H, W, C, q_chans, d_mask, stride_n, stride_c,
+               WS: tl.constexpr, PAD_WITH_BIAS: tl.constexpr):
+    """tokens, inside, valid, k and v of a block of key slots."""
+    tokens, inside, valid = _key_slots(k_slots, y0, x0, H, W, WS, PAD_WITH_BIAS)
+    k = _load_keys(qkv_b, bias_ptr, tokens, inside, valid, C + q_chans, d_mask, stride_n, stride_c, PAD_WITH_BIAS)
+    v = _load_keys(qkv_b, bias_ptr, tokens, inside, valid, 2 * C + q_chans, d_mask, stride_n, stride_c,
+                   PAD_WITH_BIAS)
+    return tokens, inside, valid, k, v
+
+
+@triton.jit
 def _program_window(HEADS, WINDOWS, WINDOWS_W, WS: tl.constexpr):
     """(b, head, y0, x0) of program_id(0) = (b * WINDOWS + window) * HEADS + head: the heads of one
     window are neighbouring programs, so they share its cache lines in L2."""
@@ -340,40 +353,28 @@ def _program_window(HEADS, WINDOWS, WINDOWS_W, WS: tl.constexpr):
 
 
 @triton.jit
-def _query_block(qkv_b, out_b, grad_out_b, lse_bh, slots, y0, x0, q_chans, d_mask, H, W, C,
-                 stride_n, stride_c, stride_gn, stride_gc, WS: tl.constexpr, ACC: tl.constexpr,
-                 DELTA_FROM_OUT: tl.constexpr):
-    """What the backward needs of a block of query slots: tokens, inside, q, dO, lse and, with
-    DELTA_FROM_OUT, delta = rowsum(dO * O) (else zeros: ``_probs_and_grad_scores`` computes it); zeros
-    for slots outside the map (cropped queries)."""
+def _query_block(qkv_b, grad_out_b, lse_bh, slots, y0, x0, q_chans, d_mask, H, W,
+                 stride_n, stride_c, stride_gn, stride_gc, WS: tl.constexpr):
+    """What the backward needs of a block of query slots: tokens, inside, q, dO and lse; zeros for
+    slots outside the map (cropped queries)."""
     tokens, _, inside = _window_slots(slots, y0, x0, H, W, WS)
     q = _load_rows(qkv_b, tokens, inside, q_chans, d_mask, stride_n, stride_c)
     grad = _load_rows(grad_out_b, tokens, inside, q_chans, d_mask, stride_gn, stride_gc).to(q.dtype)
-    if DELTA_FROM_OUT:
-        out = _load_rows(out_b, tokens, inside, q_chans, d_mask, C, 1)
-        delta = tl.sum(grad.to(ACC) * out.to(ACC), axis=1)
-    else:
-        delta = tl.zeros(slots.shape, dtype=ACC)
     lse = tl.load(lse_bh + tokens, mask=inside, other=0.0)
-    return tokens, inside, q, grad, lse, delta
+    return tokens, inside, q, grad, lse
 
 
 @triton.jit
-def _probs_and_grad_scores(q, k, v, grad, lse, delta, q_inside, k_valid, scale,
-                           ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DELTA_FROM_OUT: tl.constexpr):
-    """P (recomputed from the log-sum-exp) and dS = P * (dP - delta), dP = dO V^T, of a query block x
-    key block; zero for cropped queries and excluded keys. Without DELTA_FROM_OUT the key block is the
-    whole window and delta = rowsum(P * dP), in ACC: the same value as rowsum(dO * O) (O = P V), without
-    the rounding of O to a 16-bit dtype. That rounding is the backward's largest error where P spreads
-    over near-identical keys, as the padded keys of timm's zero mode are (all the qkv bias): dP - delta
-    cancels there, and dQ = dS K came out up to 1.8e-2 off in bf16 on a 4 x 1 map with ws 6, against
-    6e-3 now (NOTES 33)."""
+def _probs_and_grad_probs(q, k, v, grad, lse, q_inside, k_valid, scale,
+                          ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """P (recomputed from the log-sum-exp) and dP = dO V^T of a query block x key block, in ACC; P is
+    zero for cropped queries and excluded keys."""
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * scale
     probs = tl.where(q_inside[:, None] & k_valid[None, :], tl.exp(scores - lse[:, None]), 0.0)
     grad_probs = tl.dot(grad, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC)
-    if not DELTA_FROM_OUT:
-        delta = tl.sum(probs * grad_probs, axis=1)
-    return probs, probs * (grad_probs - delta[:, None])
+    return probs, grad_probs
+
+
 
 
 # Triton specializes an int argument on its value (== 1, divisible by 16) and compiles once per case:
@@ -411,11 +412,8 @@ def lsa_forward_kernel(
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
     for k_start in range(0, SLOTS, BLOCK_K):
         k_slots = k_start + tl.arange(0, BLOCK_K)
-        k_tokens, k_inside, k_valid = _key_slots(k_slots, y0, x0, H, W, WS, PAD_WITH_BIAS)
-        k = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, C + q_chans, d_mask, stride_n, stride_c,
-                       PAD_WITH_BIAS)
-        v = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, 2 * C + q_chans, d_mask, stride_n, stride_c,
-                       PAD_WITH_BIAS)
+        k_tokens, k_inside, k_valid, k, v = _key_block(qkv_b, bias_ptr, k_slots, y0, x0, H, W, C, q_chans, d_mask,
+                                                       stride_n, stride_c, WS, PAD_WITH_BIAS)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * scale
         scores = tl.where(k_valid[None, :], scores, float("-inf"))
         # the first block holds slot 0, a valid key: new_max is finite from the first iteration on
@@ -434,7 +432,7 @@ def lsa_forward_kernel(
 
 @triton.jit(do_not_specialize=_MAP_SIZE_ARGS)
 def lsa_backward_kernel(
-    qkv_ptr, bias_ptr, out_ptr, lse_ptr, grad_out_ptr, grad_qkv_ptr, pad_grad_ptr, scale_arg,
+    qkv_ptr, bias_ptr, lse_ptr, delta_ptr, grad_out_ptr, grad_qkv_ptr, pad_grad_ptr, scale_arg,
     H, W, C, HEADS, HEAD_DIM, WINDOWS, WINDOWS_W,
     stride_b, stride_n, stride_c,
     stride_gb, stride_gn, stride_gc,
@@ -443,38 +441,38 @@ def lsa_backward_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of BLOCK_K key slots (block program_id(1)) of one window and head, over all its query
-    blocks; with WITH_DQ (the window is this one key block) also dQ of every query block, and delta
-    from the probabilities rather than from O (which it then does not read). With
-    HAS_PADDED_KEYS, the padded keys' dK, dV sums go to this program's slot of pad_grad_ptr."""
+    blocks; with WITH_DQ (the window is this one key block) also dQ of every query block, and delta from
+    its probabilities, else delta from delta_ptr (lsa_backward_dq_kernel, launched before, writes it).
+    With HAS_PADDED_KEYS, the padded keys' dK, dV sums go to this program's slot of pad_grad_ptr."""
     b, h, y0, x0 = _program_window(HEADS, WINDOWS, WINDOWS_W, WS)
     tokens_per_image = H * W
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     q_chans = h * HEAD_DIM + offs_d
     qkv_b = qkv_ptr + b * stride_b
-    out_b = out_ptr + b * tokens_per_image * C
     grad_out_b = grad_out_ptr + b * stride_gb
     grad_qkv_b = grad_qkv_ptr + b * tokens_per_image * 3 * C
-    lse_bh = lse_ptr + (b * HEADS + h) * tokens_per_image
+    lse_offset = (b * HEADS + h) * tokens_per_image
     scale = scalar_value(scale_arg, ACC)
 
     key_block = tl.program_id(1)
     k_slots = key_block * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_tokens, k_inside, k_valid = _key_slots(k_slots, y0, x0, H, W, WS, PAD_WITH_BIAS)
-    k = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, C + q_chans, d_mask, stride_n, stride_c,
-                   PAD_WITH_BIAS)
-    v = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, 2 * C + q_chans, d_mask, stride_n, stride_c,
-                   PAD_WITH_BIAS)
+    k_tokens, k_inside, k_valid, k, v = _key_block(qkv_b, bias_ptr, k_slots, y0, x0, H, W, C, q_chans, d_mask,
+                                                   stride_n, stride_c, WS, PAD_WITH_BIAS)
 
     grad_k = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
     grad_v = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
     for q_start in range(0, SLOTS, BLOCK_Q):
         q_slots = q_start + tl.arange(0, BLOCK_Q)
-        q_tokens, q_inside, q, grad, lse, delta = _query_block(
-            qkv_b, out_b, grad_out_b, lse_bh, q_slots, y0, x0, q_chans, d_mask, H, W, C,
-            stride_n, stride_c, stride_gn, stride_gc, WS, ACC, not WITH_DQ)
-        probs, grad_scores = _probs_and_grad_scores(q, k, v, grad, lse, delta, q_inside, k_valid, scale,
-                                                    ACC, DOT_PRECISION, not WITH_DQ)
+        q_tokens, q_inside, q, grad, lse = _query_block(
+            qkv_b, grad_out_b, lse_ptr + lse_offset, q_slots, y0, x0, q_chans, d_mask, H, W,
+            stride_n, stride_c, stride_gn, stride_gc, WS)
+        probs, grad_probs = _probs_and_grad_probs(q, k, v, grad, lse, q_inside, k_valid, scale, ACC, DOT_PRECISION)
+        if WITH_DQ:
+            delta = softmax_delta(tl.sum(probs * grad_probs, axis=1), tl.sum(probs, axis=1))
+        else:
+            delta = tl.load(delta_ptr + lse_offset + q_tokens, mask=q_inside, other=0.0)
+        grad_scores = probs * (grad_probs - delta[:, None])
         grad_v += tl.dot(tl.trans(probs.to(q.dtype)), grad, input_precision=DOT_PRECISION, out_dtype=ACC)
         grad_k += tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=DOT_PRECISION, out_dtype=ACC)
         if WITH_DQ:
@@ -496,7 +494,7 @@ def lsa_backward_kernel(
 
 @triton.jit(do_not_specialize=_MAP_SIZE_ARGS)
 def lsa_backward_dq_kernel(
-    qkv_ptr, bias_ptr, out_ptr, lse_ptr, grad_out_ptr, grad_qkv_ptr, scale_arg,
+    qkv_ptr, bias_ptr, lse_ptr, delta_ptr, grad_out_ptr, grad_qkv_ptr, scale_arg,
     H, W, C, HEADS, HEAD_DIM, WINDOWS, WINDOWS_W,
     stride_b, stride_n, stride_c,
     stride_gb, stride_gn, stride_gc,
@@ -504,8 +502,10 @@ def lsa_backward_dq_kernel(
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dQ of BLOCK_Q query slots (block program_id(1)) of one window and head, over the window's key
-    blocks: for windows of more than one key block (ws > 8), where lsa_backward_kernel has no dQ."""
+    """delta and dQ of BLOCK_Q query slots (block program_id(1)) of one window and head, in two passes
+    over the window's key blocks (delta, then dQ): for windows of more than one key block, where
+    lsa_backward_kernel has no dQ and reads the delta written here. delta's sums over the blocks are
+    compensated (Kahan): their error is what dP - delta amplifies."""
     b, h, y0, x0 = _program_window(HEADS, WINDOWS, WINDOWS_W, WS)
     tokens_per_image = H * W
     offs_d = tl.arange(0, BLOCK_D)
@@ -515,21 +515,32 @@ def lsa_backward_dq_kernel(
     scale = scalar_value(scale_arg, ACC)
 
     q_slots = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_tokens, q_inside, q, grad, lse, delta = _query_block(
-        qkv_b, out_ptr + b * tokens_per_image * C, grad_out_ptr + b * stride_gb,
-        lse_ptr + (b * HEADS + h) * tokens_per_image, q_slots, y0, x0, q_chans, d_mask, H, W, C,
-        stride_n, stride_c, stride_gn, stride_gc, WS, ACC, True)
+    lse_offset = (b * HEADS + h) * tokens_per_image
+    q_tokens, q_inside, q, grad, lse = _query_block(
+        qkv_b, grad_out_ptr + b * stride_gb, lse_ptr + lse_offset, q_slots, y0, x0, q_chans, d_mask, H, W,
+        stride_n, stride_c, stride_gn, stride_gc, WS)
+
+    weighted = tl.zeros((BLOCK_Q,), dtype=ACC)
+    weighted_error = tl.zeros((BLOCK_Q,), dtype=ACC)
+    total = tl.zeros((BLOCK_Q,), dtype=ACC)
+    total_error = tl.zeros((BLOCK_Q,), dtype=ACC)
+    for k_start in range(0, SLOTS, BLOCK_K):
+        k_slots = k_start + tl.arange(0, BLOCK_K)
+        k_tokens, k_inside, k_valid, k, v = _key_block(qkv_b, bias_ptr, k_slots, y0, x0, H, W, C, q_chans, d_mask,
+                                                       stride_n, stride_c, WS, PAD_WITH_BIAS)
+        probs, grad_probs = _probs_and_grad_probs(q, k, v, grad, lse, q_inside, k_valid, scale, ACC, DOT_PRECISION)
+        weighted, weighted_error = compensated_add(weighted, weighted_error, tl.sum(probs * grad_probs, axis=1))
+        total, total_error = compensated_add(total, total_error, tl.sum(probs, axis=1))
+    delta = softmax_delta(weighted, total)
+    tl.store(delta_ptr + lse_offset + q_tokens, delta, mask=q_inside)
 
     grad_q = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
     for k_start in range(0, SLOTS, BLOCK_K):
         k_slots = k_start + tl.arange(0, BLOCK_K)
-        k_tokens, k_inside, k_valid = _key_slots(k_slots, y0, x0, H, W, WS, PAD_WITH_BIAS)
-        k = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, C + q_chans, d_mask, stride_n, stride_c,
-                       PAD_WITH_BIAS)
-        v = _load_keys(qkv_b, bias_ptr, k_tokens, k_inside, k_valid, 2 * C + q_chans, d_mask, stride_n, stride_c,
-                       PAD_WITH_BIAS)
-        _, grad_scores = _probs_and_grad_scores(q, k, v, grad, lse, delta, q_inside, k_valid, scale,
-                                                ACC, DOT_PRECISION, True)
+        k_tokens, k_inside, k_valid, k, v = _key_block(qkv_b, bias_ptr, k_slots, y0, x0, H, W, C, q_chans, d_mask,
+                                                       stride_n, stride_c, WS, PAD_WITH_BIAS)
+        probs, grad_probs = _probs_and_grad_probs(q, k, v, grad, lse, q_inside, k_valid, scale, ACC, DOT_PRECISION)
+        grad_scores = probs * (grad_probs - delta[:, None])
         grad_q += tl.dot(grad_scores.to(k.dtype), k, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     tl.store(grad_qkv_ptr + (b * tokens_per_image + q_tokens)[:, None] * 3 * C + q_chans[None, :],
@@ -610,7 +621,8 @@ def lsa_forward_triton(qkv, qkv_bias, height: int, width: int, ws: int, num_head
 
 def lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height: int, width: int, ws: int, num_heads: int,
                         scale: float, mask_padding: bool):
-    """(grad_qkv (B, N, 3C), the padded keys' share of the bias gradient (3C,) in fp32 (fp64))."""
+    """(grad_qkv (B, N, 3C), the padded keys' share of the bias gradient (3C,) in fp32 (fp64)). ``out`` is
+    read by no kernel (delta comes from the probabilities): it is there to match the op's arguments."""
     batch, tokens, chans3 = qkv.shape
     chans = chans3 // 3
     head_dim = chans // num_heads
@@ -619,7 +631,7 @@ def lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height: int, width: i
     windows, windows_w = _window_grid(height, width, ws)
     key_blocks = tiles.slots // tiles.block_k
     has_padded_keys = not mask_padding and (height % ws != 0 or width % ws != 0)
-    out, lse, qkv_bias = out.contiguous(), lse.contiguous(), qkv_bias.contiguous()  # read with unit strides
+    lse, qkv_bias = lse.contiguous(), qkv_bias.contiguous()  # read with unit strides
     grad_qkv = empty_output((batch, tokens, chans3), qkv)
     base_programs = batch * windows * num_heads
     if has_padded_keys:
@@ -634,16 +646,18 @@ def lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height: int, width: i
     )
     dims = (height, width, chans, num_heads, head_dim, windows, windows_w, *qkv.stride(), *grad_out.stride())
     scale_arg = scalar_arg(scale, qkv, acc)
-    with_dq = key_blocks == 1
+    with_dq = key_blocks == 1  # the dk/dv kernel computes dq and delta too
+    # delta, from the dq kernel for the dk/dv kernel; lse stands in, unread, with_dq
+    delta = lse if with_dq else empty_output(lse.shape, qkv, dtype=acc)
     with launch_device(qkv):
-        lsa_backward_kernel[(base_programs, key_blocks)](
-            qkv, qkv_bias, out, lse, grad_out, grad_qkv, pad_grad, scale_arg, *dims,
-            HAS_PADDED_KEYS=has_padded_keys, WITH_DQ=with_dq, **common,
-        )
         if not with_dq:
             lsa_backward_dq_kernel[(base_programs, tiles.slots // tiles.block_q)](
-                qkv, qkv_bias, out, lse, grad_out, grad_qkv, scale_arg, *dims, **common,
+                qkv, qkv_bias, lse, delta, grad_out, grad_qkv, scale_arg, *dims, **common,
             )
+        lsa_backward_kernel[(base_programs, key_blocks)](
+            qkv, qkv_bias, lse, delta, grad_out, grad_qkv, pad_grad, scale_arg, *dims,
+            HAS_PADDED_KEYS=has_padded_keys, WITH_DQ=with_dq, **common,
+        )
     grad_bias = torch.zeros(chans3, device=qkv.device, dtype=acc)
     if has_padded_keys:
         per_head = pad_grad.sum(dim=(0, 2))  # (heads, 2, D)
