@@ -4,7 +4,8 @@ Module level (qkv Linear + attention + proj), forward and forward+backward, for 
 window reshapes, 5-D SDPA that falls back to the math path), ``timm_compile``, ``triton`` and
 ``cuda`` (FusedLSA). Attention core alone for the kernel backends, forward and forward+backward, with
 the bytes a perfect kernel moves: forward, qkv read once (3C per token) and out written once (C);
-the backward reads qkv, out and grad_out and writes grad_qkv (8C), after its own forward.
+the backward reads qkv and grad_out and writes grad_qkv (7C), after its own forward (delta comes from
+the probabilities, so out is not read).
 """
 import pytest
 import torch
@@ -71,6 +72,6 @@ def test_lsa_attention_core(benchmark, roofline, image, stage, pass_, backend):
     tokens_c = batch * height * width * dim
     flops_fwd = 4 * batch * padded_tokens(height, width) * WS * WS * dim
     record(benchmark, timed_pass(core, qkv, (height, width), pass_, leaves=[bias]), roofline,
-           bytes_moved=(4 if pass_ == "fwd" else 12) * tokens_c * qkv.element_size(),
+           bytes_moved=(4 if pass_ == "fwd" else 11) * tokens_c * qkv.element_size(),
            flops=flops_fwd * (1 if pass_ == "fwd" else ATTENTION_FWDBWD_FLOPS), op="lsa-core", pass_=pass_,
            variant=backend, image=image, stage=stage + 1, batch=batch, dtype="bf16")

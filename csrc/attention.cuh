@@ -245,7 +245,9 @@ __global__ void attention_dq_kernel(Geometry geo, float scale) {
     kahan_add(total, total_error, p);
   });
   if (active) {
-    delta = total > 0.f ? weighted / total : 0.f;  // total is 0 only for a query with no key
+    // the sums less their last compensation; total is 0 only for a query with no key (NaN goes through)
+    total -= total_error;
+    delta = total == 0.f ? 0.f : (weighted - weighted_error) / total;
     geo.delta[geo.lse_index(block, query)] = delta;
   }
   for_each_key([&](int j, float p, float dp) {

@@ -64,19 +64,13 @@ try:
     # 1e-5, rowsum(P dP) alone 11, divided by rowsum(P) (the lse's rounding taken out) none (NOTES 37).
     @triton.jit
     def softmax_delta(weighted, total):
-        """delta from rowsum(P dP) and rowsum(P); zero for a row with no probability (a cropped query)."""
-        return tl.where(total > 0.0, weighted / tl.where(total > 0.0, total, 1.0), 0.0)
-
-    @triton.jit
-    def compensated_add(total, error, value):
-        """(total, error) after adding value to a Kahan sum: error carries the low bits total lost."""
-        corrected = value - error
-        new_total = total + corrected
-        return new_total, (new_total - total) - corrected
+        """delta from rowsum(P dP) and rowsum(P); zero for a row with no probability (a cropped query),
+        NaN where either sum is."""
+        return tl.where(total == 0.0, 0.0, weighted / tl.where(total == 0.0, 1.0, total))
 except Exception:  # not installed, or broken: the backend status reports the reason
     triton = SimpleNamespace(jit=lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f))
     tl = SimpleNamespace(constexpr=object)
     TRITON_DTYPES = {}
-    scalar_value = compensated_add = softmax_delta = None
+    scalar_value = softmax_delta = None
 
-__all__ = ["TRITON_DTYPES", "compensated_add", "scalar_value", "softmax_delta", "triton", "tl"]
+__all__ = ["TRITON_DTYPES", "scalar_value", "softmax_delta", "triton", "tl"]

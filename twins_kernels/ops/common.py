@@ -104,13 +104,15 @@ def fused_cpu_attention(t: torch.Tensor) -> bool:
 
 def scores_grad(probs: torch.Tensor, grad_probs: torch.Tensor) -> torch.Tensor:
     """The softmax backward of the references' plain-math attention: dS = P * (dP - delta) with delta =
-    rowsum(P * dP) / rowsum(P) over all of a query's keys, not rowsum(dO * O) from an output rounded to its
-    dtype, as the LSA kernels do (NOTES 33, 34, 37). Where dP - delta cancels, delta's error is amplified:
-    dividing takes out the rounding of the lse that P is recomputed from, and the sums run in fp64 (the
-    kernels' are compensated); fp32 sums put 2 of 200 draws of LSA's mostly padded window past 1e-5. A row
-    of no probability (a cropped query) has delta 0."""
-    total = probs.sum(-1, keepdim=True, dtype=torch.float64)
-    weighted = (probs * grad_probs).sum(-1, keepdim=True, dtype=torch.float64)
+    rowsum(P * dP) / rowsum(P) over all of a query's keys, as the Triton LSA kernels take it, not
+    rowsum(dO * O) from an output rounded to its dtype (NOTES 33, 34, 37). Where dP - delta cancels,
+    delta's error is amplified: dividing takes out the rounding of the lse that P is recomputed from, and
+    the sums run in fp64 (a transient fp64 copy of P and of P * dP; MPS, which has no fp64, keeps the
+    probabilities' dtype): fp32 sums put 2 of 200 draws of LSA's mostly padded window past 1e-5. A row of
+    no probability (a cropped query) has delta 0."""
+    sum_dtype = probs.dtype if probs.device.type == "mps" else torch.float64
+    total = probs.sum(-1, keepdim=True, dtype=sum_dtype)
+    weighted = (probs * grad_probs).sum(-1, keepdim=True, dtype=sum_dtype)
     delta = weighted / total.clamp_min(torch.finfo(total.dtype).tiny)
     return probs * (grad_probs - delta.to(probs.dtype))
 

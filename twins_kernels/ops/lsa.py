@@ -31,7 +31,7 @@ no zero fill, no atomics). One program per (batch, window, head) and block of ke
 window's query blocks for dK, dV; when the window is one key block (ws <= 8 in 16 bits; in fp32
 ws <= 5, or 4 above head_dim 64: ``lsa_tiles``) the same program also writes dQ and computes delta,
 otherwise a second kernel, launched first, one program per query block, computes delta (a first pass
-over the key blocks, in compensated sums) and dQ (a second), and writes delta for the first. Zero
+over the key blocks) and dQ (a second), and writes delta for the dK, dV kernel. Zero
 padding: the padded keys are copies of the bias, so their dK, dV are the bias's share of the gradient;
 each program writes its padded keys' sums to its own slot of a buffer that one ``sum`` reduces (no
 float atomics: bitwise reproducible). Padded queries are cropped, so the q part of that share is zero.
@@ -75,7 +75,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton import TRITON_DTYPES, compensated_add, scalar_value, softmax_delta, tl, triton
+from ._triton import TRITON_DTYPES, scalar_value, softmax_delta, tl, triton
 from .common import (
     accumulation_dtype,
     attention_backend,
@@ -375,8 +375,6 @@ def _probs_and_grad_probs(q, k, v, grad, lse, q_inside, k_valid, scale,
     return probs, grad_probs
 
 
-
-
 # Triton specializes an int argument on its value (== 1, divisible by 16) and compiles once per case:
 # the map's sizes vary from image to image (detection, segmentation) and nothing vectorizes on them
 # (the strides and C do that), so they are not specialized, and a new image size compiles nothing
@@ -504,8 +502,7 @@ def lsa_backward_dq_kernel(
 ):
     """delta and dQ of BLOCK_Q query slots (block program_id(1)) of one window and head, in two passes
     over the window's key blocks (delta, then dQ): for windows of more than one key block, where
-    lsa_backward_kernel has no dQ and reads the delta written here. delta's sums over the blocks are
-    compensated (Kahan): their error is what dP - delta amplifies."""
+    lsa_backward_kernel has no dQ and reads the delta written here."""
     b, h, y0, x0 = _program_window(HEADS, WINDOWS, WINDOWS_W, WS)
     tokens_per_image = H * W
     offs_d = tl.arange(0, BLOCK_D)
@@ -521,16 +518,14 @@ def lsa_backward_dq_kernel(
         stride_n, stride_c, stride_gn, stride_gc, WS)
 
     weighted = tl.zeros((BLOCK_Q,), dtype=ACC)
-    weighted_error = tl.zeros((BLOCK_Q,), dtype=ACC)
     total = tl.zeros((BLOCK_Q,), dtype=ACC)
-    total_error = tl.zeros((BLOCK_Q,), dtype=ACC)
     for k_start in range(0, SLOTS, BLOCK_K):
         k_slots = k_start + tl.arange(0, BLOCK_K)
         k_tokens, k_inside, k_valid, k, v = _key_block(qkv_b, bias_ptr, k_slots, y0, x0, H, W, C, q_chans, d_mask,
                                                        stride_n, stride_c, WS, PAD_WITH_BIAS)
         probs, grad_probs = _probs_and_grad_probs(q, k, v, grad, lse, q_inside, k_valid, scale, ACC, DOT_PRECISION)
-        weighted, weighted_error = compensated_add(weighted, weighted_error, tl.sum(probs * grad_probs, axis=1))
-        total, total_error = compensated_add(total, total_error, tl.sum(probs, axis=1))
+        weighted += tl.sum(probs * grad_probs, axis=1)
+        total += tl.sum(probs, axis=1)
     delta = softmax_delta(weighted, total)
     tl.store(delta_ptr + lse_offset + q_tokens, delta, mask=q_inside)
 
@@ -558,6 +553,7 @@ class LsaTiles:
     block_d: int  # head_dim padded to a power of two
     num_warps: int
     num_stages: int
+    dq_stages: int  # lsa_backward_dq_kernel's (backward only): 1, see lsa_tiles
 
 
 def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> LsaTiles:
@@ -571,10 +567,12 @@ def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Lsa
     4 query x 4 key blocks), so the score tile never exceeds 64 x 64. 4 warps; 8 where the head_dim
     doubles the operands (above 64 in the forward, above 32 in the backward, which holds q, k, v, dO,
     dK, dV); 2 for 16-slot windows (ws <= 4). The loops run once for windows of one block (no stages
-    to pipeline), so num_stages is 1 there and 2 for windows of several blocks. fp32 and fp64 dots run
-    on the FMA units, whose operands live in registers: their blocks are 32 slots (16 at head_dim 128;
-    ``fma_rows``) on 4 or 8 warps (``fma_warps``), which also keeps every kernel within an A100's and an
-    H100's shared memory (tests/triton_aot.py)."""
+    to pipeline), so num_stages is 1 there and 2 for windows of several blocks, but for the dq kernel of
+    such windows: its two passes over the key blocks (delta, then dQ), each pipelined, spilled 8-32 bytes
+    a thread for sm_90 in fp32 (ws 7 and 12), with one stage none. fp32 and fp64 dots run on the FMA
+    units, whose operands live in registers: their blocks are 32 slots (16 at head_dim 128; ``fma_rows``)
+    on 4 or 8 warps (``fma_warps``), which also keeps every kernel within an A100's and an H100's shared
+    memory (tests/triton_aot.py)."""
     slots = max(16, next_pow2(ws * ws))
     block_d = max(16, next_pow2(head_dim))
     if dtype.itemsize == 2:
@@ -586,7 +584,7 @@ def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Lsa
     else:
         block = min(slots, fma_rows(block_d))
         num_warps = fma_warps(block, block_d)
-    return LsaTiles(slots, block, block, block_d, num_warps, 1 if slots == block else 2)
+    return LsaTiles(slots, block, block, block_d, num_warps, 1 if slots == block else 2, dq_stages=1)
 
 
 def _window_grid(height: int, width: int, ws: int) -> tuple[int, int]:
@@ -652,7 +650,8 @@ def lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height: int, width: i
     with launch_device(qkv):
         if not with_dq:
             lsa_backward_dq_kernel[(base_programs, tiles.slots // tiles.block_q)](
-                qkv, qkv_bias, lse, delta, grad_out, grad_qkv, scale_arg, *dims, **common,
+                qkv, qkv_bias, lse, delta, grad_out, grad_qkv, scale_arg, *dims,
+                **{**common, "num_stages": tiles.dq_stages},
             )
         lsa_backward_kernel[(base_programs, key_blocks)](
             qkv, qkv_bias, lse, delta, grad_out, grad_qkv, pad_grad, scale_arg, *dims,
