@@ -191,8 +191,9 @@ __device__ __forceinline__ void kahan_add(float& sum, float& error, float value)
 
 // ---------------------------------------------------------------------------------------------
 // dq = scale * sum_j P_ij (dP_ij - D_i) k_j, with P_ij = exp(s_ij - lse_i), dP_ij = dO_i . v_j and
-// D_i = sum_j P_ij dP_ij, computed here in a first pass over the keys and written for dk/dv (this kernel
-// always computes it: dq_computes_delta is true for every geometry the scalar kernels serve)
+// D_i = sum_j P_ij dP_ij / sum_j P_ij, computed here in a first pass over the keys and written for
+// dk/dv (this kernel always computes it: dq_computes_delta is true for every geometry the scalar kernels
+// serve)
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t, int kMaxHeadDim, typename Geometry>
 __global__ void attention_dq_kernel(Geometry geo, float scale) {

@@ -65,7 +65,7 @@ try:
     @triton.jit
     def softmax_delta(weighted, total):
         """delta from rowsum(P dP) and rowsum(P); zero for a row with no probability (a cropped query),
-        NaN where either sum is."""
+        NaN where total is, or weighted is and total is not zero."""
         return tl.where(total == 0.0, 0.0, weighted / tl.where(total == 0.0, 1.0, total))
 except Exception:  # not installed, or broken: the backend status reports the reason
     triton = SimpleNamespace(jit=lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f))

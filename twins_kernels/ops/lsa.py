@@ -553,7 +553,7 @@ class LsaTiles:
     block_d: int  # head_dim padded to a power of two
     num_warps: int
     num_stages: int
-    dq_stages: int  # lsa_backward_dq_kernel's (backward only): 1, see lsa_tiles
+    dq_stages: int  # lsa_backward_dq_kernel's (backward only; see lsa_tiles)
 
 
 def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> LsaTiles:
@@ -567,12 +567,13 @@ def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Lsa
     4 query x 4 key blocks), so the score tile never exceeds 64 x 64. 4 warps; 8 where the head_dim
     doubles the operands (above 64 in the forward, above 32 in the backward, which holds q, k, v, dO,
     dK, dV); 2 for 16-slot windows (ws <= 4). The loops run once for windows of one block (no stages
-    to pipeline), so num_stages is 1 there and 2 for windows of several blocks, but for the dq kernel of
-    such windows: its two passes over the key blocks (delta, then dQ), each pipelined, spilled 8-32 bytes
-    a thread for sm_90 in fp32 (ws 7 and 12), with one stage none. fp32 and fp64 dots run on the FMA
-    units, whose operands live in registers: their blocks are 32 slots (16 at head_dim 128; ``fma_rows``)
-    on 4 or 8 warps (``fma_warps``), which also keeps every kernel within an A100's and an H100's shared
-    memory (tests/triton_aot.py)."""
+    to pipeline), so num_stages is 1 there and 2 for windows of several blocks, but for the fp32 and fp64
+    dq kernel of such windows: its two passes over the key blocks (delta, then dQ), each pipelined,
+    spilled 8-32 bytes a thread for sm_90 (ws 7 and 12, head_dim 32-128), with one stage none; in 16 bits
+    neither spills for sm_90 and neither is clean for sm_80 at head_dim 128, ws 12 (two stages: 64 bytes
+    in zero mode; one: 136 in mask mode), so it keeps the pipelining. fp32 and fp64 dots run on the FMA units, whose operands live in registers: their blocks
+    are 32 slots (16 at head_dim 128; ``fma_rows``) on 4 or 8 warps (``fma_warps``), which also keeps
+    every kernel within an A100's and an H100's shared memory (tests/triton_aot.py)."""
     slots = max(16, next_pow2(ws * ws))
     block_d = max(16, next_pow2(head_dim))
     if dtype.itemsize == 2:
@@ -584,7 +585,9 @@ def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Lsa
     else:
         block = min(slots, fma_rows(block_d))
         num_warps = fma_warps(block, block_d)
-    return LsaTiles(slots, block, block, block_d, num_warps, 1 if slots == block else 2, dq_stages=1)
+    num_stages = 1 if slots == block else 2
+    return LsaTiles(slots, block, block, block_d, num_warps, num_stages,
+                    dq_stages=num_stages if dtype.itemsize == 2 else 1)
 
 
 def _window_grid(height: int, width: int, ws: int) -> tuple[int, int]:
