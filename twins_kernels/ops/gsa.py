@@ -16,9 +16,10 @@ is written to (B, N, C) in token order: no permute copies. The forward saves the
   are one block (up to 64 in 16 bits: 49 at every Twins stage at 224 x 224), it is the whole backward,
   computing for each query block delta = rowsum(P * dP) / rowsum(P) from the probabilities (not
   rowsum(dO * O) from the rounded O: NOTES 34, 37) and dq too. Past one block, the dq kernel (one
-  program per query block and head, looping over key blocks) runs first, computes delta = rowsum(dO * O) and stores it for
-  the dk/dv kernel, then dq. With few key blocks the query loop is split across programs that write
-  fp32 partials, summed by one ``sum``. No atomics anywhere: the gradients are bitwise reproducible.
+  program per query block and head, looping over key blocks) runs first, computes delta =
+  rowsum(dO * O) and stores it for the dk/dv kernel, then dq. With few key blocks the query loop is
+  split across programs that write fp32 partials, summed by one ``sum``. No atomics anywhere: the
+  gradients are bitwise reproducible.
 
 The sub-sampling (``gsa_subsample``) is the stride-sr conv as a patch GEMM: a patch's K = sr*sr*C
 inputs are sr*sr token rows of C channels, read from (B, N, C) by index arithmetic (rows and columns

@@ -410,8 +410,8 @@ def lsa_forward_kernel(
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
     for k_start in range(0, SLOTS, BLOCK_K):
         k_slots = k_start + tl.arange(0, BLOCK_K)
-        k_tokens, k_inside, k_valid, k, v = _key_block(qkv_b, bias_ptr, k_slots, y0, x0, H, W, C, q_chans, d_mask,
-                                                       stride_n, stride_c, WS, PAD_WITH_BIAS)
+        _, _, k_valid, k, v = _key_block(qkv_b, bias_ptr, k_slots, y0, x0, H, W, C, q_chans, d_mask,
+                                         stride_n, stride_c, WS, PAD_WITH_BIAS)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC) * scale
         scores = tl.where(k_valid[None, :], scores, float("-inf"))
         # the first block holds slot 0, a valid key: new_max is finite from the first iteration on
@@ -521,8 +521,8 @@ def lsa_backward_dq_kernel(
     total = tl.zeros((BLOCK_Q,), dtype=ACC)
     for k_start in range(0, SLOTS, BLOCK_K):
         k_slots = k_start + tl.arange(0, BLOCK_K)
-        k_tokens, k_inside, k_valid, k, v = _key_block(qkv_b, bias_ptr, k_slots, y0, x0, H, W, C, q_chans, d_mask,
-                                                       stride_n, stride_c, WS, PAD_WITH_BIAS)
+        _, _, k_valid, k, v = _key_block(qkv_b, bias_ptr, k_slots, y0, x0, H, W, C, q_chans, d_mask,
+                                         stride_n, stride_c, WS, PAD_WITH_BIAS)
         probs, grad_probs = _probs_and_grad_probs(q, k, v, grad, lse, q_inside, k_valid, scale, ACC, DOT_PRECISION)
         weighted += tl.sum(probs * grad_probs, axis=1)
         total += tl.sum(probs, axis=1)
@@ -532,8 +532,8 @@ def lsa_backward_dq_kernel(
     grad_q = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
     for k_start in range(0, SLOTS, BLOCK_K):
         k_slots = k_start + tl.arange(0, BLOCK_K)
-        k_tokens, k_inside, k_valid, k, v = _key_block(qkv_b, bias_ptr, k_slots, y0, x0, H, W, C, q_chans, d_mask,
-                                                       stride_n, stride_c, WS, PAD_WITH_BIAS)
+        _, _, k_valid, k, v = _key_block(qkv_b, bias_ptr, k_slots, y0, x0, H, W, C, q_chans, d_mask,
+                                         stride_n, stride_c, WS, PAD_WITH_BIAS)
         probs, grad_probs = _probs_and_grad_probs(q, k, v, grad, lse, q_inside, k_valid, scale, ACC, DOT_PRECISION)
         grad_scores = probs * (grad_probs - delta[:, None])
         grad_q += tl.dot(grad_scores.to(k.dtype), k, input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -571,9 +571,10 @@ def lsa_tiles(ws: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Lsa
     dq kernel of such windows: its two passes over the key blocks (delta, then dQ), each pipelined,
     spilled 8-32 bytes a thread for sm_90 (ws 7 and 12, head_dim 32-128), with one stage none; in 16 bits
     neither spills for sm_90 and neither is clean for sm_80 at head_dim 128, ws 12 (two stages: 64 bytes
-    in zero mode; one: 136 in mask mode), so it keeps the pipelining. fp32 and fp64 dots run on the FMA units, whose operands live in registers: their blocks
-    are 32 slots (16 at head_dim 128; ``fma_rows``) on 4 or 8 warps (``fma_warps``), which also keeps
-    every kernel within an A100's and an H100's shared memory (tests/triton_aot.py)."""
+    in zero mode; one: 136 in mask mode), so it keeps the pipelining. fp32 and fp64 dots run on the FMA
+    units, whose operands live in registers: their blocks are 32 slots (16 at head_dim 128;
+    ``fma_rows``) on 4 or 8 warps (``fma_warps``), which also keeps every kernel within an A100's and an
+    H100's shared memory (tests/triton_aot.py)."""
     slots = max(16, next_pow2(ws * ws))
     block_d = max(16, next_pow2(head_dim))
     if dtype.itemsize == 2:
