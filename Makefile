@@ -34,7 +34,7 @@ demo: $(VENV)/.extension
 	$(PYTHON) -m twins_kernels
 
 test: $(VENV)/.extension
-	TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PYTHON) -m pytest tests/ -q -n $(TEST_WORKERS) --dist loadgroup
+	TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PYTHON) -m pytest tests/ -q -n $(TEST_WORKERS)
 
 bench: $(VENV)/.extension
 	$(PYTHON) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json

@@ -94,10 +94,10 @@ else
 fi
 rm -f "$BUILD_LOG"
 # xdist workers (the GPU image has pytest-xdist): the GPU is shared, the Triton compilations spread over
-# the machine's 16 cores; --dist loadgroup: the tests marked large_gpu_memory run on one worker, in turn
+# the machine's 16 cores (the tests marked large_gpu_memory take turns: tests/conftest.py)
 run_tests() {
   until_deadline "$@" env TWINS_KERNELS_REQUIRE_EXTENSION=1 $PY -m pytest tests/ -q -n "${TEST_WORKERS:-8}" \
-    --dist loadgroup --durations=15 "${TEST_ARGS[@]}" > "$OUT/tests.txt" 2>&1
+    --durations=15 "${TEST_ARGS[@]}" > "$OUT/tests.txt" 2>&1
   tail -n 3 "$OUT/tests.txt"
 }
 run_main_job() {

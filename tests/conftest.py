@@ -3,8 +3,11 @@
 TRITON_INTERPRET must be set before Triton kernels are defined, so it happens here, at import time,
 before any test imports twins_kernels. On a machine with a GPU the kernels run natively.
 """
+import contextlib
+import gc
 import importlib.util
 import os
+import pathlib
 import subprocess
 import sys
 import zlib
@@ -19,10 +22,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 HAS_GPU = torch.cuda.is_available()
 GPU_REASON = "needs a CUDA GPU (none visible to PyTorch)"
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=GPU_REASON)
-# Tests that hold an estimated 20-25 GB of GPU memory (tensors past 2^31 elements and their fp32
-# references): one pytest-xdist worker runs them one after another (with `--dist loadgroup`, which
-# `make test` and run_gpu.sh use), since three at once on 8 workers would not fit an 80 GB GPU.
-large_gpu_memory = pytest.mark.xdist_group("large_gpu_memory")
+
+
+def shared_tmp_dir(tmp_path_factory) -> pathlib.Path:
+    """A directory of this pytest run that every pytest-xdist worker of the run sees."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def held_across_workers(tmp_path_factory, name: str):
+    """An exclusive lock ``name`` among this run's pytest-xdist workers, held for the with-block.
+    A lock rather than `--dist loadgroup`'s xdist_group mark: with pytest 9.2 the mark is silently
+    ignored (pytest-dev/pytest-xdist#1386), and the tests it groups run on every worker at once."""
+    import fcntl  # POSIX only, hence imported here
+
+    with open(shared_tmp_dir(tmp_path_factory) / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+@pytest.fixture
+def one_large_gpu_test_at_a_time(tmp_path_factory):
+    """Tests that hold an estimated 20-25 GB of GPU memory (tensors past 2^31 elements and their fp32
+    references) run one after another: three at once on 8 workers would not fit an 80 GB GPU. The
+    memory a test cached goes back before the next worker's test takes the lock."""
+    with held_across_workers(tmp_path_factory, "large_gpu_memory"):
+        yield
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+large_gpu_memory = pytest.mark.usefixtures("one_large_gpu_test_at_a_time")
 
 # The device the kernels are checked on: the GPU when there is one, else the CPU via the interpreter.
 KERNEL_DEVICE = "cuda" if HAS_GPU else "cpu"

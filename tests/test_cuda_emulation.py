@@ -33,7 +33,7 @@ import torch
 from twins_kernels.ops import gsa_attention_reference, lsa_reference, peg_reference
 from twins_kernels.ops.lsa import _reference_forward as _lsa_reference_forward
 
-from conftest import HAS_GPU, ROOT
+from conftest import HAS_GPU, ROOT, held_across_workers, shared_tmp_dir
 from parity import DTYPE_IDS, TOLERANCE, rel_err
 
 # Where there is a GPU the cuda backend's tests run the kernels themselves, and the emulation (which CI
@@ -79,14 +79,20 @@ def sanitizer_reason(tmp_path_factory, sanitizer):
 
 
 def build(tmp_path_factory, name: str, sanitizer: str | None = None):
-    """The harness ``name`` built with g++, under one of SANITIZERS if ``sanitizer`` names it."""
+    """The harness ``name`` built with g++, under one of SANITIZERS if ``sanitizer`` names it: once a
+    pytest run, by the first pytest-xdist worker that needs it (a sanitized build takes 10-40 s)."""
     from torch.utils.cpp_extension import include_paths
 
-    binary = tmp_path_factory.mktemp("emulation") / name
-    includes = [flag for path in [os.path.join(ROOT, "csrc"), *include_paths()] for flag in ("-I", path)]
-    optimization = ["-O1", "-g", *SANITIZERS[sanitizer]] if sanitizer else ["-O2"]
-    subprocess.run([compiler(), "-std=c++20", *optimization, "-pthread", *includes, "-o", str(binary),
-                    os.path.join(ROOT, "tests", "cuda_emulation", f"{name}.cpp")], check=True)
+    binary = shared_tmp_dir(tmp_path_factory) / f"{name}-{sanitizer or 'optimized'}"
+    with held_across_workers(tmp_path_factory, binary.name):
+        if not binary.exists():
+            includes = [flag for path in [os.path.join(ROOT, "csrc"), *include_paths()] for flag in ("-I", path)]
+            # -g1: the line tables a sanitizer's report needs, at 40 s for the attention harness where -g takes 55
+            optimization = ["-O1", "-g1", *SANITIZERS[sanitizer]] if sanitizer else ["-O2"]
+            partial = binary.with_suffix(".partial")  # a failed build leaves no binary for the next worker
+            subprocess.run([compiler(), "-std=c++20", *optimization, "-pthread", *includes, "-o", str(partial),
+                            os.path.join(ROOT, "tests", "cuda_emulation", f"{name}.cpp")], check=True)
+            partial.rename(binary)
     return binary
 
 

@@ -54,7 +54,7 @@ def test_session_builds_then_main_job_then_tests_then_headline_benchmarks(gpu_sc
     result, calls, _ = gpu_script("session", "--skip-timed", "run1/benchmarks.json")
     assert result.returncode == 0, result.stdout + result.stderr
     pip, main_job, tests, bench, report = calls[1:]
-    assert pip.startswith("-m pip install") and "-m pytest tests/ -q -n 8 --dist loadgroup" in tests
+    assert pip.startswith("-m pip install") and "-m pytest tests/ -q -n 8 --durations=15" in tests
     assert main_job == "-m twins_kernels"
     assert bench.startswith("-m pytest benchmarks/ --benchmark-only")
     assert bench.endswith("-m headline --skip-timed run1/benchmarks.json")
