@@ -25,9 +25,12 @@ requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=GPU_REASON)
 
 
 def shared_tmp_dir(tmp_path_factory) -> pathlib.Path:
-    """A directory of this pytest run that every pytest-xdist worker of the run sees."""
+    """A directory of this pytest run that every pytest-xdist worker of the run sees: a worker's own is
+    <the run's>/popen-<worker>. (A pytest started inside a worker inherits PYTEST_XDIST_WORKER, hence
+    the name check: the parent of its own directory is no run's.)"""
     base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return base.parent if worker and base.name == f"popen-{worker}" else base
 
 
 @contextlib.contextmanager
@@ -46,9 +49,13 @@ def held_across_workers(tmp_path_factory, name: str):
 def one_large_gpu_test_at_a_time(tmp_path_factory):
     """Tests that hold an estimated 20-25 GB of GPU memory (tensors past 2^31 elements and their fp32
     references) run one after another: three at once on 8 workers would not fit an 80 GB GPU. The
-    memory a test cached goes back before the next worker's test takes the lock."""
+    memory a test cached goes back before the next worker's test takes the lock, a failed test's too:
+    pytest keeps its traceback, and with it the test's tensors, in sys.last_traceback."""
     with held_across_workers(tmp_path_factory, "large_gpu_memory"):
         yield
+        sys.last_type = sys.last_value = sys.last_traceback = None
+        if sys.version_info >= (3, 12):
+            sys.last_exc = None
         gc.collect()
         torch.cuda.empty_cache()
 
