@@ -2,7 +2,7 @@
 csrc/peg_kernels.cuh) run on the CPU.
 
 tests/cuda_emulation/emulate.h stands in for CUDA's execution model (blocks in turn, a block's threads as
-std::threads meeting at a barrier in __syncthreads, __shared__ arrays as statics, warps exchanging
+fibers taking turns between barriers in __syncthreads, __shared__ arrays as statics, warps exchanging
 registers for __shfl_xor_sync and mma.sync), so g++ builds the very kernel code nvcc builds; the harnesses
 run forward and backward in fp32, fp16 and bf16 (c10::Half and c10::BFloat16, the types the extension
 dispatches to), the attention with both kernel families (scalar: every dtype; mma, the tensor-core kernels:
@@ -13,7 +13,7 @@ A GPU block's shared memory holds whatever ran there before it, where the emulat
 zero: so each attention case runs after the same kernels ran on NaN inputs at their tiles' full width,
 and a kernel that reads a shared element it did not write meets NaN there (attention_harness.cpp).
 
-A subset also runs under ThreadSanitizer: the emulated threads of a block are real threads ordered only by
+A subset also runs under ThreadSanitizer: there the emulated threads of a block are OS threads ordered only by
 the emulated barriers, so a shared-memory access that a missing or misplaced ``__syncthreads`` leaves
 unordered (a race on the GPU, where it shows as wrong numbers once in a while) is reported, and fails the
 case, whether or not this run's timing happened to corrupt a value; and under AddressSanitizer, which
@@ -78,20 +78,27 @@ def sanitizer_reason(tmp_path_factory, sanitizer):
     return None
 
 
+def compile_emulated(source, binary, sanitizer: str | None = None):
+    """g++ builds ``source`` (with emulate.h and csrc/ on its include path) into ``binary``, under one
+    of SANITIZERS if ``sanitizer`` names it."""
+    from torch.utils.cpp_extension import include_paths
+
+    folders = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "tests", "cuda_emulation"), *include_paths()]
+    includes = [flag for path in folders for flag in ("-I", path)]
+    # -g1: the line tables a sanitizer's report needs, at 40 s for the attention harness where -g takes 55
+    optimization = ["-O1", "-g1", *SANITIZERS[sanitizer]] if sanitizer else ["-O2"]
+    subprocess.run([compiler(), "-std=c++20", *optimization, "-pthread", *includes, "-o", str(binary), str(source)],
+                   check=True)
+
+
 def build(tmp_path_factory, name: str, sanitizer: str | None = None):
     """The harness ``name`` built with g++, under one of SANITIZERS if ``sanitizer`` names it: once a
     pytest run, by the first pytest-xdist worker that needs it (a sanitized build takes 10-40 s)."""
-    from torch.utils.cpp_extension import include_paths
-
     binary = shared_tmp_dir(tmp_path_factory) / f"{name}-{sanitizer or 'optimized'}"
     with held_across_workers(tmp_path_factory, binary.name):
         if not binary.exists():
-            includes = [flag for path in [os.path.join(ROOT, "csrc"), *include_paths()] for flag in ("-I", path)]
-            # -g1: the line tables a sanitizer's report needs, at 40 s for the attention harness where -g takes 55
-            optimization = ["-O1", "-g1", *SANITIZERS[sanitizer]] if sanitizer else ["-O2"]
             partial = binary.with_suffix(".partial")  # a failed build leaves no binary for the next worker
-            subprocess.run([compiler(), "-std=c++20", *optimization, "-pthread", *includes, "-o", str(partial),
-                            os.path.join(ROOT, "tests", "cuda_emulation", f"{name}.cpp")], check=True)
+            compile_emulated(os.path.join(ROOT, "tests", "cuda_emulation", f"{name}.cpp"), partial, sanitizer)
             partial.rename(binary)
     return binary
 
@@ -334,3 +341,24 @@ def test_emulated_gsa_kernels_under_sanitizers(sanitized_harness, tmp_path, shap
 @sanitized("shape,dtype", PEG_SHAPES, [("5x7-C40", torch.bfloat16), ("W1", torch.float32)])
 def test_emulated_peg_kernels_under_sanitizers(sanitized_peg_harness, tmp_path, shape, dtype):
     check_peg(sanitized_peg_harness, tmp_path, shape, dtype)
+
+
+# A block whose thread 5 returns before the barrier the others wait at: a GPU block that never ends.
+DIVERGENT_BARRIER = r"""
+#include "emulate.h"
+int main() {
+  emulated_launch(2, 64, [] {
+    if (threadIdx.x == 5) return;
+    __syncthreads();
+  });
+}
+"""
+
+
+def test_a_barrier_that_a_thread_never_reaches_stops_the_emulation(tmp_path):
+    """The fibers' scheduler finds the block that cannot end and says where (OS threads would hang)."""
+    (tmp_path / "divergent.cpp").write_text(DIVERGENT_BARRIER)
+    compile_emulated(tmp_path / "divergent.cpp", tmp_path / "divergent")
+    ran = subprocess.run([tmp_path / "divergent"], capture_output=True, text=True, timeout=60)
+    assert ran.returncode != 0
+    assert "block 0: thread 0 waits at a barrier that not all of its block's (or warp's) threads reach" in ran.stderr

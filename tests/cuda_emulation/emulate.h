@@ -1,27 +1,41 @@
 // Just enough of CUDA's execution model to run csrc/'s kernels on a CPU, for tests: blocks run one
-// after another (in grid order or its reverse), a block's threads run as std::threads meeting at a
-// std::barrier in __syncthreads() (so ThreadSanitizer sees the block's races), and __shared__ arrays
-// are function statics (one block at a time uses them).
+// after another (in grid order or its reverse), a block's threads meet at a barrier in __syncthreads(),
+// and __shared__ arrays are function statics (one block at a time uses them).
 // Warps of 32 consecutive threads exchange registers for the warp-wide instructions the kernels use
 // (__shfl_xor_sync and mma.sync m16n8k16 through warp_mma.cuh), meeting at a barrier of their own.
 // cp.async copies (vector_access.cuh) land when their thread waits for them.
 // It checks the kernels' index arithmetic, masking, staging, fragment layouts and math, not GPU-only
 // behaviour (timing, bank conflicts, the tensor cores' internal summation order).
+//
+// A block's threads are fibers (ucontext) that one OS thread runs in turn, each until it waits at a
+// barrier: an mma.sync is two warp barriers, and as OS threads meeting at std::barrier the futex
+// wake-ups of 32-256 threads on a few cores took 2-3x the kernels' own time in the kernel (system time).
+// The sanitized builds run them as OS threads instead: ThreadSanitizer sees races between threads (a
+// shared-memory access that no barrier orders), and AddressSanitizer knows an OS thread's stack.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
-#include <thread>
+#include <functional>
 #include <vector>
+
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define TWINS_KERNELS_EMULATION_OS_THREADS 1
+#include <barrier>
+#include <thread>
+#else
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+#endif
 
 #define TWINS_KERNELS_CUDA_EMULATION 1
 #define __global__
@@ -35,31 +49,84 @@ struct EmulatedDim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 
-inline thread_local EmulatedDim3 threadIdx;
 inline EmulatedDim3 blockIdx;
 inline EmulatedDim3 blockDim;
 inline EmulatedDim3 gridDim;
-inline std::barrier<>* emulated_block_barrier = nullptr;
 
-inline void __syncthreads() { emulated_block_barrier->arrive_and_wait(); }
+struct EmulatedThread;
+
+#if defined(TWINS_KERNELS_EMULATION_OS_THREADS)
+class EmulatedBarrier {
+ public:
+  explicit EmulatedBarrier(unsigned participants) : barrier_(participants) {}
+  void arrive_and_wait() { barrier_.arrive_and_wait(); }
+
+ private:
+  std::barrier<> barrier_;
+};
+#else
+// The fibers that may run (in turn, first in first out), and the context that runs them.
+inline std::deque<EmulatedThread*> emulated_runnable;
+inline ucontext_t emulated_scheduler;
+
+// The last thread to arrive wakes the others and goes on; the others give up the OS thread until then.
+class EmulatedBarrier {
+ public:
+  explicit EmulatedBarrier(unsigned participants) : participants_(participants) {}
+  void arrive_and_wait();
+
+ private:
+  unsigned participants_;
+  std::vector<EmulatedThread*> waiting_;
+};
+#endif
 
 // What a warp's lanes hand each other in a warp-wide instruction.
 struct EmulatedWarp {
-  explicit EmulatedWarp(int lanes) : barrier(lanes) {}
-  std::barrier<> barrier;
+  explicit EmulatedWarp(unsigned lanes) : barrier(lanes) {}
+  EmulatedBarrier barrier;
   uint32_t a[32][4];
   uint32_t b[32][2];
   float value[32];
 };
 
-inline thread_local EmulatedWarp* emulated_warp = nullptr;
-inline thread_local int emulated_lane = 0;
+// cp.async: the 16-byte copies a thread has issued and not yet waited for, in the groups it committed
+// (oldest first) and those issued since. A group lands (is copied) when its thread waits for it, as late
+// as the GPU may land it; a thread that ends with copies in flight is a kernel bug.
+struct EmulatedAsyncCopy {
+  void* dst;
+  const void* src;
+};
+
+// An emulated CUDA thread's own state: what CUDA keeps in registers or per thread.
+struct EmulatedThread {
+  EmulatedDim3 index;  // threadIdx
+  unsigned linear = 0;
+  EmulatedWarp* warp = nullptr;
+  int lane = 0;
+  std::deque<std::vector<EmulatedAsyncCopy>> async_groups;
+  std::vector<EmulatedAsyncCopy> async_copies;  // not committed yet
+#if !defined(TWINS_KERNELS_EMULATION_OS_THREADS)
+  ucontext_t context;
+  bool finished = false;
+#endif
+};
+
+// The running thread's state: set by each OS thread for itself, or by the scheduler for the fiber it
+// switches to.
+inline thread_local EmulatedThread* emulated_thread = nullptr;
+#define threadIdx (emulated_thread->index)
+
+inline EmulatedBarrier* emulated_block_barrier = nullptr;
+
+inline void __syncthreads() { emulated_block_barrier->arrive_and_wait(); }
 
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
-  EmulatedWarp& warp = *emulated_warp;
-  warp.value[emulated_lane] = value;
+  EmulatedWarp& warp = *emulated_thread->warp;
+  const int lane = emulated_thread->lane;
+  warp.value[lane] = value;
   warp.barrier.arrive_and_wait();
-  const float other = warp.value[emulated_lane ^ lane_mask];
+  const float other = warp.value[lane ^ lane_mask];
   warp.barrier.arrive_and_wait();
   return other;
 }
@@ -73,40 +140,32 @@ inline void emulated_aligned_copy(void* dst, const void* src, size_t bytes) {
   std::memcpy(dst, src, bytes);
 }
 
-// cp.async: the 16-byte copies a thread has issued and not yet waited for, in the groups it committed
-// (oldest first) and those issued since. A group lands (is copied) when its thread waits for it, as late
-// as the GPU may land it; a thread that ends with copies in flight is a kernel bug.
-struct EmulatedAsyncCopy {
-  void* dst;
-  const void* src;
-};
-inline thread_local std::deque<std::vector<EmulatedAsyncCopy>> emulated_async_groups;
-inline thread_local std::vector<EmulatedAsyncCopy> emulated_async_copies;  // not committed yet
-
 inline void emulated_async_copy(void* dst, const void* src) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
     fprintf(stderr, "misaligned cp.async: %p <- %p\n", dst, src);
     std::abort();
   }
-  emulated_async_copies.push_back({dst, src});
+  emulated_thread->async_copies.push_back({dst, src});
 }
 
 inline void emulated_async_commit() {
-  emulated_async_groups.push_back(std::move(emulated_async_copies));
-  emulated_async_copies.clear();
+  EmulatedThread& thread = *emulated_thread;
+  thread.async_groups.push_back(std::move(thread.async_copies));
+  thread.async_copies.clear();
 }
 
 // cp.async.wait_group pending: every committed group but the `pending` newest lands.
 inline void emulated_async_wait(size_t pending) {
-  while (emulated_async_groups.size() > pending) {
-    for (const EmulatedAsyncCopy& copy : emulated_async_groups.front()) std::memcpy(copy.dst, copy.src, 16);
-    emulated_async_groups.pop_front();
+  auto& groups = emulated_thread->async_groups;
+  while (groups.size() > pending) {
+    for (const EmulatedAsyncCopy& copy : groups.front()) std::memcpy(copy.dst, copy.src, 16);
+    groups.pop_front();
   }
 }
 
 inline size_t emulated_async_in_flight() {
-  size_t copies = emulated_async_copies.size();
-  for (const auto& group : emulated_async_groups) copies += group.size();
+  size_t copies = emulated_thread->async_copies.size();
+  for (const auto& group : emulated_thread->async_groups) copies += group.size();
   return copies;
 }
 
@@ -123,13 +182,14 @@ float emulated_fragment_value(uint32_t reg, int half) {
 //   C, D (16x8) element (m, n): lane 4 (m % 8) + n / 2,     value 2 (m / 8) + n % 2
 template <typename scalar_t>
 void emulated_mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  EmulatedWarp& warp = *emulated_warp;
-  std::copy(a, a + 4, warp.a[emulated_lane]);
-  std::copy(b, b + 2, warp.b[emulated_lane]);
+  EmulatedWarp& warp = *emulated_thread->warp;
+  const int lane = emulated_thread->lane;
+  std::copy(a, a + 4, warp.a[lane]);
+  std::copy(b, b + 2, warp.b[lane]);
   warp.barrier.arrive_and_wait();
   for (int m = 0; m < 16; ++m) {
     for (int n = 0; n < 8; ++n) {
-      if (4 * (m % 8) + n / 2 != emulated_lane) continue;
+      if (4 * (m % 8) + n / 2 != lane) continue;
       float sum = 0.f;
       for (int k = 0; k < 16; ++k) {
         const uint32_t a_reg = warp.a[4 * (m % 8) + (k % 8) / 2][m / 8 + 2 * (k / 8)];
@@ -153,6 +213,84 @@ inline bool emulated_blocks_reversed() {
   return order != nullptr && std::strcmp(order, "reversed") == 0;
 }
 
+#if defined(TWINS_KERNELS_EMULATION_OS_THREADS)
+// One block: each thread runs ``body`` on an OS thread of its own.
+inline void emulated_run_block(std::vector<EmulatedThread>& threads, const std::function<void()>& body) {
+  std::vector<std::thread> workers;
+  for (EmulatedThread& thread : threads) {
+    workers.emplace_back([&thread, &body] {
+      emulated_thread = &thread;
+      body();
+    });
+  }
+  for (auto& worker : workers) worker.join();
+}
+#else
+constexpr size_t kEmulatedStackBytes = 256 << 10;
+
+// The fibers' stacks, kept from block to block, each above a page that faults: a stack that overflows
+// stops the harness instead of writing over its neighbour.
+inline char* emulated_fiber_stack(size_t index) {
+  static std::vector<char*> stacks;
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  while (stacks.size() <= index) {
+    void* memory = mmap(nullptr, page + kEmulatedStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (memory == MAP_FAILED || mprotect(memory, page, PROT_NONE) != 0) {
+      perror("a fiber stack");
+      std::abort();
+    }
+    stacks.push_back(static_cast<char*>(memory) + page);
+  }
+  return stacks[index];
+}
+
+inline const std::function<void()>* emulated_fiber_body = nullptr;
+
+inline void emulated_fiber_entry() {
+  (*emulated_fiber_body)();
+  emulated_thread->finished = true;
+}  // and on to the context's uc_link: the scheduler
+
+inline void emulated_wait_for_turn() { swapcontext(&emulated_thread->context, &emulated_scheduler); }
+
+inline void EmulatedBarrier::arrive_and_wait() {
+  if (waiting_.size() + 1 == participants_) {
+    emulated_runnable.insert(emulated_runnable.end(), waiting_.begin(), waiting_.end());
+    waiting_.clear();
+    return;
+  }
+  waiting_.push_back(emulated_thread);
+  emulated_wait_for_turn();
+}
+
+// One block: each thread runs ``body`` as a fiber, and the fibers take turns until every one has ended.
+inline void emulated_run_block(std::vector<EmulatedThread>& threads, const std::function<void()>& body) {
+  emulated_fiber_body = &body;
+  for (size_t t = 0; t < threads.size(); ++t) {
+    ucontext_t& context = threads[t].context;
+    getcontext(&context);
+    context.uc_stack.ss_sp = emulated_fiber_stack(t);
+    context.uc_stack.ss_size = kEmulatedStackBytes;
+    context.uc_link = &emulated_scheduler;
+    makecontext(&context, emulated_fiber_entry, 0);
+    emulated_runnable.push_back(&threads[t]);
+  }
+  while (!emulated_runnable.empty()) {
+    emulated_thread = emulated_runnable.front();
+    emulated_runnable.pop_front();
+    swapcontext(&emulated_scheduler, &emulated_thread->context);
+  }
+  emulated_thread = nullptr;
+  for (const EmulatedThread& thread : threads) {
+    if (!thread.finished) {  // on a GPU, a block that never finishes
+      fprintf(stderr, "block %u: thread %u waits at a barrier that not all of its block's (or warp's) threads reach\n",
+              blockIdx.x, thread.linear);
+      std::abort();
+    }
+  }
+}
+#endif
+
 // kernel<<<grid, block>>>(args...) as emulated_launch(grid, block, [&] { kernel(args...); }), 2-D at most
 template <typename Kernel>
 void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, Kernel kernel) {
@@ -161,28 +299,30 @@ void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, Kernel kernel) {
   const unsigned threads = block.x * block.y;
   const unsigned blocks = grid.x * grid.y;
   const bool reversed = emulated_blocks_reversed();
+  const std::function<void()> body = [&kernel] {
+    kernel();
+    if (const size_t copies = emulated_async_in_flight(); copies > 0) {
+      fprintf(stderr, "thread %u of block %u ended with %zu cp.async copies never waited for\n",
+              emulated_thread->linear, blockIdx.x, copies);
+      std::abort();
+    }
+  };
   for (unsigned step = 0; step < blocks; ++step) {
     const unsigned linear = reversed ? blocks - 1 - step : step;
     blockIdx = {linear % grid.x, linear / grid.x, 0};
-    std::barrier<> barrier(threads);
+    EmulatedBarrier barrier(threads);
     emulated_block_barrier = &barrier;
     std::deque<EmulatedWarp> warps;  // 32 consecutive threads a warp, the last one possibly partial
     for (unsigned first = 0; first < threads; first += 32) warps.emplace_back(std::min(32u, threads - first));
-    std::vector<std::thread> workers;
+    std::vector<EmulatedThread> block_threads(threads);
     for (unsigned t = 0; t < threads; ++t) {
-      workers.emplace_back([t, &block, &kernel, &warps] {
-        threadIdx = {t % block.x, t / block.x, 0};
-        emulated_warp = &warps[t / 32];
-        emulated_lane = static_cast<int>(t % 32);
-        kernel();
-        if (const size_t copies = emulated_async_in_flight(); copies > 0) {
-          fprintf(stderr, "thread %u of block %u ended with %zu cp.async copies never waited for\n", t,
-                  blockIdx.x, copies);
-          std::abort();
-        }
-      });
+      EmulatedThread& thread = block_threads[t];
+      thread.index = {t % block.x, t / block.x, 0};
+      thread.linear = t;
+      thread.warp = &warps[t / 32];
+      thread.lane = static_cast<int>(t % 32);
     }
-    for (auto& worker : workers) worker.join();
+    emulated_run_block(block_threads, body);
   }
 }
 
