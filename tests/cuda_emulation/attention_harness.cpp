@@ -72,7 +72,7 @@ static Case nan_run_case(Case c) {
 // Whether this run first leaves NaN in the shared tiles: the plain build's grid-order run. A sanitized
 // build looks for races and stray accesses, and a reversed run must give the grid-order run's bits anyway.
 static bool nan_run_first() {
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#if defined(TWINS_KERNELS_EMULATION_SANITIZED)
   return false;
 #else
   return !emulated_blocks_reversed();

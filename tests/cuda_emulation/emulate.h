@@ -27,8 +27,9 @@
 #include <functional>
 #include <vector>
 
+// g++ -fsanitize=thread or address: a block's threads are OS threads (above)
 #if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-#define TWINS_KERNELS_EMULATION_OS_THREADS 1
+#define TWINS_KERNELS_EMULATION_SANITIZED 1
 #include <barrier>
 #include <thread>
 #else
@@ -55,7 +56,7 @@ inline EmulatedDim3 gridDim;
 
 struct EmulatedThread;
 
-#if defined(TWINS_KERNELS_EMULATION_OS_THREADS)
+#if defined(TWINS_KERNELS_EMULATION_SANITIZED)
 class EmulatedBarrier {
  public:
   explicit EmulatedBarrier(unsigned participants) : barrier_(participants) {}
@@ -106,7 +107,7 @@ struct EmulatedThread {
   int lane = 0;
   std::deque<std::vector<EmulatedAsyncCopy>> async_groups;
   std::vector<EmulatedAsyncCopy> async_copies;  // not committed yet
-#if !defined(TWINS_KERNELS_EMULATION_OS_THREADS)
+#if !defined(TWINS_KERNELS_EMULATION_SANITIZED)
   ucontext_t context;
   bool finished = false;
 #endif
@@ -213,7 +214,7 @@ inline bool emulated_blocks_reversed() {
   return order != nullptr && std::strcmp(order, "reversed") == 0;
 }
 
-#if defined(TWINS_KERNELS_EMULATION_OS_THREADS)
+#if defined(TWINS_KERNELS_EMULATION_SANITIZED)
 // One block: each thread runs ``body`` on an OS thread of its own.
 inline void emulated_run_block(std::vector<EmulatedThread>& threads, const std::function<void()>& body) {
   std::vector<std::thread> workers;
@@ -251,8 +252,6 @@ inline void emulated_fiber_entry() {
   emulated_thread->finished = true;
 }  // and on to the context's uc_link: the scheduler
 
-inline void emulated_wait_for_turn() { swapcontext(&emulated_thread->context, &emulated_scheduler); }
-
 inline void EmulatedBarrier::arrive_and_wait() {
   if (waiting_.size() + 1 == participants_) {
     emulated_runnable.insert(emulated_runnable.end(), waiting_.begin(), waiting_.end());
@@ -260,7 +259,7 @@ inline void EmulatedBarrier::arrive_and_wait() {
     return;
   }
   waiting_.push_back(emulated_thread);
-  emulated_wait_for_turn();
+  swapcontext(&emulated_thread->context, &emulated_scheduler);
 }
 
 // One block: each thread runs ``body`` as a fiber, and the fibers take turns until every one has ended.
