@@ -244,22 +244,22 @@ __device__ __forceinline__ void for_each_lane_column(int head_dim, Fn fn) {
   }
 }
 
-// A query block's results to memory through the shared tile `buffer` (kMmaRows rows of kStride, no
-// longer read by any warp once every warp has passed a barrier since): value(r, n, e), the lane's
-// accumulator value of its row r (0, 1) and column 8 n + 2 t + e, rounded to scalar_t, two columns a
-// 4-byte store into the tile; then row i's chunks of 8 columns to dst_row(i) (null: no query there) by
+// A query block's results to memory through its staged queries (part 0 of `rows`): value(r, n, e), the
+// lane's accumulator value of its row r (0, 1) and column 8 n + 2 t + e, rounded to scalar_t, two columns
+// a 4-byte store into the tile; then row i's chunks of 8 columns to dst_row(i) (null: no query there) by
 // the block's threads in turn, a row's chunks together, one 16-byte store a chunk where the row is
 // 16-byte aligned, else element by element. A lane's own stores would be 2 bytes each, 16 a lane at
 // head_dim 32, the four lanes of a row writing every other column: 8 times the store instructions.
-template <typename scalar_t, int kHeadDim, typename Value, typename DstRow>
-__device__ __forceinline__ void store_block_rows(uint16_t* buffer, int head_dim, Value value, DstRow dst_row) {
+// No barrier before the first stores: the 4-byte words a lane writes are those it alone read, as its A
+// fragments of the queries (row_fragments, warp_mma.cuh's load_a), and no thread reads the tile otherwise.
+template <typename scalar_t, int kHeadDim, int kParts, typename Value, typename DstRow>
+__device__ __forceinline__ void store_block_rows(BlockRows<kHeadDim, kParts>& rows, int head_dim, Value value,
+                                                 DstRow dst_row) {
   using Tiles = MmaTiles<kHeadDim>;
-  constexpr int kStride = Tiles::kStride;
   const int col = 2 * warp::lane_in_group();
-  __syncthreads();  // buffer is free: no thread still reads what it held
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    uint16_t* row = buffer + (lane_row() + 8 * r) * kStride + col;
+    uint16_t* row = rows.row(0, lane_row() + 8 * r) + col;
 #pragma unroll
     for (int n = 0; n < Tiles::kDimTiles; ++n) {
       warp::store_pair(row + 8 * n, warp::pack(warp::round_to_bits<scalar_t>(value(r, n, 0)),
@@ -269,7 +269,7 @@ __device__ __forceinline__ void store_block_rows(uint16_t* buffer, int head_dim,
   __syncthreads();
   for_each_chunk<kMmaRows, kHeadDim>([&](int i, int d0) {
     scalar_t* dst = dst_row(i);
-    const uint16_t* src = buffer + i * kStride + d0;
+    const uint16_t* src = rows.row(0, i) + d0;
     if (dst == nullptr || d0 >= head_dim) return;
     if (d0 + 8 <= head_dim && aligned_16(dst + d0)) {
       copy_16_bytes(dst + d0, src);
@@ -379,8 +379,8 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
     sum[r] = warp::group_sum(row_sum[r]);
     if (active[r] && col == 0) geo.lse[geo.lse_index(block, query[r])] = (row_max[r] + log2f(sum[r])) * kLn2;
   }
-  store_block_rows<scalar_t, kHeadDim>(
-      queries.rows, head_dim, [&](int r, int n, int e) { return acc[n][2 * r + e] / sum[r]; },
+  store_block_rows<scalar_t>(
+      queries, head_dim, [&](int r, int n, int e) { return acc[n][2 * r + e] / sum[r]; },
       [&](int i) -> scalar_t* {
         Row<scalar_t> row;
         return geo.query(block, i, row) ? geo.out_row(block, row) : nullptr;
@@ -460,8 +460,8 @@ __global__ void __launch_bounds__(MmaTiles<kHeadDim>::kThreads)
     }
     warp::mma_accumulators_tile<scalar_t, kStride>(dq, s, tile.k);
   }
-  store_block_rows<scalar_t, kHeadDim>(
-      queries.rows, head_dim, [&](int r, int n, int e) { return dq[n][2 * r + e] * scale; },
+  store_block_rows<scalar_t>(
+      queries, head_dim, [&](int r, int n, int e) { return dq[n][2 * r + e] * scale; },
       [&](int i) -> scalar_t* {
         Row<scalar_t> row;
         return geo.query(block, i, row) ? geo.dq_row(block, row) : nullptr;
