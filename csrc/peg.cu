@@ -80,6 +80,8 @@ at::Tensor peg_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std:
 at::Tensor peg_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t height, int64_t width) {
   check_tokens(x, "x", height, width);
   check_tokens(grad_out, "grad_out", height, width);
+  TORCH_CHECK(grad_out.device() == x.device(), "grad_out and x must be on one CUDA device, got ", grad_out.device(),
+              " and ", x.device());
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out has shape ", grad_out.sizes(), ", expected ", x.sizes());
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out and x must share a dtype, got ",
               grad_out.scalar_type(), " and ", x.scalar_type());
