@@ -12,6 +12,8 @@ from conftest import ROOT
 STUB_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$STUB_LOG"
 case "$*" in
+  "-c import twins_kernels._C")
+    if [ -n "${STUB_NO_EXTENSION:-}" ]; then echo "ModuleNotFoundError: No module named 'twins_kernels._C'"; exit 1; fi ;;
   "-m pytest tests/"*) sleep "${STUB_TEST_SECONDS:-0}" ;;
   "-m pytest benchmarks/"*)
     for arg in "$@"; do
@@ -53,8 +55,9 @@ def gpu_script(tmp_path):
 def test_session_builds_then_main_job_then_tests_then_headline_benchmarks(gpu_script):
     result, calls, _ = gpu_script("session", "--skip-timed", "run1/benchmarks.json")
     assert result.returncode == 0, result.stdout + result.stderr
-    pip, main_job, tests, bench, report = calls[1:]
-    assert pip.startswith("-m pip install") and "-m pytest tests/ -q -n 8 --durations=15" in tests
+    pip, loads, main_job, tests, bench, report = calls[1:]
+    assert pip.startswith("-m pip install") and loads == "-c import twins_kernels._C"
+    assert "-m pytest tests/ -q -n 8 --durations=15" in tests
     assert main_job == "-m twins_kernels"
     assert bench.startswith("-m pytest benchmarks/ --benchmark-only")
     assert bench.endswith("-m headline --skip-timed run1/benchmarks.json")
@@ -70,6 +73,19 @@ def test_session_builds_then_main_job_then_tests_then_headline_benchmarks(gpu_sc
     assert not any(call.startswith("-m pip") for call in calls[first_run:])
     assert "extension: the carried build" in (gpu_script.out / "env.txt").read_text()
     assert len(list(gpu_script.out.iterdir())) <= 8  # what the device tool brings back
+
+
+def test_a_build_that_gives_no_extension_is_not_recorded_and_env_txt_says_why(gpu_script):
+    hash_file = gpu_script.tree / "twins_kernels" / "_C.sources.sha256"
+    hash_file.write_text("0" * 64 + "\n")  # a carried build of other sources
+    result, calls, _ = gpu_script("session", STUB_NO_EXTENSION=1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    env = (gpu_script.out / "env.txt").read_text()
+    assert f"the carried build is of other sources ({'0' * 64})" in env
+    # pip succeeded (no toolkit: the pure-Python package), but nothing loads: not recorded as built
+    assert "No module named 'twins_kernels._C'" in env and "extension: build FAILED" in env
+    assert not hash_file.exists()
+    assert any(call.startswith("-m pytest tests/") for call in calls)  # the tests still say what fails
 
 
 def test_the_test_budget_interrupts_the_tests_and_the_session_goes_on(gpu_script):
