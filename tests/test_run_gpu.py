@@ -13,7 +13,7 @@ STUB_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$STUB_LOG"
 case "$*" in
   "-c import twins_kernels._C")
-    if [ -n "${STUB_NO_EXTENSION:-}" ]; then echo "ModuleNotFoundError: No module named 'twins_kernels._C'"; exit 1; fi ;;
+    [ -z "${STUB_NO_EXTENSION:-}" ] || { echo "ModuleNotFoundError: No module named 'twins_kernels._C'"; exit 1; } ;;
   "-m pytest tests/"*) sleep "${STUB_TEST_SECONDS:-0}" ;;
   "-m pytest benchmarks/"*)
     for arg in "$@"; do
