@@ -89,16 +89,19 @@ def test_reference_backend_matches_timm(batch, height, width, dim, heads, sr):
     check_gsa_parity(module, "torch", x, (height, width), torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS.get)
-def test_attention_reads_strided_q_and_kv(dtype):
-    """q and kv as views with padded rows and transposed storage: read by strides, never copied."""
+def test_attention_reads_strided_q_and_kv(dtype, backend):
+    """q and kv as views with padded rows and transposed storage (channels not adjacent): the kernels read
+    them by strides; PyTorch's fused CPU attention, which the torch backend runs on CPU, would read a
+    row's channels as adjacent, and gets copies where they are not."""
     batch, tokens, keys, chans, heads = 2, 21, 11, 64, 2
     q = torch.randn(batch, chans, tokens + 3, device=KERNEL_DEVICE).to(dtype).transpose(1, 2)[:, 3:]
     kv = torch.randn(keys, batch, 2 * chans + 5, device=KERNEL_DEVICE).to(dtype).transpose(0, 1)[..., 5:]
     assert not q.is_contiguous() and not kv.is_contiguous()
     q.requires_grad_()
     kv.requires_grad_()
-    out = gsa_attention(q, kv, heads, backend="triton")
+    out = gsa_attention(q, kv, heads, backend=backend)
     q_ref, kv_ref = q.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
     out_ref = gsa_attention_reference(q_ref, kv_ref, heads)
     grad = torch.randn_like(out_ref).to(dtype).double()

@@ -102,6 +102,13 @@ def fused_cpu_attention(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def unit_channel_stride(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """``tensors`` with adjacent elements along their last dim (a copy where not): PyTorch's fused CPU
+    attention (``fused_cpu_attention``) reads q's rows as if they were, whatever their stride; public SDPA
+    checks the strides before it picks that kernel, the private op the torch backend calls does not."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
 def scores_grad(probs: torch.Tensor, grad_probs: torch.Tensor) -> torch.Tensor:
     """The softmax backward of the references' plain-math attention: dS = P * (dP - delta) with delta =
     rowsum(P * dP) / rowsum(P) over all of a query's keys, as the Triton LSA kernels take it, not

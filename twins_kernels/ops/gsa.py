@@ -87,6 +87,7 @@ from .common import (
     pow2_block,
     scalar_arg,
     scores_grad,
+    unit_channel_stride,
 )
 
 REFERENCE_QUERY_CHUNK = 1024  # the reference attention holds chunk x M scores, never N x M
@@ -133,7 +134,7 @@ def _attention_forward_reference(q, kv, num_heads: int, scale: float):
     if not fused_cpu_attention(q):
         return _attention_forward_chunked(q, kv, num_heads, scale)
     chans = q.shape[2]
-    qh, k, v = (_heads(t, num_heads, q.dtype) for t in (q, kv[..., :chans], kv[..., chans:]))
+    qh, k, v = unit_channel_stride(*(_heads(t, num_heads, q.dtype) for t in (q, kv[..., :chans], kv[..., chans:])))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, k, v, 0.0, False, scale=scale)
     return _merge_heads(out, q.dtype), lse.contiguous()
 
@@ -143,7 +144,8 @@ def _attention_backward_reference(grad_out, q, kv, out, lse, num_heads: int, sca
     if not fused_cpu_attention(q):
         return _attention_backward_chunked(grad_out, q, kv, lse, num_heads, scale)
     chans = q.shape[2]
-    heads = (_heads(t, num_heads, q.dtype) for t in (grad_out, q, kv[..., :chans], kv[..., chans:], out))
+    heads = unit_channel_stride(*(_heads(t, num_heads, q.dtype)
+                                  for t in (grad_out, q, kv[..., :chans], kv[..., chans:], out)))
     grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         *heads, lse, 0.0, False, scale=scale)
     grad_kv = torch.cat([_merge_heads(grad_k, q.dtype), _merge_heads(grad_v, q.dtype)], dim=-1)
