@@ -11,7 +11,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import twins_kernels
-from twins_kernels import FusedPEG, PatchSkip, patch_model, patched, register_patch, unpatch_model
+from twins_kernels import FusedLSA, FusedPEG, PatchSkip, patch_model, patched, register_patch, unpatch_model
 import twins_kernels.patch
 from twins_kernels.patch import KINDS, _registry
 
@@ -233,6 +233,19 @@ def test_context_manager_and_ops_selection():
     assert count(model, twins.PosConv) == 4
     with pytest.raises(ValueError, match="conv"):
         patch_model(model, ops=("conv",))
+
+
+def test_context_manager_leaves_earlier_patches_in_place():
+    model = small_model("twins_svt_small")
+    patch_model(model, ops=("lsa",))
+    lsa_modules = [m for m in model.modules() if isinstance(m, FusedLSA)]
+    with patched(model) as report:
+        assert set(report.replaced) == {"gsa", "peg"}
+        assert len(report.inserted) == sum(report.replaced.values())
+        assert count(model, twins.LocallyGroupedAttn) == count(model, twins.PosConv) == 0
+    assert [m for m in model.modules() if isinstance(m, FusedLSA)] == lsa_modules
+    assert count(model, twins.PosConv) == 4 and count(model, twins.GlobalSubSampleAttn) > 0
+    assert unpatch_model(model) == len(lsa_modules)
 
 
 def test_modules_left_alone_are_reported():

@@ -93,6 +93,8 @@ class PatchReport:
     replaced: Counter = field(default_factory=Counter)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (qualified name, reason)
     notes: list[str] = field(default_factory=list)
+    # the fused modules this call put in: what ``patched`` takes out again, and nothing else
+    inserted: list[nn.Module] = field(default_factory=list, repr=False)
 
     def __str__(self) -> str:
         counts = ", ".join(f"{self.replaced[k]} {k}" for k in KINDS if self.replaced[k]) or "nothing"
@@ -157,19 +159,22 @@ def patch_model(model: nn.Module, backend: str | None = None, ops: Iterable[str]
         fused.__dict__[_ORIGINAL] = child
         setattr(parent, name, fused)
         report.replaced[registration.kind] += 1
+        report.inserted.append(fused)
         dropout = getattr(getattr(child, "attn_drop", None), "p", 0.0)
         if dropout > 0:
             report.notes.append(f"{qualified}: attn_drop={dropout} runs the reference path in training mode")
     return report
 
 
-def unpatch_model(model: nn.Module) -> int:
-    """Put back every module ``patch_model`` replaced; returns how many."""
+def unpatch_model(model: nn.Module, only: Iterable[nn.Module] | None = None) -> int:
+    """Put back every module ``patch_model`` replaced (or those whose fused modules are in ``only``, as a
+    report's ``inserted``); returns how many."""
+    chosen = None if only is None else {id(module) for module in only}
     restored = 0
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             original = child.__dict__.get(_ORIGINAL)
-            if original is not None:
+            if original is not None and (chosen is None or id(child) in chosen):
                 original.train(child.training)
                 setattr(parent, name, original)
                 restored += 1
@@ -178,9 +183,10 @@ def unpatch_model(model: nn.Module) -> int:
 
 @contextlib.contextmanager
 def patched(model: nn.Module, backend: str | None = None, ops: Iterable[str] = KINDS):
-    """Patch ``model`` for the ``with`` block (yielding the report), and unpatch it afterwards."""
+    """Patch ``model`` for the ``with`` block (yielding the report), and unpatch afterwards what it
+    patched: on a model patched before, the modules fused then stay."""
     report = patch_model(model, backend=backend, ops=ops)
     try:
         yield report
     finally:
-        unpatch_model(model)
+        unpatch_model(model, only=report.inserted)
