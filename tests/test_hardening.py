@@ -35,6 +35,41 @@ FUZZ = settings(max_examples=60 if HAS_GPU else 10, deadline=None,
 FUZZ_BACKENDS = ["triton"] + (["cuda"] if HAS_GPU and twins_kernels.cuda_extension_built() else [])
 
 
+def _op_and_fp32_inputs(op: str, backend: str):
+    def tokens(*shape):
+        return torch.randn(*shape, device=KERNEL_DEVICE)
+
+    size = (5, 6)
+    if op == "peg":
+        return lambda *a: peg(*a, size, backend=backend), [tokens(2, 30, 16), tokens(16, 1, 3, 3), tokens(16)]
+    if op == "lsa":
+        return lambda *a: lsa(*a, size, 2, 4, backend=backend), [tokens(2, 30, 96), tokens(96)]
+    if op == "gsa_attention":
+        return lambda *a: gsa_attention(*a, 2, backend=backend), [tokens(2, 30, 32), tokens(2, 6, 64)]
+    return (lambda x, *a: gsa_subsample(x, size, *a, 2, backend=backend),
+            [tokens(2, 30, 16), tokens(16, 16, 2, 2), tokens(16), tokens(16), tokens(16)])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["peg", "lsa", "gsa_attention", "gsa_subsample"])
+def test_ops_compute_in_their_inputs_dtype_under_autocast(op, backend):
+    """Autocast does not reach into an op, forward or backward: fp32 inputs give the fp32 results they give
+    outside it, on every backend, the torch backend's PyTorch convs and matmuls included (their outputs
+    in autocast's dtype would disagree with the kernels' and the fakes', and PEG's conv backward failed on
+    the mixed dtypes). The modules follow autocast where timm's do (test_peg.py)."""
+    torch.manual_seed(0)
+    fn, inputs = _op_and_fp32_inputs(op, backend)
+    results = []
+    for enabled in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16, enabled=enabled):
+            out = fn(*leaves)
+            out.square().sum().backward()
+        results.append([out, *(t.grad for t in leaves)])
+    for plain, autocast in zip(*results):
+        assert autocast.dtype == torch.float32 and rel_err(autocast, plain) <= 1e-6
+
+
 @FUZZ
 @given(batch=st.integers(1, 3), height=st.integers(1, 12), width=st.integers(1, 12), chans=st.integers(1, 80),
        dtype=st.sampled_from(KERNEL_DTYPES), contiguous=st.booleans(), backend=st.sampled_from(FUZZ_BACKENDS))

@@ -143,6 +143,29 @@ def test_parameters_of_another_dtype_are_used_in_x_dtype(backend):
         assert_rel_close(actual, wanted, torch.float16, what)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_under_autocast_runs_and_returns_in_autocasts_dtype_as_timm(backend):
+    """timm's conv runs in autocast's dtype and so returns it (fp32 tokens in, 16-bit out); so does the module,
+    forward and backward, on every backend."""
+    torch.manual_seed(0)
+    timm_module = PosConv(16, 16).to(KERNEL_DEVICE)
+    fused = FusedPEG.from_module(timm_module, backend=backend)
+    x = make_tokens(2, 5, 7, 16, torch.float32, KERNEL_DEVICE)
+    grad = torch.randn(2, 35, 16, device=KERNEL_DEVICE)
+    results = []
+    for module in (timm_module, fused):
+        leaf = x.detach().clone().requires_grad_()
+        with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
+            out = module(leaf, (5, 7))
+        out.backward(grad.to(out.dtype))
+        results.append((out, leaf.grad, module.proj[0].weight.grad.clone()))
+        module.zero_grad()
+    for actual, wanted, what in zip(results[1], results[0], ("out", "grad x", "grad weight")):
+        assert actual.dtype == wanted.dtype, what
+        assert_rel_close(actual, wanted, torch.bfloat16, what)
+    assert results[1][0].dtype == torch.bfloat16
+
+
 def test_state_dict_keys_and_sharing_match_timm():
     timm_module = PosConv(64, 64)
     fused = FusedPEG(64, 64)

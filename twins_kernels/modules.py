@@ -29,11 +29,22 @@ def _sharing(cls, module: nn.Module, attributes, **settings):
     return fused
 
 
+def _autocast_conv_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in autocast's dtype where autocast is on for its device, as autocast casts a conv's input
+    (every floating dtype but float64), else ``x``."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64:
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
+
+
 class FusedPEG(nn.Module):
     """timm ``PosConv(in_chans, embed_dim, stride)``: depthwise 3x3 conv + bias (+ x at stride 1).
 
     Stride 1 with ``in_chans == embed_dim`` (every Twins model) runs the fused kernels; other
-    configurations run the PyTorch reference on every backend.
+    configurations run the PyTorch reference on every backend. Under autocast it runs, and returns, in
+    autocast's dtype, as timm's conv does (the residual stream of a Twins model under autocast turns
+    16-bit at its first PEG); the fused op itself computes in its input's dtype.
     """
 
     def __init__(self, in_chans: int, embed_dim: int = 768, stride: int = 1, device=None, dtype=None,
@@ -53,7 +64,7 @@ class FusedPEG(nn.Module):
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
         conv = self.proj[0]
-        return peg(x, conv.weight, conv.bias, size, self.stride, backend=self.backend)
+        return peg(_autocast_conv_input(x), conv.weight, conv.bias, size, self.stride, backend=self.backend)
 
     def no_weight_decay(self):
         return ['proj.%d.weight' % i for i in range(4)]

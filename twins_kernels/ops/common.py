@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -230,6 +232,24 @@ def needs_dispatcher(args) -> bool:
         return True
     return any(isinstance(a, torch.Tensor)
                and (type(a) not in _PLAIN_TENSOR_TYPES or a.device.type not in ("cpu", "cuda")) for a in args)
+
+
+def autocast_neutral(op):
+    """``op`` (an op's Python implementation, forward or backward) run with autocast off for its first
+    argument's device: its math then follows its inputs' dtypes on every backend, as the kernels' does and
+    as its fake says. Left on, the PyTorch reference's convs and matmuls would run in autocast's dtype
+    (PEG's conv backward then fails on the mixed dtypes). The modules follow autocast where timm's do.
+    The signature, its annotations evaluated where ``op`` was defined, is what custom_op reads."""
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        device_type = args[0].device.type
+        if not torch.is_autocast_enabled(device_type):
+            return op(*args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return op(*args, **kwargs)
+
+    run.__signature__ = inspect.signature(op, eval_str=True)
+    return run
 
 
 def kernel_op_entry(forward_op, forward, setup_context, backward):

@@ -68,6 +68,7 @@ from .common import (
     KERNEL_DTYPES,
     accumulation_dtype,
     attention_backend,
+    autocast_neutral,
     backward_choice,
     check_float,
     check_int,
@@ -837,6 +838,7 @@ def _attention_backend(q: torch.Tensor, num_heads: int, requested: str) -> str:
     return attention_backend(q, q.shape[2], num_heads, requested)
 
 
+@autocast_neutral
 def gsa_attention_forward(
     q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -860,6 +862,7 @@ def _(q, kv, num_heads, scale, backend):
     return q.new_empty((batch, tokens, chans)), lse
 
 
+@autocast_neutral
 def gsa_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     num_heads: int, scale: float, backend: str,
@@ -903,6 +906,7 @@ run_gsa_attention_forward = kernel_op_entry(gsa_attention_forward_op, gsa_attent
                                             _attention_backward)
 
 
+@autocast_neutral
 def gsa_subsample_forward(
     x: torch.Tensor, sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor,
     norm_bias: torch.Tensor, height: int, width: int, sr_ratio: int, eps: float, backend: str,
@@ -926,6 +930,7 @@ def _(x, sr_weight, sr_bias, norm_weight, norm_bias, height, width, sr_ratio, ep
             x.new_empty((batch, keys), dtype=acc), x.new_empty((batch, keys), dtype=acc))
 
 
+@autocast_neutral
 def gsa_subsample_backward(
     grad_out: torch.Tensor, x: torch.Tensor, sr_weight: torch.Tensor, norm_weight: torch.Tensor,
     y: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, height: int, width: int, sr_ratio: int, backend: str,

@@ -79,6 +79,7 @@ from ._triton import TRITON_DTYPES, scalar_value, softmax_delta, tl, triton
 from .common import (
     accumulation_dtype,
     attention_backend,
+    autocast_neutral,
     backward_choice,
     check_float,
     check_int,
@@ -678,6 +679,7 @@ def _kernel_backend(qkv: torch.Tensor, num_heads: int, ws: int, requested: str) 
     return backend
 
 
+@autocast_neutral
 def lsa_forward(
     qkv: torch.Tensor, qkv_bias: torch.Tensor, height: int, width: int, ws: int, num_heads: int,
     scale: float, mask_padding: bool, backend: str,
@@ -702,6 +704,7 @@ def _(qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding, backend)
             qkv.new_empty((batch, num_heads, tokens), dtype=accumulation_dtype(qkv.dtype)))
 
 
+@autocast_neutral
 def lsa_backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     height: int, width: int, ws: int, num_heads: int, scale: float, mask_padding: bool, backend: str,

@@ -26,6 +26,7 @@ from ..backend import resolve_backend
 from ._triton import TRITON_DTYPES, tl, triton
 from .common import (
     accumulation_dtype,
+    autocast_neutral,
     backward_choice,
     check_int,
     check_param,
@@ -269,6 +270,7 @@ def _split_partial(sums: torch.Tensor, weight: torch.Tensor):
     return grad_w, sums[NUM_TAPS].to(weight.dtype, copy=True)
 
 
+@autocast_neutral
 def peg_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     height: int, width: int, stride: int, backend: str,
@@ -290,6 +292,7 @@ def _(x, weight, bias, height, width, stride, backend):
     return x.new_empty((x.shape[0], out_h * out_w, weight.shape[0]))
 
 
+@autocast_neutral
 def peg_backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     height: int, width: int, stride: int, backend: str,
