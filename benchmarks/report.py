@@ -323,7 +323,8 @@ def targets_table(cases) -> str:
                 continue
             worst, worst_label = min(values)
             met = sum(target.met(value) for value, _ in values)
-            shown = f"{worst:.0f}%" if target.unit == "%" else f"{worst:.2f}×"
+            # one decimal for %: 69.9% shown as 70% would read as met against a 70% target
+            shown = f"{worst:.1f}%" if target.unit == "%" else f"{worst:.2f}×"
             status = "met" if met == len(values) else "**missed**"
             lines.append(f"| {target.issue} | {target.text} | {variant} | {met} of {len(values)} | "
                          f"{shown} ({worst_label}) | {status} |")

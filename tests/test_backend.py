@@ -30,6 +30,8 @@ def test_selection_order_argument_context_global_env(monkeypatch):
                 # a call's own argument beats every context (cuda could not run CPU tensors)
                 assert resolve_backend("torch", torch.device("cpu")) == "torch"
             assert get_backend() == "auto"
+            with twins_kernels.use_backend(None):  # no override: the choice outside the block
+                assert get_backend() == "auto"
     finally:
         twins_kernels.set_backend(None)
 

@@ -197,7 +197,7 @@ def test_targets_met_missed_and_not_measured(tmp_path):
         ("GSA module forward faster than timm + torch.compile", "triton"):
             "| 0 of 1 | 1.00× (gsa-fwd-a) | **missed** |",
         ("GSA sr = 1 attention core ≥ 80% of flash SDPA's speed", "triton"): "| 1 of 1 | 0.83× (gsa-core-a) | met |",
-        ("PEG forward ≥ 80% of the copy bandwidth", "triton"): "| 1 of 2 | 60% (peg-fwd-b) | **missed** |",
+        ("PEG forward ≥ 80% of the copy bandwidth", "triton"): "| 1 of 2 | 60.0% (peg-fwd-b) | **missed** |",
         ("training step ≥ 1.3× timm eager (224², batch 64)", "patched"): "| 1 of 1 | 2.00× (model-train) | met |",
         ("training step peak memory no more than timm eager's", "patched"):
             "| 0 of 1 | 0.91× (model-train) | **missed** |",

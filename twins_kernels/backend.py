@@ -174,9 +174,13 @@ def get_backend() -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
-    """Run the calls inside the ``with`` block on ``name`` unless a call names its own backend."""
+def use_backend(name: str | None):
+    """Run the calls inside the ``with`` block on ``name`` unless a call names its own backend
+    (``None``: no change, the choice outside the block applies)."""
     name = _check_choice(name, "use_backend")
+    if name is None:
+        yield
+        return
     stack = getattr(_context, "stack", None)
     if stack is None:
         stack = _context.stack = []

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .backend import triton_interpret_enabled
+from .backend import get_backend, triton_interpret_enabled
 from .patch import patch_model
 from .testing import ieee_fp32, model_error_allowed, rel_err
 
@@ -71,7 +71,7 @@ def run(args) -> int:
         print(f"no CUDA GPU: throughput cannot be measured here; running the parity check on the CPU "
               f"at batch {batch} (the timings need a GPU)")
     backend = args.backend
-    if backend is None and not on_gpu and triton_interpret_enabled():
+    if backend is None and get_backend() == "auto" and not on_gpu and triton_interpret_enabled():
         backend = "triton"  # auto would pick the reference for CPU tensors: check the kernels instead
     model = timm.create_model(args.model, pretrained=False).eval().to(device, dtype)
     patched = copy.deepcopy(model)
