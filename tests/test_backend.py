@@ -3,8 +3,10 @@ import concurrent.futures
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -12,8 +14,8 @@ import torch
 import twins_kernels
 from twins_kernels.backend import BackendUnavailableError, backend_status, get_backend, resolve_backend
 
-from conftest import (HAS_GPU, KERNEL_DEVICE, SMALL_FUSED_KINDS, extension_cuobjdump, require_cuda_extension,
-                      skip_unless_available, small_fused_module)
+from conftest import (HAS_GPU, KERNEL_DEVICE, ROOT, SMALL_FUSED_KINDS, extension_cuobjdump,
+                      require_cuda_extension, skip_unless_available, small_fused_module)
 
 
 def test_selection_order_argument_context_global_env(monkeypatch):
@@ -197,6 +199,28 @@ def test_import_never_needs_a_gpu_or_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
+
+
+def test_the_sdist_carries_every_extension_source(tmp_path):
+    """An sdist (what `python -m build` builds its wheel from) with csrc/ whole, headers included, even made
+    where there is no toolkit; a tracked file of csrc/ it left out would fail the extension's build there.
+    Made from a copy of the tracked files, so that setup.py writes nothing into the checkout."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout: no list of the tracked files")
+    tree = tmp_path / "tree"
+    for name in tracked:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(ROOT, name), tree / name)
+    env = {**os.environ, "TWINS_KERNELS_BUILD_CUDA": "0"}
+    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=tree,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as sdist:
+        carried = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    missing = sorted(name for name in tracked if name.startswith("csrc/") and name not in carried)
+    assert not missing, missing
 
 
 def test_main_job_prints_the_environment_and_a_passing_table():
