@@ -33,11 +33,15 @@ def cuda_extension():
         say("TWINS_KERNELS_BUILD_CUDA=0: installing the pure-Python package (no CUDA extension).")
         return [], {}
     try:
-        import torch  # noqa: F401
+        import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         say("torch is not importable in this build environment: installing the pure-Python package. "
             "To build the CUDA extension, install torch first, then: pip install --no-build-isolation .")
+        return [], {}
+    if torch.version.cuda is None:  # its CUDA libraries are what the extension links against
+        say(f"torch {torch.__version__} is a CPU-only build: installing the pure-Python package without the "
+            f"CUDA extension (install a CUDA build of torch to build it).")
         return [], {}
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
     if not nvcc or not os.path.exists(nvcc):
