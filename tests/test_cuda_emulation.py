@@ -189,6 +189,7 @@ PEG_SHAPES = {
     "5x7-C40": (2, 5, 7, 40),  # 16-byte channel vectors in every dtype
     "1x9-C300-two-blocks": (1, 1, 9, 300),
     "W1": (3, 4, 1, 33),  # rows of 33 channels: one channel a thread
+    "601-rows": (1, 601, 2, 16),  # past the weight gradient's 512 row blocks: 2 rows a block, the last 1
 }
 
 

@@ -112,6 +112,16 @@ def test_attention_reads_strided_q_and_kv(dtype, backend):
     assert_rel_close(kv.grad, kv_ref.grad, dtype, "grad_kv")
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_an_explicit_scale_reaches_the_kernels(backend):
+    """A scale other than head_dim ** -0.5 (timm's qk_scale), forward and backward."""
+    skip_cuda_unless_available(backend)
+    q = make_tokens(2, 21, 1, 32, torch.float32, KERNEL_DEVICE)  # 2 heads of 16
+    kv = make_tokens(2, 6, 1, 64, torch.float32, KERNEL_DEVICE)
+    check_op_against_reference(lambda q, kv: gsa_attention(q, kv, 2, scale=0.6, backend=backend),
+                               lambda q, kv: gsa_attention_reference(q, kv, 2, scale=0.6), [q, kv], torch.float32)
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS.get)
 def test_single_key(dtype):
     """M = 1: every query's output is the one value row, and q gets no gradient."""

@@ -126,6 +126,18 @@ def test_mask_mode_one_sided_padding(height, width, ws, backend):
     assert (expected - lsa_reference(*args)).abs().max() > 1e-3, "masking must change the padded windows"
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("pad_mode", ["zero", "mask"])
+def test_an_explicit_scale_reaches_the_kernels(pad_mode, backend):
+    """A scale other than head_dim ** -0.5 (timm's qk_scale), forward and backward, on a padded map."""
+    skip_cuda_unless_available(backend)
+    qkv = make_tokens(2, 5, 9, 96, torch.float32, KERNEL_DEVICE)  # 2 heads of 16
+    bias = torch.randn(96, device=KERNEL_DEVICE)
+    check_op_against_reference(lambda q, b: lsa(q, b, (5, 9), 2, 4, scale=0.6, pad_mode=pad_mode, backend=backend),
+                               lambda q, b: lsa_reference(q, b, (5, 9), 2, 4, scale=0.6, pad_mode=pad_mode),
+                               [qkv, bias], torch.float32)
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS.get)
 def test_triton_non_contiguous_qkv_grad_out_and_bias_dtype(dtype):
     """qkv, grad_out and the bias of arbitrary strides, and an fp32 bias with 16-bit qkv (what autocast

@@ -1,4 +1,6 @@
 """PEG parity with timm's PosConv on every backend, gradcheck, torch.compile, bad input."""
+import importlib
+
 import pytest
 import torch
 from timm.models.twins import PosConv
@@ -36,6 +38,15 @@ def fused_on(backend):
 def test_triton_matches_timm(batch, height, width, chans, dtype):
     x = make_tokens(batch, height, width, chans, dtype, KERNEL_DEVICE)
     check_module_parity(PosConv(chans, chans), fused_on("triton"), x, (height, width), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_triton_weight_gradient_blocks_of_several_rows(dtype, monkeypatch):
+    """B*H rows past the weight gradient's row blocks (512: no map on the CPU reaches that): here 3 blocks
+    of 4 rows, the last one of 2."""
+    monkeypatch.setattr(importlib.import_module("twins_kernels.ops.peg"), "WEIGHT_GRAD_PROGRAMS", 3)
+    x = make_tokens(2, 5, 7, 24, dtype, KERNEL_DEVICE)
+    check_module_parity(PosConv(24, 24), fused_on("triton"), x, (5, 7), dtype)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS.get)
@@ -229,8 +240,12 @@ def test_cuda_backend_on_cpu_tensors_raises_clearly():
 
 
 def test_harness_catches_an_unwritten_output():
-    """An op that leaves its output as allocated fails, because outputs are poisoned with NaN."""
+    """An op that leaves its output as allocated fails, because outputs are poisoned with NaN: every
+    element, not only where fresh memory happens to hold garbage (a kernel that skips elements whose value
+    is 0 would pass on zeroed pages)."""
     from twins_kernels.ops.common import empty_output
+
+    allocated = []
 
     class Unwritten(torch.nn.Module):
         def __init__(self, inner):
@@ -239,8 +254,10 @@ def test_harness_catches_an_unwritten_output():
 
         def forward(self, x, size):
             out = empty_output(x.shape, x)
+            allocated.append(out.clone())
             return out + 0 * self.proj[0].weight.sum() + 0 * self.proj[0].bias.sum() + 0 * x
 
     x = make_tokens(1, 3, 3, 8, torch.float32, "cpu")
     with pytest.raises(AssertionError, match="out"):
         check_module_parity(PosConv(8, 8), Unwritten, x, (3, 3), torch.float32)
+    assert allocated and all(out.isnan().all() for out in allocated)
