@@ -192,6 +192,10 @@ PEG_SHAPES = {
     "601-rows": (1, 601, 2, 16),  # past the weight gradient's 512 row blocks: 2 rows a block, the last 1
 }
 
+# The cases' attention scale is not head_dim ** -0.5 (the ops take any scale): a kernel that used the
+# default instead of its argument fails
+SCALE_OF_HEAD_DIM = 0.8
+
 
 def shapes(table):
     return pytest.mark.parametrize("shape", [pytest.param(value, id=key) for key, value in table.items()])
@@ -205,7 +209,7 @@ def check_lsa(harness, tmp_path, shape, pad_mode, kernels, dtype, both_orders=Fa
     qkv = randn(batch, tokens, 3 * chans, dtype=dtype)
     bias = randn(3 * chans, dtype=dtype)
     grad_out = randn(batch, tokens, chans, dtype=dtype)
-    scale = head_dim ** -0.5
+    scale = SCALE_OF_HEAD_DIM * head_dim ** -0.5
     # the windows with padded slots (lsa_geometry.cuh's padded_windows): the last row's, the last column's
     padded_rows, padded_cols = height % ws != 0, width % ws != 0
     windows_h, windows_w = -(-height // ws), -(-width // ws)
@@ -242,7 +246,7 @@ def check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=False):
     if shape == GSA_SHAPES[NEAR_IDENTICAL_VALUES]:
         kv[..., chans:] = (torch.randn(batch, 1, chans) + 0.01 * torch.randn(batch, keys, chans)).to(dtype).float()
     grad_out = randn(batch, tokens, chans, dtype=dtype)
-    scale = head_dim ** -0.5
+    scale = SCALE_OF_HEAD_DIM * head_dim ** -0.5
     out, lse, grad_q, grad_kv = run_harness(
         harness, tmp_path, [q, kv, grad_out], ["gsa", DTYPE_IDS[dtype], kernels],
         [batch, tokens, keys, chans, heads, repr(scale), query_splits],
