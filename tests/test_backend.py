@@ -273,3 +273,31 @@ def test_backward_runs_on_the_backend_its_forward_ran_on(kind, monkeypatch):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pool.submit(lambda: out.sum().backward()).result()
     assert x.grad is not None and all(p.grad is not None for p in fused.parameters())
+
+
+@pytest.mark.parametrize("kind", SMALL_FUSED_KINDS)
+def test_a_compiled_module_follows_a_later_set_backend_forward_and_backward(kind, monkeypatch):
+    """The ambient choice is read as the graph is traced, and dynamo guards on it: after set_backend the
+    compiled module runs its forward and its backward on the new choice (the backward had kept the one
+    of the first trace while the forward took the new one)."""
+    peg, lsa, gsa = (importlib.import_module(f"twins_kernels.ops.{name}") for name in ("peg", "lsa", "gsa"))
+    fused = small_fused_module(kind, backend=None)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 9 * 10, 32, device=KERNEL_DEVICE, requires_grad=True)
+    try:
+        twins_kernels.set_backend("torch")
+        compiled(x, (9, 10)).sum().backward()
+
+        def reference(*args, **kwargs):
+            raise AssertionError("ran on the reference, the choice of the first trace")
+
+        for module, names in ((peg, ["peg_reference", "peg_reference_backward"]),
+                              (lsa, ["_reference_forward", "_reference_backward"]),
+                              (gsa, ["_attention_forward_reference", "_attention_backward_reference",
+                                     "_subsample_forward_reference", "_subsample_backward_reference"])):
+            for name in names:
+                monkeypatch.setattr(module, name, reference)
+        twins_kernels.set_backend("triton")
+        compiled(x, (9, 10)).sum().backward()
+    finally:
+        twins_kernels.set_backend(None)

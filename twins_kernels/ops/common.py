@@ -205,10 +205,13 @@ def op_backend(x: torch.Tensor, requested: str) -> str:
     return "torch" if x.numel() == 0 else backend
 
 
-def backward_choice(backend: str) -> str:
-    """The backend choice a forward ran under, kept for its backward. Autograd runs a CUDA backward on
-    its own device thread, where the forward thread's ``use_backend`` context does not apply: left
-    empty (the ambient choice), the backward would run on whatever is ambient there."""
+def call_choice(backend: str | None) -> str:
+    """The backend choice a call runs under: its own, else the ambient one, read as the call is made, and
+    kept for its backward. Autograd runs a CUDA backward on its own device thread, where the forward
+    thread's ``use_backend`` context does not apply: left empty, the backward would run on whatever is
+    ambient there. Under torch.compile the ambient choice is read as the graph is traced, forward and
+    backward alike, and dynamo guards on it: a later ``set_backend`` compiles the graph again (read
+    inside the op instead, it would reach the compiled forward and not its backward)."""
     return backend or get_backend()
 
 

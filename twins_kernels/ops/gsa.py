@@ -69,7 +69,7 @@ from .common import (
     accumulation_dtype,
     attention_backend,
     autocast_neutral,
-    backward_choice,
+    call_choice,
     check_float,
     check_int,
     check_param,
@@ -893,7 +893,7 @@ def _attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, kv, out, lse)
-    ctx.args = (num_heads, scale, backward_choice(backend))
+    ctx.args = (num_heads, scale, call_choice(backend))
 
 
 def _attention_backward(ctx, grad_out, _grad_lse):
@@ -960,7 +960,7 @@ def _subsample_setup_context(ctx, inputs, output):
     _, y, mean, rstd = output
     ctx.mark_non_differentiable(y, mean, rstd)
     ctx.save_for_backward(x, sr_weight, norm_weight, y, mean, rstd)
-    ctx.args = (height, width, sr_ratio, backward_choice(backend))
+    ctx.args = (height, width, sr_ratio, call_choice(backend))
 
 
 def _subsample_backward(ctx, grad_out, _grad_y, _grad_mean, _grad_rstd):
@@ -1005,8 +1005,8 @@ def gsa_attention(q, kv, num_heads: int, scale: float | None = None, backend: st
         raise ValueError(f"C={chans} is not divisible by num_heads={num_heads}")
     scale = (chans // num_heads) ** -0.5 if scale is None else check_float(scale, "scale")
     if not torch.compiler.is_compiling():
-        _attention_backend(q, num_heads, backend or "")  # fail here, naming what is wrong, not inside the op
-    return run_gsa_attention_forward(q, kv, num_heads, scale, backend or "")[0]
+        _attention_backend(q, num_heads, call_choice(backend))  # fail here, naming what is wrong, not inside the op
+    return run_gsa_attention_forward(q, kv, num_heads, scale, call_choice(backend))[0]
 
 
 def gsa_subsample(x, size, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio: int, eps: float = 1e-5,
@@ -1032,4 +1032,4 @@ def gsa_subsample(x, size, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio:
     if backend is not None and not torch.compiler.is_compiling():
         resolve_backend(backend, x.device)  # fail here, naming what is missing, not deep inside the op
     return run_gsa_subsample_forward(x, sr_weight, sr_bias, norm_weight, norm_bias, height, width, sr_ratio,
-                                    eps, backend or "")[0]
+                                    eps, call_choice(backend))[0]

@@ -80,7 +80,7 @@ from .common import (
     accumulation_dtype,
     attention_backend,
     autocast_neutral,
-    backward_choice,
+    call_choice,
     check_float,
     check_int,
     check_param,
@@ -738,7 +738,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(qkv, qkv_bias, out, lse)
-    ctx.args = (height, width, ws, num_heads, scale, mask_padding, backward_choice(backend))
+    ctx.args = (height, width, ws, num_heads, scale, mask_padding, call_choice(backend))
 
 
 def _backward(ctx, grad_out, _grad_lse):
@@ -778,6 +778,6 @@ def lsa(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None
         raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
     scale = (chans // num_heads) ** -0.5 if scale is None else check_float(scale, "scale")
     if not torch.compiler.is_compiling():
-        _kernel_backend(qkv, num_heads, ws, backend or "")  # fail here, naming what is wrong, not inside the op
+        _kernel_backend(qkv, num_heads, ws, call_choice(backend))  # fail here, naming what is wrong, not inside the op
     return run_lsa_forward(qkv, qkv_bias, height, width, ws, num_heads, float(scale), pad_mode == "mask",
-                          backend or "")[0]
+                          call_choice(backend))[0]

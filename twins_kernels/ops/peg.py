@@ -27,7 +27,7 @@ from ._triton import TRITON_DTYPES, tl, triton
 from .common import (
     accumulation_dtype,
     autocast_neutral,
-    backward_choice,
+    call_choice,
     check_int,
     check_param,
     check_tokens,
@@ -323,7 +323,7 @@ run_peg_backward = kernel_backward_entry(peg_backward_op, peg_backward, "peg")
 def _setup_context(ctx, inputs, output):
     x, weight, bias, height, width, stride, backend = inputs
     ctx.save_for_backward(x, weight)
-    ctx.args = (height, width, stride, backward_choice(backend))
+    ctx.args = (height, width, stride, call_choice(backend))
     ctx.has_bias = bias is not None
 
 
@@ -360,4 +360,4 @@ def peg(x, weight, bias=None, size=None, stride: int = 1, backend: str | None = 
         check_param(bias, "bias", (out_chans,), x)
     if backend is not None and not torch.compiler.is_compiling():
         resolve_backend(backend, x.device)  # fail here, naming what is missing, not deep inside the op
-    return run_peg_forward(x, weight, bias, height, width, stride, backend or "")
+    return run_peg_forward(x, weight, bias, height, width, stride, call_choice(backend))
