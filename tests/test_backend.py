@@ -250,21 +250,31 @@ def test_main_job_reports_unavailable_backends_without_triton():
     assert "all parity checks passed" in result.stdout, result.stdout + result.stderr
 
 
+# the torch backend's forwards and backwards, (op module, function) ("twins_kernels.ops.peg" and the rest:
+# twins_kernels.ops's attributes of these names are the functions)
+REFERENCE_FORWARDS = [("peg", "peg_reference"), ("lsa", "_reference_forward"),
+                      ("gsa", "_attention_forward_reference"), ("gsa", "_subsample_forward_reference")]
+REFERENCE_BACKWARDS = [("peg", "peg_reference_backward"), ("lsa", "_reference_backward"),
+                       ("gsa", "_attention_backward_reference"), ("gsa", "_subsample_backward_reference")]
+
+
+def make_raise(monkeypatch, references, message: str):
+    """Each of ``references`` raises an AssertionError with ``message`` when called."""
+    def raising(*args, **kwargs):
+        raise AssertionError(message)
+
+    for module, name in references:
+        monkeypatch.setattr(importlib.import_module(f"twins_kernels.ops.{module}"), name, raising)
+
+
 @pytest.mark.parametrize("kind", SMALL_FUSED_KINDS)
 def test_backward_runs_on_the_backend_its_forward_ran_on(kind, monkeypatch):
     """Autograd runs a CUDA backward on its own device thread, where the forward thread's use_backend()
     context does not apply: the backward must run on the forward's backend, not on the ambient one
     there. Here the forward runs on triton inside use_backend("triton") and the backward on a thread
     whose ambient backend is torch (TWINS_KERNELS_BACKEND), whose reference backwards raise."""
-    # the op modules (twins_kernels.ops's attributes of these names are the functions)
-    peg, lsa, gsa = (importlib.import_module(f"twins_kernels.ops.{name}") for name in ("peg", "lsa", "gsa"))
-
-    def reference_backward(*args, **kwargs):
-        raise AssertionError("the backward ran on the ambient backend (the reference), not on the forward's")
-
-    for module, name in ((peg, "peg_reference_backward"), (lsa, "_reference_backward"),
-                         (gsa, "_attention_backward_reference"), (gsa, "_subsample_backward_reference")):
-        monkeypatch.setattr(module, name, reference_backward)
+    make_raise(monkeypatch, REFERENCE_BACKWARDS,
+               "the backward ran on the ambient backend (the reference), not on the forward's")
     monkeypatch.setenv("TWINS_KERNELS_BACKEND", "torch")
     fused = small_fused_module(kind, backend=None)  # the ambient choice
     x = torch.randn(2, 9 * 10, 32, device=KERNEL_DEVICE, requires_grad=True)
@@ -280,23 +290,14 @@ def test_a_compiled_module_follows_a_later_set_backend_forward_and_backward(kind
     """The ambient choice is read as the graph is traced, and dynamo guards on it: after set_backend the
     compiled module runs its forward and its backward on the new choice (the backward had kept the one
     of the first trace while the forward took the new one)."""
-    peg, lsa, gsa = (importlib.import_module(f"twins_kernels.ops.{name}") for name in ("peg", "lsa", "gsa"))
     fused = small_fused_module(kind, backend=None)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 9 * 10, 32, device=KERNEL_DEVICE, requires_grad=True)
     try:
         twins_kernels.set_backend("torch")
         compiled(x, (9, 10)).sum().backward()
-
-        def reference(*args, **kwargs):
-            raise AssertionError("ran on the reference, the choice of the first trace")
-
-        for module, names in ((peg, ["peg_reference", "peg_reference_backward"]),
-                              (lsa, ["_reference_forward", "_reference_backward"]),
-                              (gsa, ["_attention_forward_reference", "_attention_backward_reference",
-                                     "_subsample_forward_reference", "_subsample_backward_reference"])):
-            for name in names:
-                monkeypatch.setattr(module, name, reference)
+        make_raise(monkeypatch, REFERENCE_FORWARDS + REFERENCE_BACKWARDS,
+                   "ran on the reference, the choice of the first trace")
         twins_kernels.set_backend("triton")
         compiled(x, (9, 10)).sum().backward()
     finally:

@@ -114,7 +114,7 @@ def test_attention_reads_strided_q_and_kv(dtype, backend):
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_an_explicit_scale_reaches_the_kernels(backend):
-    """A scale other than head_dim ** -0.5 (timm's qk_scale), forward and backward."""
+    """A scale other than head_dim ** -0.5 (the ops take any), forward and backward."""
     skip_cuda_unless_available(backend)
     q = make_tokens(2, 21, 1, 32, torch.float32, KERNEL_DEVICE)  # 2 heads of 16
     kv = make_tokens(2, 6, 1, 64, torch.float32, KERNEL_DEVICE)

@@ -353,7 +353,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_step(rank: int, world: int, port: int, backend: str, results):
+def _ddp_step(rank: int, world: int, port: int, results):
     import timm
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -370,7 +370,7 @@ def _ddp_step(rank: int, world: int, port: int, backend: str, results):
         for model in (plain, fused):
             ddp = DDP(model)
             if model is fused:  # patched inside the wrapper: the fused modules share the parameters DDP holds
-                assert sum(twins_kernels.patch_model(ddp, backend=backend).replaced.values()) > 0
+                assert sum(twins_kernels.patch_model(ddp, backend="torch").replaced.values()) > 0
             torch.nn.functional.cross_entropy(ddp(x), target).backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         worst = max(rel_err(grads[1][n], grads[0][n]) for n in grads[0])
@@ -386,7 +386,7 @@ def test_ddp_two_processes_patched_matches_unpatched():
     interpreter's took a minute on CI's two cores (the kernels' gradients: the parity tests)."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_ddp_step, args=(2, _free_port(), "torch", results), nprocs=2, join=True)
+        mp.spawn(_ddp_step, args=(2, _free_port(), results), nprocs=2, join=True)
         worst = dict(results)
     assert set(worst) == {0, 1}
     assert all(err <= 10 * TOLERANCE[torch.float32] for err in worst.values()), worst

@@ -129,7 +129,7 @@ def test_mask_mode_one_sided_padding(height, width, ws, backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("pad_mode", ["zero", "mask"])
 def test_an_explicit_scale_reaches_the_kernels(pad_mode, backend):
-    """A scale other than head_dim ** -0.5 (timm's qk_scale), forward and backward, on a padded map."""
+    """A scale other than head_dim ** -0.5 (the ops take any), forward and backward, on a padded map."""
     skip_cuda_unless_available(backend)
     qkv = make_tokens(2, 5, 9, 96, torch.float32, KERNEL_DEVICE)  # 2 heads of 16
     bias = torch.randn(96, device=KERNEL_DEVICE)

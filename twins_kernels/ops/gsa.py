@@ -1004,9 +1004,10 @@ def gsa_attention(q, kv, num_heads: int, scale: float | None = None, backend: st
     if chans % num_heads != 0:
         raise ValueError(f"C={chans} is not divisible by num_heads={num_heads}")
     scale = (chans // num_heads) ** -0.5 if scale is None else check_float(scale, "scale")
+    choice = call_choice(backend)
     if not torch.compiler.is_compiling():
-        _attention_backend(q, num_heads, call_choice(backend))  # fail here, naming what is wrong, not inside the op
-    return run_gsa_attention_forward(q, kv, num_heads, scale, call_choice(backend))[0]
+        _attention_backend(q, num_heads, choice)  # fail here, naming what is wrong, not inside the op
+    return run_gsa_attention_forward(q, kv, num_heads, scale, choice)[0]
 
 
 def gsa_subsample(x, size, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio: int, eps: float = 1e-5,

@@ -777,7 +777,8 @@ def lsa(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None
     if pad_mode not in PAD_MODES:
         raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
     scale = (chans // num_heads) ** -0.5 if scale is None else check_float(scale, "scale")
+    choice = call_choice(backend)
     if not torch.compiler.is_compiling():
-        _kernel_backend(qkv, num_heads, ws, call_choice(backend))  # fail here, naming what is wrong, not inside the op
+        _kernel_backend(qkv, num_heads, ws, choice)  # fail here, naming what is wrong, not inside the op
     return run_lsa_forward(qkv, qkv_bias, height, width, ws, num_heads, float(scale), pad_mode == "mask",
-                          call_choice(backend))[0]
+                          choice)[0]
