@@ -22,12 +22,13 @@ from twins_kernels.ops import (
     lsa_reference,
     peg,
     peg_reference,
+    poisoned_outputs,
 )
 from twins_kernels.testing import ieee_fp32, module_parity_errors
 
 from conftest import (HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, SHALLOW, SMALL_FUSED_KINDS, large_gpu_memory,
-                      requires_gpu, skip_unless_available, small_fused_module)
-from parity import TOLERANCE, check_op_against_reference, make_tokens, rel_err
+                      requires_gpu, skip_cuda_unless_available, skip_unless_available, small_fused_module)
+from parity import TOLERANCE, channel_major_past_int32, check_op_against_reference, make_tokens, rel_err
 
 # CPU examples run in the Triton interpreter: keep the budget to seconds per property
 FUZZ = settings(max_examples=60 if HAS_GPU else 10, deadline=None,
@@ -328,6 +329,29 @@ def test_gsa_offsets_past_2_to_the_31(backend):
     last = gsa_attention(q, kv, heads, backend=backend)[-1:].float()
     expected = gsa_attention_reference(q[-1:].float(), kv[-1:].float(), heads)
     assert rel_err(last, expected) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", ["peg", "lsa", "gsa_attention", "gsa_subsample"])
+def test_channel_major_views_with_offsets_past_2_to_the_31(op, backend):
+    """Token inputs and the output gradient as channel-major views (channel stride about 2^31 / C) whose
+    last channel starts past element 2^31, on a small map: the channel offsets must be 64-bit. In 32 bits
+    (the Triton kernels' channel index times an int32 stride) they wrapped and read other memory: an LSA
+    output 1.2 off. Output and input gradients against the op on contiguous copies of the same values."""
+    skip_cuda_unless_available(backend)
+    fn, inputs = _op_and_fp32_inputs(op, backend)
+    inputs = [t.half() for t in inputs]
+    grad = fn(*inputs).normal_()
+    results = []
+    for layout in (lambda t: t, channel_major_past_int32):
+        leaves = [(layout(t) if t.dim() == 3 else t).detach().requires_grad_() for t in inputs]
+        with poisoned_outputs():
+            out = fn(*leaves)
+            out.backward(layout(grad))
+        results.append([out, *(t.grad for t in leaves)])
+        del leaves, out  # the 4 GiB storages
+    for index, (contiguous, strided) in enumerate(zip(*results)):
+        assert rel_err(strided, contiguous) <= 1e-3, f"result {index} (0: output, then the inputs' gradients)"
 
 
 @pytest.mark.usefixtures("deterministic_torch_convs")

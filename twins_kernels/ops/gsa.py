@@ -247,7 +247,7 @@ def gsa_attention_forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < N
     d_mask = offs_d < HEAD_DIM
-    head_chans = h * HEAD_DIM + offs_d
+    head_chans = (h * HEAD_DIM + offs_d).to(tl.int64)  # times a channel stride that may be B * N
     scale = scalar_value(scale_arg, ACC)
 
     q = tl.load(q_ptr + b * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn + head_chans[None, :] * stride_qc,
@@ -298,7 +298,7 @@ def gsa_attention_dq_kernel(
     m_mask = offs_m < N
     d_mask = offs_d < HEAD_DIM
     md_mask = m_mask[:, None] & d_mask[None, :]
-    head_chans = h * HEAD_DIM + offs_d
+    head_chans = (h * HEAD_DIM + offs_d).to(tl.int64)  # times a channel stride that may be B * N
     scale = scalar_value(scale_arg, ACC)
 
     q = tl.load(q_ptr + b * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn + head_chans[None, :] * stride_qc,
@@ -355,7 +355,7 @@ def gsa_attention_dkdv_kernel(
     n_mask = offs_n < M
     d_mask = offs_d < HEAD_DIM
     nd_mask = n_mask[:, None] & d_mask[None, :]
-    head_chans = h * HEAD_DIM + offs_d
+    head_chans = (h * HEAD_DIM + offs_d).to(tl.int64)  # times a channel stride that may be B * N
     scale = scalar_value(scale_arg, ACC)
 
     key_rows = kv_ptr + b * stride_kvb + offs_n[:, None].to(tl.int64) * stride_kvm
@@ -445,7 +445,7 @@ def gsa_subsample_forward_kernel(
             for c_start in range(0, C, BLOCK_K):
                 offs_c = c_start + tl.arange(0, BLOCK_K)
                 c_mask = offs_c < C
-                x_tile = tl.load(tap_ptrs[:, None] + offs_c[None, :] * stride_xc,
+                x_tile = tl.load(tap_ptrs[:, None] + offs_c[None, :].to(tl.int64) * stride_xc,
                                  mask=r_mask[:, None] & c_mask[None, :], other=0.0)
                 w_tile = tl.load(w_tap + offs_c[:, None] * stride_wc + offs_co[None, :] * stride_wo,
                                  mask=c_mask[:, None] & co_mask[None, :], other=0.0)
@@ -504,7 +504,7 @@ def gsa_subsample_norm_backward_kernel(
         offs_co = co_start + tl.arange(0, BLOCK_CO)
         co_mask = offs_co < C
         rc_mask = r_mask[:, None] & co_mask[None, :]
-        grad = tl.load(grad_rows[:, None] + offs_co[None, :] * stride_gc, mask=rc_mask, other=0.0).to(ACC)
+        grad = tl.load(grad_rows[:, None] + offs_co[None, :].to(tl.int64) * stride_gc, mask=rc_mask, other=0.0).to(ACC)
         xhat = (tl.load(y_ptr + y_rows + offs_co[None, :], mask=rc_mask, other=0.0) - mean) * rstd
         grad_xhat = grad * tl.load(gamma_ptr + offs_co, mask=co_mask, other=0.0).to(ACC)[None, :]
         sum_grad_xhat += tl.sum(grad_xhat, axis=1)
@@ -518,7 +518,7 @@ def gsa_subsample_norm_backward_kernel(
         offs_co = co_start + tl.arange(0, BLOCK_CO)
         co_mask = offs_co < C
         rc_mask = r_mask[:, None] & co_mask[None, :]
-        grad = tl.load(grad_rows[:, None] + offs_co[None, :] * stride_gc, mask=rc_mask, other=0.0).to(ACC)
+        grad = tl.load(grad_rows[:, None] + offs_co[None, :].to(tl.int64) * stride_gc, mask=rc_mask, other=0.0).to(ACC)
         xhat = (tl.load(y_ptr + y_rows + offs_co[None, :], mask=rc_mask, other=0.0) - mean) * rstd
         grad_xhat = grad * tl.load(gamma_ptr + offs_co, mask=co_mask, other=0.0).to(ACC)[None, :]
         grad_y = tl.where(rc_mask, rstd * (grad_xhat - mean_grad_xhat - xhat * mean_grad_xhat_xhat), 0.0)
@@ -553,8 +553,8 @@ def gsa_subsample_weight_grad_kernel(
         b, top_left = _patch_rows(rows, KEYS, OUT_W, W, SR)
         grad_y_t = tl.load(grad_y_ptr + rows.to(tl.int64)[None, :] * C + offs_co[:, None],
                            mask=co_mask[:, None] & r_mask[None, :], other=0.0)
-        pixel = (top_left + i * W + j).to(tl.int64)
-        x_tile = tl.load(x_ptr + (b * stride_xb + pixel * stride_xn)[:, None] + offs_c[None, :] * stride_xc,
+        x_rows = x_ptr + b * stride_xb + (top_left + i * W + j).to(tl.int64) * stride_xn
+        x_tile = tl.load(x_rows[:, None] + offs_c[None, :].to(tl.int64) * stride_xc,
                          mask=r_mask[:, None] & c_mask[None, :], other=0.0)
         acc += tl.dot(grad_y_t, x_tile, input_precision=DOT_PRECISION, out_dtype=ACC)
 

@@ -314,8 +314,9 @@ def _key_slots(slots, y0, x0, H, W, WS: tl.constexpr, PAD_WITH_BIAS: tl.constexp
 
 @triton.jit
 def _load_rows(base_ptr, tokens, rows_mask, chans, d_mask, stride_n, stride_c):
-    """(slots, BLOCK_D) tile of base_ptr[token, chans]; zero where rows_mask is false."""
-    return tl.load(base_ptr + tokens[:, None] * stride_n + chans[None, :] * stride_c,
+    """(slots, BLOCK_D) tile of base_ptr[token, chans]; zero where rows_mask is false. The channel offsets are
+    64-bit: a channel-major view's channel stride is its B * N, and chans * stride_c passes 2^31 with it."""
+    return tl.load(base_ptr + tokens[:, None] * stride_n + chans[None, :].to(tl.int64) * stride_c,
                    mask=rows_mask[:, None] & d_mask[None, :], other=0.0)
 
 

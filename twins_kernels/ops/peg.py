@@ -86,10 +86,11 @@ def peg_reference_backward(grad_out, x, weight, size, stride: int):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _load_shifted_tile(x_ptr, b, hh, ww, c_offs, c_mask, H, W, stride_xb, stride_xn, stride_xc, ACC: tl.constexpr):
-    """x[b, hh, ww, c] as an ACC (BLOCK_W, BLOCK_C) tile, zero outside the map (the conv's padding)."""
+    """x[b, hh, ww, c] as an ACC (BLOCK_W, BLOCK_C) tile, zero outside the map (the conv's padding). Offsets
+    are 64-bit, the channels' too (a channel-major view's channel stride is its B * N)."""
     inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
     tokens = (hh * W + ww).to(tl.int64)
-    ptrs = x_ptr + b * stride_xb + tokens[:, None] * stride_xn + c_offs[None, :] * stride_xc
+    ptrs = x_ptr + b * stride_xb + tokens[:, None] * stride_xn + c_offs[None, :].to(tl.int64) * stride_xc
     return tl.load(ptrs, mask=inside[:, None] & c_mask[None, :], other=0.0).to(ACC)
 
 
