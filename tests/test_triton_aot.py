@@ -75,14 +75,15 @@ sys.path.insert(0, "tests")
 from triton_aot import LaunchCase, compile_all
 
 @triton.jit
-def runtime_unroll_kernel(a_ptr, n):
+def runtime_unroll_kernel(a_ptr, n, SCALE: tl.constexpr):
     total = 0.0
     for i in tl.static_range(n):
         total += tl.load(a_ptr + i)
-    tl.store(a_ptr, total)
+    tl.store(a_ptr, total * SCALE)
 
 def launch():
-    runtime_unroll_kernel[(1,)](torch.randn(4), 4)
+    for scale in (1.0, 2.0):  # two specializations in one case: each failure is reported
+        runtime_unroll_kernel[(1,)](torch.randn(4), 4, SCALE=scale)
 
 builds = compile_all([90], [LaunchCase("runtime-unroll", launch)])
 print("PROBLEMS:", [p for b in builds for p in b.problems])
@@ -98,6 +99,7 @@ def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):
     assert "PROBLEMS: [" in result.stdout, result.stdout + result.stderr
     problems = result.stdout.split("PROBLEMS:", 1)[1]
     assert "CompilationError" in problems and "static_range" in problems, problems
+    assert problems.count("CompilationError") == 2, problems
 
 
 # Each op launched on three maps of other sizes (a multiple of 16 among them) with the same model shapes,
@@ -130,7 +132,8 @@ def launch(height, width, keys):
         out, lse = gsa.gsa_attention_forward_triton(x, kv, heads, 0.2)
         gsa.gsa_attention_backward_triton(torch.randn_like(out), x, kv, out, lse, heads, 0.2)
 
-maps = [(13, 11, (33, 113)), (16, 16, (48, 96)), (2, 33, (64, 80))]
+# batch 2: the last two maps' 600 and 8000 rows give PEG's weight gradient 2 and 16 rows a program
+maps = [(13, 11, (33, 113)), (16, 16, (48, 96)), (2, 33, (64, 80)), (300, 11, (75,)), (4000, 11, (1000,))]
 cases = [LaunchCase(f"{h}x{w}", lambda h=h, w=w, keys=keys: launch(h, w, keys)) for h, w, keys in maps]
 for b in compile_all([90], cases):
     print("BUILD", b.kernel, b.num_warps, b.num_stages, sorted(b.constexprs.items()), b.problems)
@@ -139,7 +142,8 @@ for b in compile_all([90], cases):
 
 def test_other_image_sizes_reuse_the_compiled_kernels(tmp_path):
     """A new image size (detection, segmentation) must not compile the kernels again: Triton specializes
-    int arguments on == 1 and divisibility by 16, which the kernels' size arguments opt out of."""
+    int arguments on == 1 and divisibility by 16, which the kernels' size arguments opt out of (PEG's
+    weight-gradient rows a program among them, which batch and image size set)."""
     if HAS_GPU:
         pytest.skip("a GPU is present: the compile-only driver is for machines without one")
     pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas ships with it)")
@@ -183,8 +187,9 @@ def test_a_grid_past_cuda_limits_is_a_problem():
     recorder.check_grid(some_kernel, (2**31 - 1, 65535, 65535))
     assert not recorder.builds
     recorder.check_grid(some_kernel, (1, 65536))
-    [build] = recorder.builds.values()
+    [(key, build)] = recorder.builds.items()
     assert build.kernel == "some_kernel" and "past CUDA's limits" in build.problems[0]
+    assert recorder.uses == [key]  # a sweep's row lists the problems of the builds its launches used
 
 
 def test_sweep_candidates_compile_with_their_own_tiles(tmp_path):

@@ -138,7 +138,7 @@ def peg_conv3x3_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(w_offs < W)[:, None] & c_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["H", "W", "rows"])
+@triton.jit(do_not_specialize=["H", "W", "rows", "rows_per_program"])  # both rows args vary with batch and image
 def peg_weight_grad_kernel(
     g_ptr, x_ptr, partial_ptr,
     H, W, C, rows, rows_per_program,
