@@ -193,9 +193,10 @@ class CompileRecorder:
         the interpreter: recorded as a problem of its kernel."""
         dims = tuple(grid) + (1,) * (3 - len(grid))
         if any(d > limit for d, limit in zip(dims, GRID_LIMITS)):
-            self.builds[(self.arch, fn.__name__, self.case, "grid")] = KernelBuild(
-                self.arch, fn.__name__, self.case,
-                error=f"grid {tuple(grid)} is past CUDA's limits (x, y, z) <= {GRID_LIMITS}")
+            key = (self.arch, fn.__name__, self.case, "grid")
+            self.builds[key] = KernelBuild(self.arch, fn.__name__, self.case,
+                                           error=f"grid {tuple(grid)} is past CUDA's limits (x, y, z) <= {GRID_LIMITS}")
+            self.uses.append(key)
 
     def compile(self, fn, args, kwargs):
         constexprs = {p.name: _describe(value) for p, value in zip(fn.params, args) if p.is_constexpr}
@@ -204,7 +205,8 @@ class CompileRecorder:
         try:
             kernel = self._original_run(fn, *args, grid=None, warmup=True, **kwargs)
         except Exception as exc:  # a compile error is a result to report, not a crash of the check
-            key = (self.arch, fn.__name__, self.case)
+            key = (self.arch, fn.__name__, self.case, tuple(constexprs.items()), kwargs.get("num_warps"),
+                   kwargs.get("num_stages"))  # each failing specialization of the case is its own row
             message = f"{type(exc).__name__}: {exc}".strip().splitlines()
             self.builds[key] = KernelBuild(self.arch, fn.__name__, self.case, kwargs.get("num_warps", 0),
                                            kwargs.get("num_stages", 0), constexprs=constexprs,
