@@ -45,8 +45,8 @@ def _op_and_fp32_inputs(op: str, backend: str):
         return lambda *a: peg(*a, size, backend=backend), [tokens(2, 30, 16), tokens(16, 1, 3, 3), tokens(16)]
     if op == "lsa":
         return lambda *a: lsa(*a, size, 2, 4, backend=backend), [tokens(2, 30, 96), tokens(96)]
-    if op == "gsa_attention":
-        return lambda *a: gsa_attention(*a, 2, backend=backend), [tokens(2, 30, 32), tokens(2, 6, 64)]
+    if op == "gsa_attention":  # 70 keys: several key blocks, the backward's separate dq kernel
+        return lambda *a: gsa_attention(*a, 2, backend=backend), [tokens(2, 30, 32), tokens(2, 70, 64)]
     return (lambda x, *a: gsa_subsample(x, size, *a, 2, backend=backend),
             [tokens(2, 30, 16), tokens(16, 16, 2, 2), tokens(16), tokens(16), tokens(16)])
 
