@@ -14,10 +14,10 @@ and the reference for CPU tensors (the interpreter is for checking kernels, not 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import os
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -154,7 +154,9 @@ def _check_choice(name: str | None, what: str) -> str | None:
 
 
 _global_backend: str | None = None
-_context = threading.local()
+# A context variable, not a thread-local: each asyncio task (and each thread) sees only the
+# use_backend blocks it entered itself, never another task's that happens to be open at the same time.
+_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("twins_kernels_backend", default=None)
 
 
 def set_backend(name: str | None) -> None:
@@ -165,9 +167,9 @@ def set_backend(name: str | None) -> None:
 
 def get_backend() -> str:
     """The backend a call with no explicit choice would ask for (may be ``auto``)."""
-    stack = getattr(_context, "stack", None)
-    if stack:
-        return stack[-1]
+    name = _context_backend.get()
+    if name is not None:
+        return name
     if _global_backend is not None:
         return _global_backend
     return _check_choice(os.environ.get(ENV_VAR) or "auto", f"environment variable {ENV_VAR}")
@@ -176,19 +178,18 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Run the calls inside the ``with`` block on ``name`` unless a call names its own backend
-    (``None``: no change, the choice outside the block applies)."""
+    (``None``: no change, the choice outside the block applies). The choice belongs to the thread or
+    asyncio task that entered the block; as with ``decimal.localcontext``, a generator suspended inside
+    the block leaves it in force for its caller until the generator resumes and leaves it."""
     name = _check_choice(name, "use_backend")
     if name is None:
         yield
         return
-    stack = getattr(_context, "stack", None)
-    if stack is None:
-        stack = _context.stack = []
-    stack.append(name)
+    token = _context_backend.set(name)
     try:
         yield
     finally:
-        stack.pop()
+        _context_backend.reset(token)
 
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:
