@@ -131,15 +131,17 @@ def load_run(path: str):
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable pytest-benchmark JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks", []), list):
+        raise ValueError(f"{path}: not a pytest-benchmark JSON (expected an object with a list of benchmarks)")
     cases: dict[str, dict[str, dict]] = defaultdict(dict)
     device = ""
     for bench in data.get("benchmarks", []):
-        info = bench.get("extra_info", {})
+        info = (bench.get("extra_info") if isinstance(bench, dict) else None) or {}
         if "median_ms" not in info or "variant" not in info:  # skipped, or interrupted before recording
             continue
         cases[bench["group"]][info["variant"]] = info
         device = info.get("device", device)
-    machine = data.get("machine_info", {})
+    machine = data.get("machine_info") or {}
     header = {
         "device": device,
         "date": data.get("datetime", ""),

@@ -103,6 +103,26 @@ def test_report_names_a_file_it_cannot_read(tmp_path, capsys):
     assert "cut.json: not a readable pytest-benchmark JSON" in out and "missing.json" in out
 
 
+def test_report_names_json_that_is_not_a_benchmark_run(tmp_path, capsys):
+    """Valid JSON of the wrong shape gets the same message as unreadable JSON, not a traceback, and a
+    case with null extra_info (skipped before recording) is passed over."""
+    report = load_benchmarks_module("report.py")
+    listed = tmp_path / "list.json"
+    listed.write_text("[]")
+    assert report.main([str(listed), "--out", str(tmp_path)]) == 2
+    assert "list.json: not a pytest-benchmark JSON" in capsys.readouterr().out
+    run = write_run(tmp_path / "run.json", "2026-11-24T10:00:00",
+                    [bench("peg-fwd-a", "timm", 2.0), bench("peg-fwd-a", "triton", 0.5)], "Test GPU")
+    with open(run) as f:
+        data = json.load(f)
+    data["benchmarks"].append({"group": "lsa-fwd-a", "extra_info": None})
+    data["machine_info"] = None
+    with open(run, "w") as f:
+        json.dump(data, f)
+    cases, header = report.load_run(run)
+    assert list(cases) == ["peg-fwd-a"] and header["torch"] == ""
+
+
 def test_report_refuses_runs_from_different_devices(tmp_path):
     report = load_benchmarks_module("report.py")
     h100 = write_run(tmp_path / "a.json", "2026-11-24T10:00:00", [bench("peg-fwd-a", "timm", 2.0)], "NVIDIA H100")
