@@ -263,6 +263,15 @@ def test_bench_mode_checks_parity_and_says_what_it_cannot_measure():
         assert "images/s" in result.stdout
 
 
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU-only behaviour")
+def test_bench_mode_names_a_backend_that_cannot_run_here():
+    result = subprocess.run([sys.executable, "-m", "twins_kernels", "--no-interpret", "bench", "--backend", "cuda"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "cannot run the patched model: backend 'cuda' is not available for cpu tensors" in result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_main_job_reports_unavailable_backends_without_triton():
     code = "import sys, runpy; sys.modules['triton'] = None; sys.argv = ['twins_kernels', '--no-interpret']; " \
            "runpy.run_module('twins_kernels', run_name='__main__')"

@@ -215,6 +215,61 @@ def test_features_only_backbone_and_wrappers():
         torch.testing.assert_close(a, b)
 
 
+def test_fx_feature_extraction_of_a_patched_model():
+    """timm's FX feature extraction traces the model symbolically: the fused modules, whose input checks
+    cannot take a Proxy, are kept as calls (timm marks its LocallyGroupedAttn so too)."""
+    from timm.models import create_feature_extractor
+
+    model = small_model("twins_svt_small")
+    x = torch.randn(1, 3, 64, 96)
+    expected = create_feature_extractor(model, {"blocks.1.0.attn": "lsa", "norm": "out"})(x)
+    patch_model(model, backend="torch")
+    features = create_feature_extractor(model, {"blocks.1.0.attn": "lsa", "norm": "out"})(x)
+    for name in expected:
+        torch.testing.assert_close(features[name], expected[name])
+
+
+def test_hooks_on_replaced_modules_keep_running():
+    """A fused module takes over the hooks of the module it replaces (forward, pre-forward, full backward),
+    and a hook registered while patched stays after unpatching; its handle removes it from both."""
+    model = nn.Sequential(twins.PosConv(16, 16))
+    calls = []
+    model[0].register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    model[0].register_forward_hook(lambda module, args, out: calls.append("forward"))
+    model[0].register_full_backward_hook(lambda module, grad_in, grad_out: calls.append("backward"))
+    patch_model(model, backend="torch")
+    x = torch.randn(1, 4 * 5, 16, requires_grad=True)
+    model[0](x, (4, 5)).sum().backward()
+    assert calls == ["pre", "forward", "backward"]
+    handle = model[0].register_forward_hook(lambda module, args, out: calls.append("while patched"))
+    unpatch_model(model)
+    calls.clear()
+    model[0](x, (4, 5)).sum().backward()
+    assert calls == ["pre", "forward", "while patched", "backward"]
+    handle.remove()
+    calls.clear()
+    model[0](x, (4, 5))
+    assert calls == ["pre", "forward"]
+
+
+def test_a_module_held_under_two_names_is_patched_under_both():
+    shared = twins.LocallyGroupedAttn(32, 2, ws=2)
+    holder = nn.Module()
+    holder.first, holder.second = shared, shared
+    report = patch_model(holder, backend="torch")
+    assert report.replaced["lsa"] == 1 and type(holder.first) is FusedLSA and holder.second is holder.first
+    assert unpatch_model(holder) == 1 and holder.first is shared and holder.second is shared
+
+
+def test_a_misspelt_backend_is_refused_where_it_is_given():
+    with pytest.raises(ValueError, match=r"patch_model\(backend=...\): unknown backend 'trition'"):
+        patch_model(small_model("twins_svt_small"), backend="trition")
+    with pytest.raises(ValueError, match=r"FusedLSA\(backend=...\): unknown backend 'trition'"):
+        FusedLSA(64, 2, ws=7, backend="trition")
+    with pytest.raises(ValueError, match=r"FusedPEG.from_module\(backend=...\): unknown backend 'trition'"):
+        FusedPEG.from_module(twins.PosConv(16, 16), backend="trition")
+
+
 def test_before_or_after_to_dtype():
     model = small_model("twins_svt_small")
     patch_model(model, backend="torch")
@@ -233,6 +288,7 @@ def test_context_manager_and_ops_selection():
     assert count(model, twins.PosConv) == 4
     with pytest.raises(ValueError, match="conv"):
         patch_model(model, ops=("conv",))
+    assert set(patch_model(model, ops="peg").replaced) == {"peg"}, "one kind by name, not its letters"
 
 
 def test_context_manager_leaves_earlier_patches_in_place():

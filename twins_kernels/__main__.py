@@ -15,6 +15,9 @@ import os
 import platform
 import sys
 
+# per timing in the parity table; CUDA events, not triton.testing, which the cuda backend does not need
+TIMED_CALLS = 50
+
 
 def _reexec_with_interpreter(argv) -> None:
     import torch
@@ -108,14 +111,12 @@ def run_parity_table() -> bool:
 
 
 def _timing_columns(make_timm, fused_cls, backend, x, size) -> str:
-    import torch
-    import triton.testing
+    from .bench import median_cuda_ms
 
     timm_module = make_timm().to(x.device, x.dtype)
     fused = fused_cls.from_module(timm_module, backend=backend)
-    with torch.no_grad():
-        fused_ms = triton.testing.do_bench(lambda: fused(x, size), return_mode="median")
-        timm_ms = triton.testing.do_bench(lambda: timm_module(x, size), return_mode="median")
+    fused_ms = median_cuda_ms(lambda: fused(x, size), TIMED_CALLS)
+    timm_ms = median_cuda_ms(lambda: timm_module(x, size), TIMED_CALLS)
     return f" {fused_ms:>8.3f} {timm_ms:>8.3f} {timm_ms / fused_ms:>6.2f}x"
 
 

@@ -145,7 +145,7 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, Ba
     return {name: backend_status(name, device) for name in BACKENDS}
 
 
-def _check_choice(name: str | None, what: str) -> str | None:
+def check_backend_choice(name: str | None, what: str) -> str | None:
     if name is None:
         return None
     if not isinstance(name, str) or name.lower() not in CHOICES:
@@ -162,7 +162,7 @@ _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("t
 def set_backend(name: str | None) -> None:
     """Set the process-wide backend (``None`` clears it, falling back to the environment)."""
     global _global_backend
-    _global_backend = _check_choice(name, "set_backend")
+    _global_backend = check_backend_choice(name, "set_backend")
 
 
 def get_backend() -> str:
@@ -172,7 +172,7 @@ def get_backend() -> str:
         return name
     if _global_backend is not None:
         return _global_backend
-    return _check_choice(os.environ.get(ENV_VAR) or "auto", f"environment variable {ENV_VAR}")
+    return check_backend_choice(os.environ.get(ENV_VAR) or "auto", f"environment variable {ENV_VAR}")
 
 
 @contextlib.contextmanager
@@ -181,7 +181,7 @@ def use_backend(name: str | None):
     (``None``: no change, the choice outside the block applies). The choice belongs to the thread or
     asyncio task that entered the block; as with ``decimal.localcontext``, a generator suspended inside
     the block leaves it in force for its caller until the generator resumes and leaves it."""
-    name = _check_choice(name, "use_backend")
+    name = check_backend_choice(name, "use_backend")
     if name is None:
         yield
         return
@@ -194,7 +194,7 @@ def use_backend(name: str | None):
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:
     """Turn a request (or the ambient choice) into a concrete backend that can run on ``device``."""
-    name = _check_choice(requested, "backend") or get_backend()
+    name = check_backend_choice(requested, "backend") or get_backend()
     if name == "auto":
         if device.type != "cuda":
             return "torch"

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .backend import get_backend, triton_interpret_enabled
+from .backend import CHOICES, BackendUnavailableError, get_backend, resolve_backend, triton_interpret_enabled
 from .patch import patch_model
 from .testing import ieee_fp32, model_error_allowed, rel_err
 
@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", type=int, default=224, help="input image side")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--backend", default=None, help="auto|triton|cuda|torch (default: ambient)")
+    parser.add_argument("--backend", default=None, choices=CHOICES, help="default: the ambient choice")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per variant")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
 
@@ -43,21 +43,27 @@ def _progress(iterable, desc: str, total: int):
         return iterable
 
 
-def images_per_second(model, x, iters: int, desc: str) -> float:
+def median_cuda_ms(fn, iters: int, desc: str | None = None) -> float:
+    """The median of ``iters`` timings of ``fn()`` in milliseconds, each between CUDA events, after three
+    warm-up calls (compilation, autotuning, cuDNN heuristics); with ``desc``, a progress bar."""
     with torch.no_grad():
-        for _ in range(3):  # warm-up: compilation, autotuning, cuDNN heuristics
-            model(x)
+        for _ in range(3):
+            fn()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         times = []
-        for _ in _progress(range(iters), desc, iters):
+        for _ in range(iters) if desc is None else _progress(range(iters), desc, iters):
             start.record()
-            model(x)
+            fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
     times.sort()
-    return x.shape[0] / (times[len(times) // 2] * 1e-3)
+    return times[len(times) // 2]
+
+
+def images_per_second(model, x, iters: int, desc: str) -> float:
+    return x.shape[0] / (median_cuda_ms(lambda: model(x), iters, desc) * 1e-3)
 
 
 def run(args) -> int:
@@ -73,6 +79,11 @@ def run(args) -> int:
     backend = args.backend
     if backend is None and get_backend() == "auto" and not on_gpu and triton_interpret_enabled():
         backend = "triton"  # auto would pick the reference for CPU tensors: check the kernels instead
+    try:
+        resolve_backend(backend, torch.device(device))
+    except BackendUnavailableError as exc:
+        print(f"cannot run the patched model: {exc}")
+        return 2
     model = timm.create_model(args.model, pretrained=False).eval().to(device, dtype)
     patched = copy.deepcopy(model)
     report = patch_model(patched, backend=backend)

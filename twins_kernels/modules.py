@@ -10,20 +10,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backend import check_backend_choice
 from .ops.common import check_int, check_tokens
 from .ops.gsa import gsa_attention, gsa_attention_reference, gsa_subsample
 from .ops.lsa import PAD_MODES, lsa, lsa_reference
 from .ops.peg import peg
 
 
-def _sharing(cls, module: nn.Module, attributes, **settings):
+def _sharing(cls, module: nn.Module, attributes, backend: str | None, **settings):
     """A ``cls`` built without ``__init__`` that takes ``attributes`` (submodules, so their parameters,
-    and settings) and its train/eval mode from ``module`` itself, plus ``settings``."""
+    and settings) and its train/eval mode from ``module`` itself, plus ``backend`` and ``settings``."""
     fused = cls.__new__(cls)
     nn.Module.__init__(fused)
     fused.training = module.training
     for name in attributes:
         setattr(fused, name, getattr(module, name))
+    fused.backend = check_backend_choice(backend, f"{cls.__name__}.from_module(backend=...)")
     for name, value in settings.items():
         setattr(fused, name, value)
     return fused
@@ -54,7 +56,7 @@ class FusedPEG(nn.Module):
             nn.Conv2d(in_chans, embed_dim, 3, stride, 1, bias=True, groups=embed_dim, device=device, dtype=dtype),
         )
         self.stride = stride
-        self.backend = backend
+        self.backend = check_backend_choice(backend, f"{type(self).__name__}(backend=...)")
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: str | None = None) -> "FusedPEG":
@@ -105,7 +107,7 @@ class FusedGSA(nn.Module):
         else:
             self.sr = None
             self.norm = None
-        self.backend = backend
+        self.backend = check_backend_choice(backend, f"{type(self).__name__}(backend=...)")
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: str | None = None) -> "FusedGSA":
@@ -162,7 +164,7 @@ class FusedLSA(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.ws = ws
-        self.backend = backend
+        self.backend = check_backend_choice(backend, f"{type(self).__name__}(backend=...)")
         self.pad_mode = pad_mode
 
     @classmethod

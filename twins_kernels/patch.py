@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .backend import check_backend_choice
+
 KINDS = ("lsa", "gsa", "peg")
 _ORIGINAL = "_twins_kernels_original"  # where a fused module keeps the module it replaced
 
@@ -76,7 +78,9 @@ def _register_builtins() -> None:
         from timm.models import twins
     except ImportError:
         return
-    from .modules import FusedGSA, FusedLSA
+    from timm.layers import register_notrace_module
+
+    from .modules import FusedGSA, FusedLSA, FusedPEG
 
     for cls, kind, converter in [
         (twins.PosConv, "peg", _convert_posconv),
@@ -84,6 +88,31 @@ def _register_builtins() -> None:
         (twins.GlobalSubSampleAttn, "gsa", FusedGSA.from_module),
     ]:
         _registry.setdefault(cls, _Registration(kind, converter))
+    # timm's FX feature extraction (create_feature_extractor, features_only="fx") keeps these as calls:
+    # their input checks and kernel launches cannot be traced symbolically
+    for cls in (FusedLSA, FusedGSA, FusedPEG):
+        register_notrace_module(cls)
+
+
+# nn.Module's hook registries: a fused module takes over those of the module it replaces
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_state_dict_pre_hooks",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _take_over_hooks(original: nn.Module, fused: nn.Module) -> None:
+    """Give ``fused`` the hooks registered on ``original``: the very same dicts where ``fused`` has none of
+    its own, so that a hook registered on either while patched runs on both and its handle removes it
+    from both; where a converter's module has hooks of its own, ``original``'s are added to them."""
+    for name in _HOOK_DICTS:
+        hooks = original.__dict__.get(name)
+        if hooks is None:
+            continue
+        if fused.__dict__.get(name):
+            fused.__dict__[name].update(hooks)
+        else:
+            fused.__dict__[name] = hooks
+    fused._is_full_backward_hook = original._is_full_backward_hook
 
 
 @dataclass
@@ -104,11 +133,12 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def _children_to_patch(model: nn.Module):
-    """(parent, attribute name, qualified name, child) for every registered module in the tree."""
+def _named_children(model: nn.Module):
+    """(parent, attribute name, qualified name, child) for every child of every module in the tree, a
+    module held under several names once per name (named_children would give it once)."""
     for parent_name, parent in model.named_modules():
-        for name, child in parent.named_children():
-            if type(child) in _registry:
+        for name, child in list(parent._modules.items()):
+            if child is not None:
                 yield parent, name, f"{parent_name}.{name}" if parent_name else name, child
 
 
@@ -139,15 +169,20 @@ def patch_model(model: nn.Module, backend: str | None = None, ops: Iterable[str]
     ``twins_kernels.backend``). Returns a report; calling it again on a patched model changes nothing.
     """
     _register_builtins()
-    ops = tuple(ops)
+    backend = check_backend_choice(backend, "patch_model(backend=...)")
+    ops = (ops,) if isinstance(ops, str) else tuple(ops)
     unknown = set(ops) - set(KINDS)
     if unknown:
         raise ValueError(f"ops must be drawn from {KINDS}, got {sorted(unknown)}")
     report = PatchReport()
     _note_unpatchable(model, ops, report)
-    for parent, name, qualified, child in list(_children_to_patch(model)):
-        registration = _registry[type(child)]
-        if registration.kind not in ops:
+    fused_for = {}  # id of a module held under several names -> its one replacement
+    for parent, name, qualified, child in list(_named_children(model)):
+        registration = _registry.get(type(child))
+        if registration is None or registration.kind not in ops:
+            continue
+        if id(child) in fused_for:
+            setattr(parent, name, fused_for[id(child)])
             continue
         try:
             fused = registration.converter(child, backend)
@@ -155,8 +190,10 @@ def patch_model(model: nn.Module, backend: str | None = None, ops: Iterable[str]
             report.skipped.append((qualified, str(reason)))
             continue
         fused.train(child.training)
+        _take_over_hooks(child, fused)
         # outside nn.Module's registry: not a submodule, so no duplicate state_dict keys
         fused.__dict__[_ORIGINAL] = child
+        fused_for[id(child)] = fused
         setattr(parent, name, fused)
         report.replaced[registration.kind] += 1
         report.inserted.append(fused)
@@ -170,15 +207,16 @@ def unpatch_model(model: nn.Module, only: Iterable[nn.Module] | None = None) -> 
     """Put back every module ``patch_model`` replaced (or those whose fused modules are in ``only``, as a
     report's ``inserted``); returns how many."""
     chosen = None if only is None else {id(module) for module in only}
-    restored = 0
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            original = child.__dict__.get(_ORIGINAL)
-            if original is not None and (chosen is None or id(child) in chosen):
-                original.train(child.training)
-                setattr(parent, name, original)
-                restored += 1
-    return restored
+    restored = set()
+    for parent, name, _, child in list(_named_children(model)):
+        original = child.__dict__.get(_ORIGINAL)
+        if original is not None and (chosen is None or id(child) in chosen):
+            original.train(child.training)
+            # the hook dicts are shared already; a full backward hook registered while patched set the flag
+            original._is_full_backward_hook = child._is_full_backward_hook
+            setattr(parent, name, original)
+            restored.add(id(child))
+    return len(restored)
 
 
 @contextlib.contextmanager
