@@ -22,9 +22,10 @@ __device__ __forceinline__ void copy_16_bytes(void* dst, const void* src) {
 // 16 bytes from global to shared memory without passing through registers (cp.async.cg, compute
 // capability 8.0+): the copies a thread issues are in flight together, and need no register to land in,
 // until it waits for them (async_copy_wait_all, or async_copy_wait for the groups it committed); only
-// then may it read dst, and the block's other threads only after a barrier that follows. Under the CPU
-// emulation a copy lands at that wait, not before, so a read of dst before it finds stale data (and
-// ThreadSanitizer sees the write where the GPU makes it). Both sides 16-byte aligned.
+// then may it read dst, and the block's other threads only after a barrier that follows; and no thread
+// may still read what dst held (a barrier between such reads and the issue). Under the CPU emulation dst
+// turns NaN at the issue and the copy lands at that wait, so a read of dst in between finds NaN (and
+// ThreadSanitizer sees writes at both ends of the window the GPU writes in). Both sides 16-byte aligned.
 __device__ __forceinline__ void async_copy_16_bytes(void* dst_shared, const void* src_global) {
 #if defined(TWINS_KERNELS_CUDA_EMULATION)
   emulated_async_copy(dst_shared, src_global);

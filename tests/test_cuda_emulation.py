@@ -201,7 +201,7 @@ def shapes(table):
     return pytest.mark.parametrize("shape", [pytest.param(value, id=key) for key, value in table.items()])
 
 
-def check_lsa(harness, tmp_path, shape, pad_mode, kernels, dtype, both_orders=False):
+def check_lsa(harness, tmp_path, shape, pad_mode, kernels, dtype, both_orders=False, layout="token-major"):
     batch, height, width, heads, head_dim, ws = shape
     tol = TOLERANCE[dtype]
     chans = heads * head_dim
@@ -216,7 +216,7 @@ def check_lsa(harness, tmp_path, shape, pad_mode, kernels, dtype, both_orders=Fa
     padded_windows = batch * ((windows_w if padded_rows else 0) + (windows_h - padded_rows if padded_cols else 0))
     out, lse, grad_qkv, pad_grad = run_harness(
         harness, tmp_path, [qkv, bias, grad_out], ["lsa", DTYPE_IDS[dtype], kernels],
-        [batch, height, width, chans, heads, ws, repr(scale), int(pad_mode == "mask")],
+        [batch, height, width, chans, heads, ws, repr(scale), int(pad_mode == "mask"), layout],
         [batch * tokens * chans, batch * heads * tokens, batch * tokens * 3 * chans,
          padded_windows * heads * ws * ws * 2 * head_dim], both_orders)
 
@@ -237,7 +237,7 @@ def check_lsa(harness, tmp_path, shape, pad_mode, kernels, dtype, both_orders=Fa
     assert rel_err(lse.view(batch, heads, tokens), expected_lse) <= tol
 
 
-def check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=False):
+def check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=False, layout="token-major"):
     batch, tokens, keys, heads, head_dim, query_splits = shape
     tol = TOLERANCE[dtype]
     chans = heads * head_dim
@@ -249,7 +249,7 @@ def check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=False):
     scale = SCALE_OF_HEAD_DIM * head_dim ** -0.5
     out, lse, grad_q, grad_kv = run_harness(
         harness, tmp_path, [q, kv, grad_out], ["gsa", DTYPE_IDS[dtype], kernels],
-        [batch, tokens, keys, chans, heads, repr(scale), query_splits],
+        [batch, tokens, keys, chans, heads, repr(scale), query_splits, layout],
         [batch * tokens * chans, batch * heads * tokens, batch * tokens * chans, batch * keys * 2 * chans], both_orders)
 
     q64, kv64 = q.double().requires_grad_(), kv.double().requires_grad_()
@@ -302,6 +302,19 @@ def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, shape, kern
                     "in any fp32 implementation (PyTorch's autograd: 3.2e-5 on such values); the case is about "
                     "the 16-bit out")
     check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=True)
+
+
+# The attention kernels on channel-major inputs (a permuted tensor's strides: channel stride B N): the
+# scalar kernels' strided loads and the mma kernels' element-wise staging of rows that are not contiguous
+@pytest.mark.parametrize("op,shape", [("lsa", LSA_SHAPES["13x17-ws7-padded"]), ("lsa", LSA_SHAPES["5x3-ws4-hd128"]),
+                                      ("gsa", GSA_SHAPES["N150-M40-2-splits"]), ("gsa", GSA_SHAPES["hd128"])],
+                         ids=["lsa-13x17-ws7-padded", "lsa-5x3-ws4-hd128", "gsa-N150-M40-2-splits", "gsa-hd128"])
+@KERNELS_AND_DTYPES
+def test_emulated_attention_kernels_read_channel_major_inputs(harness, tmp_path, op, shape, kernels, dtype):
+    if op == "lsa":
+        check_lsa(harness, tmp_path, shape, "zero", kernels, dtype, layout="channel-major")
+    else:
+        check_gsa(harness, tmp_path, shape, kernels, dtype, layout="channel-major")
 
 
 @shapes(PEG_SHAPES)
@@ -367,3 +380,19 @@ def test_a_barrier_that_a_thread_never_reaches_stops_the_emulation(tmp_path):
     ran = subprocess.run([tmp_path / "divergent"], capture_output=True, text=True, timeout=60)
     assert ran.returncode != 0
     assert "block 0: thread 0 waits at a barrier that not all of its block's (or warp's) threads reach" in ran.stderr
+
+
+# Launches a GPU refuses: a block of more than 1024 threads, a grid.y past 65535, no blocks at all
+INVALID_LAUNCHES = {
+    "1025-threads": "emulated_launch(1, 1025, [] {});",
+    "grid-y-65536": "emulated_launch({1, 65536, 0}, {32, 1, 0}, [] {});",
+    "no-blocks": "emulated_launch(0, 32, [] {});",
+}
+
+
+@pytest.mark.parametrize("launch", list(INVALID_LAUNCHES.values()), ids=list(INVALID_LAUNCHES))
+def test_a_launch_the_gpu_refuses_stops_the_emulation(tmp_path, launch):
+    (tmp_path / "launch.cpp").write_text(f'#include "emulate.h"\nint main() {{ {launch} }}\n')
+    compile_emulated(tmp_path / "launch.cpp", tmp_path / "launch")
+    ran = subprocess.run([tmp_path / "launch"], capture_output=True, text=True, timeout=60)
+    assert ran.returncode != 0 and "invalid launch configuration" in ran.stderr

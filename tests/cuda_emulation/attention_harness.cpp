@@ -3,11 +3,12 @@
 // converted), and writes every result as fp32 to another file for tests/test_cuda_emulation.py.
 // KERNELS picks the family: scalar (attention.cuh, any dtype) or mma (attention_mma.cuh, fp16/bf16),
 // with the block sizes the host code gives each.
-//   attention_harness lsa DTYPE KERNELS IN OUT B H W C heads ws scale mask_padding
+//   attention_harness lsa DTYPE KERNELS IN OUT B H W C heads ws scale mask_padding LAYOUT
 //     IN: qkv (B,N,3C), qkv_bias (3C), grad_out (B,N,C)   OUT: out, lse, grad_qkv, pad_grad (zero mode)
-//   attention_harness gsa DTYPE KERNELS IN OUT B N M C heads scale query_splits
+//   attention_harness gsa DTYPE KERNELS IN OUT B N M C heads scale query_splits LAYOUT
 //     IN: q (B,N,C), kv (B,M,2C), grad_out (B,N,C)        OUT: out, lse, grad_q, grad_kv
 //     (query_splits: about how many key blocks share a key tile's queries, as gsa.cu picks per GPU)
+//   LAYOUT: token-major or channel-major, how the kernels find qkv (q and kv) in memory (Layout below)
 // A GPU block finds in shared memory whatever ran there before it; emulated, __shared__ arrays are
 // statics, zero at first and then what the last block wrote. So a case first runs the same kernels
 // (the same instantiation: head_dim rounded up as the host code dispatches it) on NaN inputs at the
@@ -17,6 +18,7 @@
 #include "harness_io.h"  // before emulate.h: c10's headers must not see its __device__ stand-ins
 #include "emulate.h"
 
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -84,11 +86,41 @@ static std::vector<scalar_t> nans(size_t n) {
   return std::vector<scalar_t>(n, scalar_t(NAN));
 }
 
+// How the harness lays out the input the kernels read by strides (qkv; q and kv): token-major, or
+// channel-major, each channel's values of all B N tokens together (a permuted tensor's layout, as autograd
+// hands it): channel stride B N, token stride 1, rows never 16-byte aligned (the element-wise staging).
+struct Layout {
+  bool channel_major;
+  // a contiguous (batch, rows, cols) tensor's values in this layout, and that layout's strides (b, n, k)
+  template <typename scalar_t>
+  std::vector<scalar_t> arrange(const std::vector<scalar_t>& values, long batch, long rows, long cols) const {
+    if (!channel_major) return values;
+    std::vector<scalar_t> arranged(values.size());
+    for (long b = 0; b < batch; ++b)
+      for (long n = 0; n < rows; ++n)
+        for (long k = 0; k < cols; ++k) arranged[(k * batch + b) * rows + n] = values[(b * rows + n) * cols + k];
+    return arranged;
+  }
+  std::array<int64_t, 3> strides(long batch, long rows, long cols) const {
+    if (channel_major) return {rows, 1, batch * rows};
+    return {rows * cols, cols, 1};
+  }
+};
+
+static Layout layout_named(const std::string& name) {
+  if (name != "token-major" && name != "channel-major") {
+    fprintf(stderr, "layout %s: expected token-major or channel-major\n", name.c_str());
+    exit(2);
+  }
+  return Layout{name == "channel-major"};
+}
+
 struct LsaCase {
   long batch;
   int height, width, chans, heads, ws;
   float scale;
   bool mask;
+  Layout layout;
 };
 
 // out, lse, grad_qkv, pad_grad (zero mode) of the LSA kernels on qkv (B,N,3C), qkv_bias (3C), grad_out (B,N,C)
@@ -98,11 +130,13 @@ static void lsa_kernels(const LsaCase& c, bool tensor_cores, std::vector<scalar_
   const long tokens = static_cast<long>(c.height) * c.width;
   LsaGeometry<scalar_t> geo{};
   geo.set_shape(c.height, c.width, c.chans, c.heads, c.ws, tensor_cores ? attention::kMmaRows : c.ws * c.ws);
-  geo.qkv = qkv.data();
+  const std::vector<scalar_t> arranged = c.layout.arrange(qkv, c.batch, tokens, 3 * c.chans);
+  geo.qkv = arranged.data();
   geo.bias = bias.data();
-  geo.stride_b = tokens * 3 * c.chans;
-  geo.stride_n = 3 * c.chans;
-  geo.stride_c = 1;
+  const auto [stride_b, stride_n, stride_c] = c.layout.strides(c.batch, tokens, 3 * c.chans);
+  geo.stride_b = stride_b;
+  geo.stride_n = stride_n;
+  geo.stride_c = stride_c;
   geo.mask_padding = c.mask;
   geo.set_delta_source(tensor_cores);
   const long blocks = geo.blocks(c.batch);
@@ -127,7 +161,7 @@ static void lsa_kernels(const LsaCase& c, bool tensor_cores, std::vector<scalar_
 template <typename scalar_t>
 static void run_lsa(FILE* in, FILE* outf, bool tensor_cores, char** argv) {
   LsaCase c{atol(argv[0]), atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), atoi(argv[5]),
-            static_cast<float>(atof(argv[6])), atoi(argv[7]) != 0};
+            static_cast<float>(atof(argv[6])), atoi(argv[7]) != 0, layout_named(argv[8])};
   const long tokens = static_cast<long>(c.height) * c.width;
   auto qkv = read_as<scalar_t>(in, c.batch * tokens * 3 * c.chans);
   auto bias = read_as<scalar_t>(in, 3 * c.chans);
@@ -146,6 +180,7 @@ struct GsaCase {
   int chans, heads;
   float scale;
   long splits;
+  Layout layout;
 };
 
 // out, lse, grad_q, grad_kv of the GSA kernels on q (B,N,C), kv (B,M,2C), grad_out (B,N,C)
@@ -154,14 +189,18 @@ static void gsa_kernels(const GsaCase& c, bool tensor_cores, std::vector<scalar_
                         const std::vector<scalar_t>& grad_out, FILE* outf) {
   GsaGeometry<scalar_t> geo{};
   geo.set_shape(c.tokens, c.keys, c.chans, c.heads, tensor_cores ? attention::kMmaRows : kGsaScalarRows);
-  geo.q = q.data();
-  geo.q_stride_b = c.tokens * c.chans;
-  geo.q_stride_n = c.chans;
-  geo.q_stride_c = 1;
-  geo.kv = kv.data();
-  geo.kv_stride_b = c.keys * 2 * c.chans;
-  geo.kv_stride_m = 2 * c.chans;
-  geo.kv_stride_c = 1;
+  const std::vector<scalar_t> arranged_q = c.layout.arrange(q, c.batch, c.tokens, c.chans);
+  const std::vector<scalar_t> arranged_kv = c.layout.arrange(kv, c.batch, c.keys, 2 * c.chans);
+  geo.q = arranged_q.data();
+  const auto [q_stride_b, q_stride_n, q_stride_c] = c.layout.strides(c.batch, c.tokens, c.chans);
+  geo.q_stride_b = q_stride_b;
+  geo.q_stride_n = q_stride_n;
+  geo.q_stride_c = q_stride_c;
+  geo.kv = arranged_kv.data();
+  const auto [kv_stride_b, kv_stride_m, kv_stride_c] = c.layout.strides(c.batch, c.keys, 2 * c.chans);
+  geo.kv_stride_b = kv_stride_b;
+  geo.kv_stride_m = kv_stride_m;
+  geo.kv_stride_c = kv_stride_c;
   geo.set_delta_source(tensor_cores);
   auto out = nans<scalar_t>(c.batch * c.tokens * c.chans), grad_q = nans<scalar_t>(c.batch * c.tokens * c.chans);
   auto grad_kv = nans<scalar_t>(c.batch * c.keys * 2 * c.chans);
@@ -194,7 +233,7 @@ static void gsa_kernels(const GsaCase& c, bool tensor_cores, std::vector<scalar_
 template <typename scalar_t>
 static void run_gsa(FILE* in, FILE* outf, bool tensor_cores, char** argv) {
   GsaCase c{atol(argv[0]), atol(argv[1]), atol(argv[2]), atoi(argv[3]), atoi(argv[4]),
-            static_cast<float>(atof(argv[5])), atol(argv[6])};
+            static_cast<float>(atof(argv[5])), atol(argv[6]), layout_named(argv[7])};
   auto q = read_as<scalar_t>(in, c.batch * c.tokens * c.chans);
   auto kv = read_as<scalar_t>(in, c.batch * c.keys * 2 * c.chans);
   auto grad_out = read_as<scalar_t>(in, c.batch * c.tokens * c.chans);

@@ -3,7 +3,9 @@
 // and __shared__ arrays are function statics (one block at a time uses them).
 // Warps of 32 consecutive threads exchange registers for the warp-wide instructions the kernels use
 // (__shfl_xor_sync and mma.sync m16n8k16 through warp_mma.cuh), meeting at a barrier of their own.
-// cp.async copies (vector_access.cuh) land when their thread waits for them.
+// cp.async copies (vector_access.cuh) fill their destination with NaN bits when issued and land when
+// their thread waits for them: the GPU writes it at some moment in between, so any thread's read in
+// between is a race, and finds NaN here (and ThreadSanitizer sees the write at issue).
 // It checks the kernels' index arithmetic, masking, staging, fragment layouts and math, not GPU-only
 // behaviour (timing, bank conflicts, the tensor cores' internal summation order).
 //
@@ -146,6 +148,7 @@ inline void emulated_async_copy(void* dst, const void* src) {
     fprintf(stderr, "misaligned cp.async: %p <- %p\n", dst, src);
     std::abort();
   }
+  std::memset(dst, 0xff, 16);  // NaN in fp32, fp16 and bf16
   emulated_thread->async_copies.push_back({dst, src});
 }
 
@@ -293,6 +296,13 @@ inline void emulated_run_block(std::vector<EmulatedThread>& threads, const std::
 // kernel<<<grid, block>>>(args...) as emulated_launch(grid, block, [&] { kernel(args...); }), 2-D at most
 template <typename Kernel>
 void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, Kernel kernel) {
+  // the launch configurations the GPU refuses (cudaErrorInvalidConfiguration)
+  if (grid.x < 1 || grid.x > 2147483647u || grid.y < 1 || grid.y > 65535 || block.x < 1 || block.y < 1 ||
+      block.x * block.y > 1024) {
+    fprintf(stderr, "invalid launch configuration: grid (%u, %u), block (%u, %u)\n", grid.x, grid.y, block.x,
+            block.y);
+    std::abort();
+  }
   blockDim = block;
   gridDim = grid;
   const unsigned threads = block.x * block.y;
@@ -327,5 +337,6 @@ void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, Kernel kernel) {
 
 template <typename Kernel>
 void emulated_launch(long blocks, unsigned threads, Kernel kernel) {
-  emulated_launch({static_cast<unsigned>(blocks), 1, 0}, {threads, 1, 0}, kernel);
+  emulated_launch({blocks > 0 && blocks <= 2147483647 ? static_cast<unsigned>(blocks) : 0u, 1, 0}, {threads, 1, 0},
+                  kernel);
 }
