@@ -396,3 +396,26 @@ def test_a_launch_the_gpu_refuses_stops_the_emulation(tmp_path, launch):
     compile_emulated(tmp_path / "launch.cpp", tmp_path / "launch")
     ran = subprocess.run([tmp_path / "launch"], capture_output=True, text=True, timeout=60)
     assert ran.returncode != 0 and "invalid launch configuration" in ran.stderr
+
+
+# Warp-wide instructions the GPU leaves undefined: half a warp in an mma.sync while the other half
+# shuffles, a shuffle whose mask leaves out lanes that run it
+MISMATCHED_WARP_OPS = {
+    "mma-against-shuffle": r"""
+      if (threadIdx.x < 16) {
+        float d[4] = {};
+        const uint32_t a[4] = {}, b[2] = {};
+        emulated_mma_m16n8k16<c10::Half>(d, a, b);
+      } else {
+        __shfl_xor_sync(0x0000ffffu, 1.f, 1);
+      }""",
+    "partial-mask": "__shfl_xor_sync(0x0000ffffu, 1.f, 1);",
+}
+
+
+@pytest.mark.parametrize("body", list(MISMATCHED_WARP_OPS.values()), ids=list(MISMATCHED_WARP_OPS))
+def test_lanes_that_disagree_on_a_warp_instruction_stop_the_emulation(tmp_path, body):
+    (tmp_path / "warp.cpp").write_text(f'#include "emulate.h"\nint main() {{ emulated_launch(1, 32, [] {{ {body} }}); }}\n')
+    compile_emulated(tmp_path / "warp.cpp", tmp_path / "warp")
+    ran = subprocess.run([tmp_path / "warp"], capture_output=True, text=True, timeout=60)
+    assert ran.returncode != 0 and "warp of 32 lanes: lane" in ran.stderr, ran.stderr

@@ -2,7 +2,10 @@
 // after another (in grid order or its reverse), a block's threads meet at a barrier in __syncthreads(),
 // and __shared__ arrays are function statics (one block at a time uses them).
 // Warps of 32 consecutive threads exchange registers for the warp-wide instructions the kernels use
-// (__shfl_xor_sync and mma.sync m16n8k16 through warp_mma.cuh), meeting at a barrier of their own.
+// (__shfl_xor_sync and mma.sync m16n8k16 through warp_mma.cuh), meeting at a barrier of their own,
+// where every lane must run the same instruction with a mask naming the whole warp. That barrier
+// orders memory, which a GPU's warp instructions do not (__syncwarp does): under ThreadSanitizer a
+// lane's shared-memory write that another lane reads after only a shuffle or an mma is not reported.
 // cp.async copies (vector_access.cuh) fill their destination with NaN bits when issued and land when
 // their thread waits for them: the GPU writes it at some moment in between, so any thread's read in
 // between is a race, and finds NaN here (and ThreadSanitizer sees the write at issue).
@@ -86,12 +89,33 @@ class EmulatedBarrier {
 
 // What a warp's lanes hand each other in a warp-wide instruction.
 struct EmulatedWarp {
-  explicit EmulatedWarp(unsigned lanes) : barrier(lanes) {}
+  explicit EmulatedWarp(unsigned lanes) : barrier(lanes), lanes(lanes) {}
   EmulatedBarrier barrier;
+  unsigned lanes;
+  const char* instruction[32];
+  unsigned member_mask[32];
   uint32_t a[32][4];
   uint32_t b[32][2];
   float value[32];
 };
+
+// A lane's arrival at a warp-wide instruction, having handed in its operands: every lane of the warp
+// meets there (the warp barrier). The GPU requires the lanes a mask names to execute the same instruction
+// together (mma.sync.aligned: all 32), and the emulation pairs whole warps, so each lane's instruction
+// and mask must be every other lane's, the mask naming the whole warp; anything else stops the run.
+inline void emulated_warp_arrive(EmulatedWarp& warp, int lane, const char* instruction, unsigned mask) {
+  warp.instruction[lane] = instruction;
+  warp.member_mask[lane] = mask;
+  warp.barrier.arrive_and_wait();
+  const unsigned whole_warp = warp.lanes == 32 ? 0xffffffffu : (1u << warp.lanes) - 1;
+  for (unsigned other = 0; other < warp.lanes; ++other) {
+    if (std::strcmp(warp.instruction[other], instruction) != 0 || warp.member_mask[other] != whole_warp) {
+      fprintf(stderr, "warp of %u lanes: lane %d runs %s (mask %#x) where lane %u runs %s (mask %#x)\n", warp.lanes,
+              lane, instruction, mask, other, warp.instruction[other], warp.member_mask[other]);
+      std::abort();
+    }
+  }
+}
 
 // cp.async: the 16-byte copies a thread has issued and not yet waited for, in the groups it committed
 // (oldest first) and those issued since. A group lands (is copied) when its thread waits for it, as late
@@ -124,11 +148,16 @@ inline EmulatedBarrier* emulated_block_barrier = nullptr;
 
 inline void __syncthreads() { emulated_block_barrier->arrive_and_wait(); }
 
-inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
   EmulatedWarp& warp = *emulated_thread->warp;
   const int lane = emulated_thread->lane;
   warp.value[lane] = value;
-  warp.barrier.arrive_and_wait();
+  emulated_warp_arrive(warp, lane, "__shfl_xor_sync", mask);
+  if (static_cast<unsigned>(lane ^ lane_mask) >= warp.lanes) {
+    fprintf(stderr, "lane %d of a warp of %u lanes reads lane %d in __shfl_xor_sync\n", lane, warp.lanes,
+            lane ^ lane_mask);
+    std::abort();
+  }
   const float other = warp.value[lane ^ lane_mask];
   warp.barrier.arrive_and_wait();
   return other;
@@ -190,7 +219,7 @@ void emulated_mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t
   const int lane = emulated_thread->lane;
   std::copy(a, a + 4, warp.a[lane]);
   std::copy(b, b + 2, warp.b[lane]);
-  warp.barrier.arrive_and_wait();
+  emulated_warp_arrive(warp, lane, "mma.sync.aligned.m16n8k16", 0xffffffffu);
   for (int m = 0; m < 16; ++m) {
     for (int n = 0; n < 8; ++n) {
       if (4 * (m % 8) + n / 2 != lane) continue;
