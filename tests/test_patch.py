@@ -2,6 +2,7 @@
 torch.compile, wrappers, and the registry for other Twins implementations."""
 import copy
 import io
+import threading
 
 import pytest
 import timm
@@ -376,6 +377,35 @@ def test_a_users_registration_of_a_timm_class_stays(monkeypatch):
     original = model[0]
     report = patch_model(model)
     assert converted == [original] and dict(report.replaced) == {"peg": 1, "lsa": 1}
+
+
+def test_threads_patching_while_the_builtins_register_replace_everything(monkeypatch):
+    """A thread that patches while another is registering timm's classes patches every module too."""
+    monkeypatch.setattr(twins_kernels.patch, "_registry", {})
+    monkeypatch.setattr(twins_kernels.patch, "_builtins_registered", False)
+    register_timm_classes = twins_kernels.patch._register_timm_classes
+    first_inside, second_done = threading.Event(), threading.Event()
+
+    def slow_registration():  # the first thread stays inside until the second has patched
+        if not first_inside.is_set():
+            first_inside.set()
+            second_done.wait(10)
+        register_timm_classes()
+
+    monkeypatch.setattr(twins_kernels.patch, "_register_timm_classes", slow_registration)
+    models = [nn.ModuleList([twins.PosConv(16, 16)]) for _ in range(2)]
+    reports = [None, None]
+
+    def patch(i):
+        reports[i] = patch_model(models[i])
+
+    first = threading.Thread(target=patch, args=(0,))
+    first.start()
+    first_inside.wait(10)
+    patch(1)
+    second_done.set()
+    first.join()
+    assert [dict(report.replaced) for report in reports] == [{"peg": 1}, {"peg": 1}]
 
 
 def test_report_names_what_it_cannot_replace_and_dropout():

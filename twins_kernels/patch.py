@@ -69,11 +69,15 @@ def _convert_posconv(module: nn.Module, backend: str | None) -> nn.Module:
 
 def _register_builtins() -> None:
     """timm's classes, registered on first use so that importing twins_kernels never needs timm; a
-    user's ``register_patch`` of one of them, made before, stays."""
+    user's ``register_patch`` of one of them, made before, stays. The flag is set once all are in: a
+    thread that patches meanwhile registers them too (the same entries), never patching with a part."""
     global _builtins_registered
-    if _builtins_registered:
-        return
-    _builtins_registered = True
+    if not _builtins_registered:
+        _register_timm_classes()
+        _builtins_registered = True
+
+
+def _register_timm_classes() -> None:
     try:
         from timm.models import twins
     except ImportError:
