@@ -361,23 +361,17 @@ def test_emulated_peg_kernels_under_sanitizers(sanitized_peg_harness, tmp_path, 
     check_peg(sanitized_peg_harness, tmp_path, shape, dtype)
 
 
-# A block whose thread 5 returns before the barrier the others wait at: a GPU block that never ends.
-DIVERGENT_BARRIER = r"""
-#include "emulate.h"
-int main() {
-  emulated_launch(2, 64, [] {
-    if (threadIdx.x == 5) return;
-    __syncthreads();
-  });
-}
-"""
+def run_emulated_main(tmp_path, body: str) -> subprocess.CompletedProcess:
+    """Build and run a program whose main() is ``body``, under emulate.h."""
+    (tmp_path / "program.cpp").write_text(f'#include "emulate.h"\nint main() {{ {body} }}\n')
+    compile_emulated(tmp_path / "program.cpp", tmp_path / "program")
+    return subprocess.run([tmp_path / "program"], capture_output=True, text=True, timeout=60)
 
 
 def test_a_barrier_that_a_thread_never_reaches_stops_the_emulation(tmp_path):
-    """The fibers' scheduler finds the block that cannot end and says where (OS threads would hang)."""
-    (tmp_path / "divergent.cpp").write_text(DIVERGENT_BARRIER)
-    compile_emulated(tmp_path / "divergent.cpp", tmp_path / "divergent")
-    ran = subprocess.run([tmp_path / "divergent"], capture_output=True, text=True, timeout=60)
+    """A block whose thread 5 returns before the barrier the others wait at (a GPU block that never ends):
+    the fibers' scheduler finds the block that cannot end and says where (OS threads would hang)."""
+    ran = run_emulated_main(tmp_path, "emulated_launch(2, 64, [] { if (threadIdx.x == 5) return; __syncthreads(); });")
     assert ran.returncode != 0
     assert "block 0: thread 0 waits at a barrier that not all of its block's (or warp's) threads reach" in ran.stderr
 
@@ -392,10 +386,8 @@ INVALID_LAUNCHES = {
 
 @pytest.mark.parametrize("launch", list(INVALID_LAUNCHES.values()), ids=list(INVALID_LAUNCHES))
 def test_a_launch_the_gpu_refuses_stops_the_emulation(tmp_path, launch):
-    (tmp_path / "launch.cpp").write_text(f'#include "emulate.h"\nint main() {{ {launch} }}\n')
-    compile_emulated(tmp_path / "launch.cpp", tmp_path / "launch")
-    ran = subprocess.run([tmp_path / "launch"], capture_output=True, text=True, timeout=60)
-    assert ran.returncode != 0 and "invalid launch configuration" in ran.stderr
+    ran = run_emulated_main(tmp_path, launch)
+    assert ran.returncode != 0 and "invalid launch configuration" in ran.stderr, ran.stderr
 
 
 # Warp-wide instructions the GPU leaves undefined: half a warp in an mma.sync while the other half
@@ -415,7 +407,5 @@ MISMATCHED_WARP_OPS = {
 
 @pytest.mark.parametrize("body", list(MISMATCHED_WARP_OPS.values()), ids=list(MISMATCHED_WARP_OPS))
 def test_lanes_that_disagree_on_a_warp_instruction_stop_the_emulation(tmp_path, body):
-    (tmp_path / "warp.cpp").write_text(f'#include "emulate.h"\nint main() {{ emulated_launch(1, 32, [] {{ {body} }}); }}\n')
-    compile_emulated(tmp_path / "warp.cpp", tmp_path / "warp")
-    ran = subprocess.run([tmp_path / "warp"], capture_output=True, text=True, timeout=60)
+    ran = run_emulated_main(tmp_path, f"emulated_launch(1, 32, [] {{ {body} }});")
     assert ran.returncode != 0 and "warp of 32 lanes: lane" in ran.stderr, ran.stderr
