@@ -144,8 +144,11 @@ def test_gsa_subsample(benchmark, roofline, image, stage, pass_, variant):
     x = torch.randn(batch, height * width, dim, device=DEVICE, dtype=dtype)
     benchmark.group = f"gsa-subsample-{pass_}-pcpvt_s-stage{stage + 1}-{image}-bs{batch}-bf16"
     tokens, keys = batch * height * width, batch * (height // sr) * (width // sr)
-    # forward: x read, the keys' tokens written; the backward reads grad_out and x, writes grad_x
-    bytes_moved = (tokens + keys if pass_ == "fwd" else 3 * tokens + 2 * keys) * dim * x.element_size()
+    # forward: x and the conv weight read, the keys' tokens written; the backward reads grad_out, x and
+    # the weight, writes grad_x and the weight's gradient
+    conv_weight = dim * dim * sr * sr
+    bytes_moved = ((tokens + keys) * dim + conv_weight if pass_ == "fwd"
+                   else (3 * tokens + 2 * keys) * dim + 3 * conv_weight) * x.element_size()
     flops = 2 * keys * dim * dim * sr * sr * (1 if pass_ == "fwd" else 3)  # the conv; input and weight grads
     record(benchmark, timed_pass(subsample, x, (height, width), pass_, leaves=list(attn.parameters())), roofline,
            bytes_moved=bytes_moved, flops=flops, op="gsa-subsample", pass_=pass_, variant=variant, image=image,

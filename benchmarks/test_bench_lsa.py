@@ -30,10 +30,6 @@ CORE_CASES = [
 ]
 
 
-def padded_tokens(height: int, width: int) -> int:
-    return -(-height // WS) * WS * (-(-width // WS) * WS)
-
-
 @requires_gpu
 @pytest.mark.parametrize("image,stage,pass_,variant", CASES)
 def test_lsa_module(benchmark, roofline, image, stage, pass_, variant):
@@ -48,7 +44,8 @@ def test_lsa_module(benchmark, roofline, image, stage, pass_, variant):
     # x, qkv (3C, written and read), attention out (written and read), proj out: 1 + 6 + 2 + 1 = 10 C/token
     bytes_fwd = 10 * tokens * dim * x.element_size()
     matmul_flops = 2 * tokens * dim * 4 * dim  # the qkv and proj Linears
-    attention_flops = 4 * batch * padded_tokens(height, width) * WS * WS * dim
+    # each token's query against its window's ws^2 keys (padded slots are keys too; their queries are cropped)
+    attention_flops = 4 * tokens * WS * WS * dim
     backward = pass_ != "fwd"
     record(benchmark, timed_pass(module, x, (height, width), pass_), roofline,
            bytes_moved=bytes_fwd * (3 if backward else 1),
@@ -70,7 +67,7 @@ def test_lsa_attention_core(benchmark, roofline, image, stage, pass_, backend):
     def core(qkv, size):
         return lsa(qkv, bias, size, heads, WS, backend=backend)
     tokens_c = batch * height * width * dim
-    flops_fwd = 4 * batch * padded_tokens(height, width) * WS * WS * dim
+    flops_fwd = 4 * batch * height * width * WS * WS * dim  # as the module's attention_flops
     record(benchmark, timed_pass(core, qkv, (height, width), pass_, leaves=[bias]), roofline,
            bytes_moved=(4 if pass_ == "fwd" else 11) * tokens_c * qkv.element_size(),
            flops=flops_fwd * (1 if pass_ == "fwd" else ATTENTION_FWDBWD_FLOPS), op="lsa-core", pass_=pass_,
