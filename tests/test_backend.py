@@ -1,5 +1,4 @@
 """Backend selection, the CUDA extension's registration, and imports without a GPU."""
-import asyncio
 import concurrent.futures
 import importlib
 import os
@@ -37,27 +36,6 @@ def test_selection_order_argument_context_global_env(monkeypatch):
                 assert get_backend() == "auto"
     finally:
         twins_kernels.set_backend(None)
-
-
-def test_use_backend_belongs_to_the_asyncio_task_that_entered_it():
-    """Two tasks inside their own blocks at the same time each see their own choice (a per-thread stack
-    gave each the other's: the last block entered on the thread was on top for both)."""
-    async def inside(name, entered, seen):
-        with twins_kernels.use_backend(name):
-            entered.set()
-            await asyncio.sleep(0.01)
-            seen[name] = get_backend()
-
-    async def both():
-        seen, torch_entered, triton_entered = {}, asyncio.Event(), asyncio.Event()
-        first = asyncio.create_task(inside("torch", torch_entered, seen))
-        await torch_entered.wait()
-        second = asyncio.create_task(inside("triton", triton_entered, seen))
-        await asyncio.gather(first, second)
-        return seen
-
-    assert asyncio.run(both()) == {"torch": "torch", "triton": "triton"}
-    assert get_backend() == "auto"
 
 
 def test_auto_runs_cpu_tensors_on_the_reference():

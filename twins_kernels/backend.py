@@ -14,10 +14,10 @@ and the reference for CPU tensors (the interpreter is for checking kernels, not 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -154,9 +154,9 @@ def check_backend_choice(name: str | None, what: str) -> str | None:
 
 
 _global_backend: str | None = None
-# A context variable, not a thread-local: each asyncio task (and each thread) sees only the
-# use_backend blocks it entered itself, never another task's that happens to be open at the same time.
-_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("twins_kernels_backend", default=None)
+# Per thread, not a context variable (which would keep asyncio tasks apart too): torch.compile traces
+# get_backend and guards on its result, and torch 2.11's dynamo cannot trace ContextVar.get.
+_context = threading.local()
 
 
 def set_backend(name: str | None) -> None:
@@ -167,9 +167,9 @@ def set_backend(name: str | None) -> None:
 
 def get_backend() -> str:
     """The backend a call with no explicit choice would ask for (may be ``auto``)."""
-    name = _context_backend.get()
-    if name is not None:
-        return name
+    stack = getattr(_context, "stack", None)
+    if stack:
+        return stack[-1]
     if _global_backend is not None:
         return _global_backend
     return check_backend_choice(os.environ.get(ENV_VAR) or "auto", f"environment variable {ENV_VAR}")
@@ -178,18 +178,21 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Run the calls inside the ``with`` block on ``name`` unless a call names its own backend
-    (``None``: no change, the choice outside the block applies). The choice belongs to the thread or
-    asyncio task that entered the block; as with ``decimal.localcontext``, a generator suspended inside
-    the block leaves it in force for its caller until the generator resumes and leaves it."""
+    (``None``: no change, the choice outside the block applies). The choice belongs to the thread that
+    entered the block: asyncio tasks or generators interleaving their blocks on one thread see the
+    innermost block entered there."""
     name = check_backend_choice(name, "use_backend")
     if name is None:
         yield
         return
-    token = _context_backend.set(name)
+    stack = getattr(_context, "stack", None)
+    if stack is None:
+        stack = _context.stack = []
+    stack.append(name)
     try:
         yield
     finally:
-        _context_backend.reset(token)
+        stack.pop()
 
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:
