@@ -306,9 +306,10 @@ def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, shape, kern
 
 # The attention kernels on channel-major inputs (a permuted tensor's strides: channel stride B N): the
 # scalar kernels' strided loads and the mma kernels' element-wise staging of rows that are not contiguous
-@pytest.mark.parametrize("op,shape", [("lsa", LSA_SHAPES["13x17-ws7-padded"]), ("lsa", LSA_SHAPES["5x3-ws4-hd128"]),
-                                      ("gsa", GSA_SHAPES["N150-M40-2-splits"]), ("gsa", GSA_SHAPES["hd128"])],
-                         ids=["lsa-13x17-ws7-padded", "lsa-5x3-ws4-hd128", "gsa-N150-M40-2-splits", "gsa-hd128"])
+@pytest.mark.parametrize("op,shape", [
+    pytest.param(op, table[name], id=f"{op}-{name}")
+    for op, table, name in [("lsa", LSA_SHAPES, "13x17-ws7-padded"), ("lsa", LSA_SHAPES, "5x3-ws4-hd128"),
+                            ("gsa", GSA_SHAPES, "N150-M40-2-splits"), ("gsa", GSA_SHAPES, "hd128")]])
 @KERNELS_AND_DTYPES
 def test_emulated_attention_kernels_read_channel_major_inputs(harness, tmp_path, op, shape, kernels, dtype):
     if op == "lsa":

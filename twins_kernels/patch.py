@@ -141,7 +141,7 @@ def _named_children(model: nn.Module):
     """(parent, attribute name, qualified name, child) for every child of every module in the tree, a
     module held under several names once per name (named_children would give it once)."""
     for parent_name, parent in model.named_modules():
-        for name, child in list(parent._modules.items()):
+        for name, child in parent._modules.items():
             if child is not None:
                 yield parent, name, f"{parent_name}.{name}" if parent_name else name, child
 

@@ -18,10 +18,10 @@
 #include "harness_io.h"  // before emulate.h: c10's headers must not see its __device__ stand-ins
 #include "emulate.h"
 
-#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "attention_mma.cuh"
@@ -101,7 +101,7 @@ struct Layout {
         for (long k = 0; k < cols; ++k) arranged[(k * batch + b) * rows + n] = values[(b * rows + n) * cols + k];
     return arranged;
   }
-  std::array<int64_t, 3> strides(long batch, long rows, long cols) const {
+  std::tuple<int64_t, int64_t, int64_t> strides(long batch, long rows, long cols) const {
     if (channel_major) return {rows, 1, batch * rows};
     return {rows * cols, cols, 1};
   }
@@ -133,10 +133,7 @@ static void lsa_kernels(const LsaCase& c, bool tensor_cores, std::vector<scalar_
   const std::vector<scalar_t> arranged = c.layout.arrange(qkv, c.batch, tokens, 3 * c.chans);
   geo.qkv = arranged.data();
   geo.bias = bias.data();
-  const auto [stride_b, stride_n, stride_c] = c.layout.strides(c.batch, tokens, 3 * c.chans);
-  geo.stride_b = stride_b;
-  geo.stride_n = stride_n;
-  geo.stride_c = stride_c;
+  std::tie(geo.stride_b, geo.stride_n, geo.stride_c) = c.layout.strides(c.batch, tokens, 3 * c.chans);
   geo.mask_padding = c.mask;
   geo.set_delta_source(tensor_cores);
   const long blocks = geo.blocks(c.batch);
@@ -192,15 +189,9 @@ static void gsa_kernels(const GsaCase& c, bool tensor_cores, std::vector<scalar_
   const std::vector<scalar_t> arranged_q = c.layout.arrange(q, c.batch, c.tokens, c.chans);
   const std::vector<scalar_t> arranged_kv = c.layout.arrange(kv, c.batch, c.keys, 2 * c.chans);
   geo.q = arranged_q.data();
-  const auto [q_stride_b, q_stride_n, q_stride_c] = c.layout.strides(c.batch, c.tokens, c.chans);
-  geo.q_stride_b = q_stride_b;
-  geo.q_stride_n = q_stride_n;
-  geo.q_stride_c = q_stride_c;
+  std::tie(geo.q_stride_b, geo.q_stride_n, geo.q_stride_c) = c.layout.strides(c.batch, c.tokens, c.chans);
   geo.kv = arranged_kv.data();
-  const auto [kv_stride_b, kv_stride_m, kv_stride_c] = c.layout.strides(c.batch, c.keys, 2 * c.chans);
-  geo.kv_stride_b = kv_stride_b;
-  geo.kv_stride_m = kv_stride_m;
-  geo.kv_stride_c = kv_stride_c;
+  std::tie(geo.kv_stride_b, geo.kv_stride_m, geo.kv_stride_c) = c.layout.strides(c.batch, c.keys, 2 * c.chans);
   geo.set_delta_source(tensor_cores);
   auto out = nans<scalar_t>(c.batch * c.tokens * c.chans), grad_q = nans<scalar_t>(c.batch * c.tokens * c.chans);
   auto grad_kv = nans<scalar_t>(c.batch * c.keys * 2 * c.chans);
