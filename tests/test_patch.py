@@ -262,6 +262,29 @@ def test_a_module_held_under_two_names_is_patched_under_both():
     assert unpatch_model(holder) == 1 and holder.first is shared and holder.second is shared
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_modules_have_every_attribute_of_timms(kind):
+    """Code written for timm's module reads the same attributes, with the same values, on the fused one."""
+    model = small_model("twins_svt_small")
+    path = {"lsa": "blocks.0.0.attn", "gsa": "blocks.0.1.attn", "peg": "pos_block.0"}[kind]
+    timm_module = model.get_submodule(path)
+    assert type(timm_module) is TIMM_CLASSES[kind]
+    patch_model(model, ops=kind)
+    fused = model.get_submodule(path)
+    for name, value in vars(timm_module).items():
+        if not name.startswith("_"):
+            assert getattr(fused, name) == value, name
+
+
+def test_fused_attn_cannot_be_turned_off():
+    """timm's explicit-softmax path is not the fused op's: asking for it says so instead of changing nothing."""
+    fused = FusedLSA(32, 2, ws=7)
+    fused.fused_attn = True
+    with pytest.raises(ValueError, match="FusedLSA always runs its fused attention: fused_attn=False"):
+        fused.fused_attn = False
+    assert fused.fused_attn
+
+
 def test_a_misspelt_backend_is_refused_where_it_is_given():
     with pytest.raises(ValueError, match=r"patch_model\(backend=...\): unknown backend 'trition'"):
         patch_model(small_model("twins_svt_small"), backend="trition")

@@ -75,7 +75,24 @@ class FusedPEG(nn.Module):
         return f"stride={self.stride}, backend={self.backend or 'ambient'}"
 
 
-class FusedGSA(nn.Module):
+class _FusedAttention(nn.Module):
+    """What FusedGSA and FusedLSA share: timm's ``fused_attn`` flag, read-only in effect."""
+
+    @property
+    def fused_attn(self) -> bool:
+        """Always True. timm's attention modules choose SDPA or an explicit softmax with this flag (the
+        same attention); the fused modules always run their fused op. Kept for code that reads or sets it."""
+        return True
+
+    @fused_attn.setter
+    def fused_attn(self, value: bool) -> None:
+        if not value:  # silently keeping the fused op would hide that nothing changed
+            raise ValueError(f"{type(self).__name__} always runs its fused attention: fused_attn=False (timm's "
+                             "explicit softmax, whose attn_drop module sees the attention map) needs timm's own "
+                             "module: unpatch_model(model), or patch_model without this kind in ops")
+
+
+class FusedGSA(_FusedAttention):
     """timm ``GlobalSubSampleAttn(dim, num_heads, attn_drop, proj_drop, sr_ratio)``: every token attends to
     keys and values of the map sub-sampled by ``LayerNorm(Conv2d(kernel = stride = sr_ratio))``;
     sr_ratio 1 (no ``sr``/``norm``) is global attention over all N tokens.
@@ -132,7 +149,7 @@ class FusedGSA(nn.Module):
         return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, backend={self.backend or 'ambient'}"
 
 
-class FusedLSA(nn.Module):
+class FusedLSA(_FusedAttention):
     """timm ``LocallyGroupedAttn(dim, num_heads, attn_drop, proj_drop, ws)``: self-attention inside
     ws x ws windows of the map, padded right/bottom to multiples of ws.
 
