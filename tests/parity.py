@@ -10,7 +10,7 @@ from twins_kernels.ops import poisoned_outputs
 from twins_kernels.testing import DTYPE_IDS, TOLERANCE, make_tokens, module_parity_errors, rel_err
 
 __all__ = [
-    "DTYPE_IDS", "TOLERANCE", "assert_rel_close", "channel_major_past_int32", "check_compiled_matches_eager",
+    "DTYPE_IDS", "TOLERANCE", "assert_rel_close", "outermost_past_int32", "check_compiled_matches_eager",
     "check_module_parity", "check_op_against_reference", "make_tokens", "rel_err",
 ]
 
@@ -54,17 +54,20 @@ def strided_with_nans(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
 
 
-def channel_major_past_int32(t: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) ``t``'s values in a view laid out channel-major, as a permuted (C, B, N) tensor is, with a
-    channel stride large enough that the last channel starts past element 2^31 (a view of B * N * C such
-    elements needs one of 2^31 / (C - 1) or more): a kernel that multiplies a channel index by the stride
-    in 32 bits wraps there. Of the storage (2^31 elements: memory allocated, not touched), the view's
-    elements alone are written."""
-    batch, tokens, chans = t.shape
-    stride_c = max(batch * tokens, -(-2**31 // (chans - 1)))
-    storage = torch.empty((chans - 1) * stride_c + batch * tokens, dtype=t.dtype, device=t.device)
-    view = storage.as_strided(t.shape, (tokens, 1, stride_c))
-    return view.copy_(t.detach())
+def outermost_past_int32(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, N, C) ``t``'s values in a view with dimension ``dim`` outermost (the other two packed in their
+    order, as a permuted tensor is laid out) and a stride along ``dim`` large enough that its last index
+    starts past element 2^31 (2^31 / (size - 1) or more): a kernel that multiplies that index by the
+    stride in 32 bits wraps there. Of the storage (2^31 elements: memory allocated, not touched), the
+    view's elements alone are written."""
+    inner, innermost = (d for d in range(3) if d != dim)
+    strides = [0, 0, 0]
+    strides[innermost] = 1
+    strides[inner] = t.shape[innermost]
+    packed = t.shape[inner] * t.shape[innermost]
+    strides[dim] = max(packed, -(-2**31 // (t.shape[dim] - 1)))
+    storage = torch.empty((t.shape[dim] - 1) * strides[dim] + packed, dtype=t.dtype, device=t.device)
+    return storage.as_strided(t.shape, strides).copy_(t.detach())
 
 
 def check_module_parity(

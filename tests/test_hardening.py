@@ -28,7 +28,7 @@ from twins_kernels.testing import ieee_fp32, module_parity_errors
 
 from conftest import (HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, SHALLOW, SMALL_FUSED_KINDS, large_gpu_memory,
                       requires_gpu, skip_cuda_unless_available, skip_unless_available, small_fused_module)
-from parity import TOLERANCE, channel_major_past_int32, check_op_against_reference, make_tokens, rel_err
+from parity import TOLERANCE, check_op_against_reference, make_tokens, outermost_past_int32, rel_err
 
 # CPU examples run in the Triton interpreter: keep the budget to seconds per property
 FUZZ = settings(max_examples=60 if HAS_GPU else 10, deadline=None,
@@ -40,15 +40,16 @@ def _op_and_fp32_inputs(op: str, backend: str):
     def tokens(*shape):
         return torch.randn(*shape, device=KERNEL_DEVICE)
 
+    # a batch of 3: laid out past 2^31 along the batch, its stride fits 32 bits and the last image's offset not
     size = (5, 6)
     if op == "peg":
-        return lambda *a: peg(*a, size, backend=backend), [tokens(2, 30, 16), tokens(16, 1, 3, 3), tokens(16)]
+        return lambda *a: peg(*a, size, backend=backend), [tokens(3, 30, 16), tokens(16, 1, 3, 3), tokens(16)]
     if op == "lsa":
-        return lambda *a: lsa(*a, size, 2, 4, backend=backend), [tokens(2, 30, 96), tokens(96)]
+        return lambda *a: lsa(*a, size, 2, 4, backend=backend), [tokens(3, 30, 96), tokens(96)]
     if op == "gsa_attention":  # 70 keys: several key blocks, the backward's separate dq kernel
-        return lambda *a: gsa_attention(*a, 2, backend=backend), [tokens(2, 30, 32), tokens(2, 70, 64)]
+        return lambda *a: gsa_attention(*a, 2, backend=backend), [tokens(3, 30, 32), tokens(3, 70, 64)]
     return (lambda x, *a: gsa_subsample(x, size, *a, 2, backend=backend),
-            [tokens(2, 30, 16), tokens(16, 16, 2, 2), tokens(16), tokens(16), tokens(16)])
+            [tokens(3, 30, 16), tokens(16, 16, 2, 2), tokens(16), tokens(16), tokens(16)])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -333,17 +334,19 @@ def test_gsa_offsets_past_2_to_the_31(backend):
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("op", ["peg", "lsa", "gsa_attention", "gsa_subsample"])
-def test_channel_major_views_with_offsets_past_2_to_the_31(op, backend):
-    """Token inputs and the output gradient as channel-major views (channel stride about 2^31 / C) whose
-    last channel starts past element 2^31, on a small map: the channel offsets must be 64-bit. In 32 bits
-    (the Triton kernels' channel index times an int32 stride) they wrapped and read other memory: an LSA
-    output 1.2 off. Output and input gradients against the op on contiguous copies of the same values."""
+@pytest.mark.parametrize("dim", [0, 1, 2], ids=["batch", "token", "channel"])
+def test_views_with_offsets_past_2_to_the_31(dim, op, backend):
+    """Token inputs and the output gradient as views whose outermost dimension, batch, token or channel,
+    has a stride of about 2^31 / its size, so that its last index starts past element 2^31, on a small
+    map: the offsets along it must be 64-bit. In 32 bits (the Triton kernels' channel index times an
+    int32 stride) they wrapped and read other memory: an LSA output 1.2 off. Output and input gradients
+    against the op on contiguous copies of the same values."""
     skip_cuda_unless_available(backend)
     fn, inputs = _op_and_fp32_inputs(op, backend)
     inputs = [t.half() for t in inputs]
     grad = fn(*inputs).normal_()
     results = []
-    for layout in (lambda t: t, channel_major_past_int32):
+    for layout in (lambda t: t, lambda t: outermost_past_int32(t, dim)):
         leaves = [(layout(t) if t.dim() == 3 else t).detach().requires_grad_() for t in inputs]
         with poisoned_outputs():
             out = fn(*leaves)
