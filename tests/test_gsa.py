@@ -92,12 +92,12 @@ def test_reference_backend_matches_timm(batch, height, width, dim, heads, sr):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS.get)
 def test_attention_reads_strided_q_and_kv(dtype, backend):
-    """q and kv as views with padded rows and transposed storage (channels not adjacent): the kernels read
+    """q and kv as views with padded rows and permuted storage (channels not adjacent): the kernels read
     them by strides; PyTorch's fused CPU attention, which the torch backend runs on CPU, would read a
     row's channels as adjacent, and gets copies where they are not."""
     batch, tokens, keys, chans, heads = 2, 21, 11, 64, 2
     q = torch.randn(batch, chans, tokens + 3, device=KERNEL_DEVICE).to(dtype).transpose(1, 2)[:, 3:]
-    kv = torch.randn(keys, batch, 2 * chans + 5, device=KERNEL_DEVICE).to(dtype).transpose(0, 1)[..., 5:]
+    kv = torch.randn(2 * chans + 5, keys, batch, device=KERNEL_DEVICE).to(dtype).permute(2, 1, 0)[..., 5:]
     assert not q.is_contiguous() and not kv.is_contiguous()
     q.requires_grad_()
     kv.requires_grad_()
@@ -173,6 +173,24 @@ def test_dkdv_query_splits_agree(query_splits, keys):
     assert_rel_close(actual[1], expected[1], torch.float32, "grad_kv")
 
 
+@pytest.mark.parametrize("keys", [20, 70], ids=["one-key-block", "several-key-blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_triton_backward_delta_is_relative_to_the_recomputed_probabilities(dtype, keys):
+    """Given an lse log(2) too high, the recomputed P halves, and so must every gradient: where the keys
+    are one block the dk/dv kernel takes delta = rowsum(P dP) / rowsum(P) (NOTES 34), which does not
+    halve; without the division it would, and each dS = P (dP - delta) would move off that half. Past
+    one block delta comes from the output, which the lse leaves as it is."""
+    q = torch.randn(2, 30, 64, device=KERNEL_DEVICE).to(dtype)  # 2 heads of 32
+    kv = torch.randn(2, keys, 128, device=KERNEL_DEVICE).to(dtype)
+    grad_out = torch.randn(2, 30, 64, device=KERNEL_DEVICE).to(dtype)
+    out, lse = gsa_module.gsa_attention_forward_triton(q, kv, 2, 0.25)
+    true_grads = gsa_attention_backward_triton(grad_out, q, kv, out, lse, 2, 0.25)
+    halved_grads = gsa_attention_backward_triton(grad_out, q, kv, out, lse + math.log(2.0), 2, 0.25)
+    for name, true, halved in zip(("grad_q", "grad_kv"), true_grads, halved_grads):
+        assert true.abs().max() > 0, name
+        assert_rel_close(halved, true / 2, dtype, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 def test_chunked_reference_matches_the_fused_cpu_attention(dtype, monkeypatch):
     """The torch backend's attention is PyTorch's fused CPU kernel on CPU and query chunks elsewhere (a GPU):
@@ -191,12 +209,14 @@ def test_chunked_reference_matches_the_fused_cpu_attention(dtype, monkeypatch):
         assert_rel_close(actual, expected, dtype, name)
 
 
+@pytest.mark.parametrize("x_scale", [1.0, 1e-3], ids=["unit-tokens", "quiet-tokens"])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided-params"])
 @pytest.mark.parametrize("sr", [2, 3])
-def test_subsample_matches_the_conv_and_layernorm(sr, strided):
+def test_subsample_matches_the_conv_and_layernorm(sr, strided, x_scale):
     """gsa_subsample alone, channels past one output-channel chunk (C = 96 > 64): the chunked LayerNorm;
-    and with every parameter a strided view among NaNs (read as if contiguous, they poison the output)."""
-    x = make_tokens(2, 7, 8, 96, torch.float32, KERNEL_DEVICE).requires_grad_()
+    with every parameter a strided view among NaNs (read as if contiguous, they poison the output); and
+    tokens whose conv output varies less than the LayerNorm's eps, where eps's place in the rstd shows."""
+    x = (make_tokens(2, 7, 8, 96, torch.float32, KERNEL_DEVICE) * x_scale).requires_grad_()
     conv = torch.nn.Conv2d(96, 96, sr, sr, device=KERNEL_DEVICE)
     norm = torch.nn.LayerNorm(96, device=KERNEL_DEVICE)
     with torch.no_grad():
