@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import twins_kernels
+import twins_kernels.backend as backend_module
 from twins_kernels.backend import BackendUnavailableError, backend_status, get_backend, resolve_backend
 
 from conftest import (HAS_GPU, KERNEL_DEVICE, ROOT, SMALL_FUSED_KINDS, extension_cuobjdump,
@@ -34,8 +35,21 @@ def test_selection_order_argument_context_global_env(monkeypatch):
             assert get_backend() == "auto"
             with twins_kernels.use_backend(None):  # no override: the choice outside the block
                 assert get_backend() == "auto"
+            with pytest.raises(RuntimeError, match="inside"), twins_kernels.use_backend("cuda"):
+                raise RuntimeError("inside")
+            assert get_backend() == "auto", "a block left by an exception must end its choice"
     finally:
         twins_kernels.set_backend(None)
+
+
+@pytest.mark.parametrize("available,expected", [
+    (("triton", "cuda"), "triton"), (("cuda",), "cuda"), ((), "torch"),
+], ids=["both", "cuda-only", "neither"])
+def test_auto_on_cuda_tensors_prefers_triton_then_cuda_then_the_reference(monkeypatch, available, expected):
+    def status(name, device=None):
+        return backend_module.BackendStatus(name, name in available, "" if name in available else "stubbed out")
+    monkeypatch.setattr(backend_module, "backend_status", status)
+    assert resolve_backend("auto", torch.device("cuda")) == expected
 
 
 def test_auto_runs_cpu_tensors_on_the_reference():

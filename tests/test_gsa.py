@@ -380,6 +380,8 @@ BAD_INPUTS = [
     ("size not ints", _subsample_case(lambda x, *p: gsa_subsample(x, (4.0, 5), *p, 2)), TypeError, "4.0"),
     ("sr_ratio zero", _subsample_case(lambda x, *p: gsa_subsample(x, (4, 5), *p, 0)), ValueError, "sr_ratio"),
     ("sr_ratio float", _subsample_case(lambda x, *p: gsa_subsample(x, (4, 5), *p, 2.0)), TypeError, "2.0"),
+    ("sr_ratio a bool", _subsample_case(lambda x, *p: gsa_subsample(x, (4, 5), *p, True)), TypeError,
+     "True of type bool"),
     ("sr_ratio > size", _subsample_case(lambda x, *p: gsa_subsample(x, (4, 5), *p, 5)), ValueError,
      "smaller than sr_ratio=5"),
     ("conv weight shape", _subsample_case(lambda x, w, *p: gsa_subsample(x, (4, 5), w[:4], *p, 2)), ValueError,

@@ -340,14 +340,18 @@ def test_torch_compile_inductor_on_gpu():
 
 @pytest.mark.parametrize("pad_mode,timm_class", [("zero", LocallyGroupedAttn), ("mask", MmsegMaskedAttn)])
 def test_attention_dropout_in_training_runs_the_reference(pad_mode, timm_class):
-    """With attn_drop > 0 in training the fused module runs SDPA with dropout: the same dropout as timm's
-    fused path draws under the same seed (the kernels have none, and must not silently drop it)."""
+    """With attn_drop > 0 in training the fused module runs SDPA with dropout, in its pad_mode: the same
+    dropout as timm's fused path draws under the same seed (the kernels have none, and must not silently
+    drop it)."""
     timm_module = timm_class(32, 2, attn_drop=0.5, ws=7).to(KERNEL_DEVICE).train()
     timm_module.fused_attn = True
     fused = FusedLSA.from_module(timm_module, backend="triton", pad_mode=pad_mode)
     x = make_tokens(2, 13, 6, 32, torch.float32, KERNEL_DEVICE)  # padded at the bottom and the right
     torch.manual_seed(7)
     train_out = fused(x, (13, 6))
+    torch.manual_seed(7)
+    attention = lsa_reference(fused.qkv(x), fused.qkv.bias, (13, 6), 2, 7, pad_mode=pad_mode, dropout_p=0.5)
+    torch.testing.assert_close(train_out, fused.proj(attention))
     if pad_mode == "zero":
         torch.manual_seed(7)
         torch.testing.assert_close(train_out, timm_module(x, (13, 6)))
@@ -459,6 +463,7 @@ BAD_INPUTS = [
     ("heads do not divide C", lambda q, b: lsa(q, b, (4, 5), 3, 2), ValueError, "C = 96 / 3 = 32"),
     ("num_heads not an int", lambda q, b: lsa(q, b, (4, 5), 2.0, 2), TypeError, "2.0"),
     ("num_heads zero", lambda q, b: lsa(q, b, (4, 5), 0, 2), ValueError, "num_heads must be >= 1, got 0"),
+    ("num_heads a bool", lambda q, b: lsa(q, b, (4, 5), True, 2), TypeError, "True of type bool"),
     ("ws 1", lambda q, b: lsa(q, b, (4, 5), 2, 1), ValueError, "ws must be >= 2, got 1"),
     ("ws not an int", lambda q, b: lsa(q, b, (4, 5), 2, 7.0), TypeError, "7.0"),
     ("bias shape", lambda q, b: lsa(q, b[:32], (4, 5), 2, 2), ValueError, "qkv_bias has shape (32,), expected (96,)"),

@@ -211,6 +211,7 @@ BAD_INPUTS = [
     ("not a tensor", lambda x, w, b: peg(x.tolist(), w, b, (4, 5)), TypeError, "list"),
     ("stride", lambda x, w, b: peg(x, w, b, (4, 5), stride=0), ValueError, "stride must be >= 1, got 0"),
     ("stride not an int", lambda x, w, b: peg(x, w, b, (4, 5), stride=1.0), TypeError, "stride must be an int"),
+    ("stride a bool", lambda x, w, b: peg(x, w, b, (4, 5), stride=True), TypeError, "True of type bool"),
     ("unknown backend", lambda x, w, b: peg(x, w, b, (4, 5), backend="cudnn"), ValueError, "cudnn"),
 ]
 
