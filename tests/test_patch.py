@@ -310,9 +310,23 @@ def test_context_manager_and_ops_selection():
         assert set(report.replaced) == {"peg"}
         assert count(model, twins.PosConv) == 0
     assert count(model, twins.PosConv) == 4
+    with pytest.raises(RuntimeError, match="inside"), patched(model):
+        raise RuntimeError("inside")
+    assert not any(type(m) in (FusedLSA, FusedPEG) for m in model.modules()), "unpatched on an exception too"
     with pytest.raises(ValueError, match="conv"):
         patch_model(model, ops=("conv",))
     assert set(patch_model(model, ops="peg").replaced) == {"peg"}, "one kind by name, not its letters"
+
+
+def test_train_and_eval_mode_follow_the_model_both_ways():
+    """A patched model switched to training and back, or the other way, unpatches into modules in its
+    mode (the originals were out of the tree while it switched)."""
+    for mode in (True, False):
+        model = small_model("twins_svt_small").train(not mode)
+        patch_model(model)
+        model.train(mode)
+        unpatch_model(model)
+        assert all(m.training == mode for m in model.modules())
 
 
 def test_context_manager_leaves_earlier_patches_in_place():
@@ -384,6 +398,16 @@ def test_register_patch_for_another_implementation():
         del _registry[PosCNN]
 
 
+def test_a_converters_new_module_takes_the_mode_of_the_one_it_replaces():
+    register_patch(PosCNN, "peg", lambda module, backend: FusedPosCNN(24, 24))  # a new module, in training
+    try:
+        model = nn.ModuleList([PosCNN(24, 24)]).eval()
+        patch_model(model)
+        assert isinstance(model[0], FusedPosCNN) and not model[0].training
+    finally:
+        del _registry[PosCNN]
+
+
 def test_a_users_registration_of_a_timm_class_stays(monkeypatch):
     """timm's classes are registered on the first patch_model; a register_patch of one of them made
     before that stays, and its converter runs."""
@@ -447,6 +471,7 @@ def test_report_names_what_it_cannot_replace_and_dropout():
     assert [name for name, _ in report.skipped] == ["0"] and "ScaledPosConv subclasses PosConv" in report.skipped[0][1]
     assert report.notes == ["2: attn_drop=0.1 runs the reference path in training mode"]
     assert "left alone: 0: ScaledPosConv" in str(report)
+    assert patch_model(nn.ModuleList([ScaledPosConv(16, 16)]), ops=("lsa",)).skipped == [], "not a kind asked for"
 
 
 def test_register_patch_rejects_bad_arguments():
