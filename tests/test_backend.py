@@ -244,6 +244,45 @@ def test_main_job_prints_the_environment_and_a_passing_table():
     assert "peg" in result.stdout and " ok" in result.stdout
 
 
+def test_main_job_fails_when_any_row_fails(monkeypatch, capsys):
+    """One row over its tolerance, the first of the table, makes the whole job fail."""
+    import twins_kernels.__main__ as main_job
+
+    calls = []
+
+    def first_row_fails(*args, **kwargs):
+        calls.append(None)
+        return {"out": 1.0 if len(calls) == 1 else 0.0}
+
+    monkeypatch.setattr(twins_kernels.testing, "module_parity_errors", first_row_fails)
+    assert main_job.main(["--no-interpret"]) == 1
+    output = capsys.readouterr().out
+    assert len(re.findall(r"\bFAIL\b", output)) == 1 and len(calls) > 1 and "SOME PARITY CHECKS FAILED" in output
+
+
+def test_main_job_speedup_is_timm_time_over_fused_time(monkeypatch):
+    """The GPU table's timing columns, with a stand-in timer: timm 2 ms, fused 1 ms is a 2x speedup."""
+    import twins_kernels.__main__ as main_job
+    import twins_kernels.bench
+    from timm.models.twins import PosConv
+
+    timm_ran = []
+
+    def make_timm():
+        module = PosConv(8, 8)
+        module.register_forward_hook(lambda *args: timm_ran.append(True))
+        return module
+
+    def stand_in_timer(fn, iters, desc=None):
+        timm_ran.clear()
+        fn()
+        return 2.0 if timm_ran else 1.0
+
+    monkeypatch.setattr(twins_kernels.bench, "median_cuda_ms", stand_in_timer)
+    columns = main_job._timing_columns(make_timm, twins_kernels.FusedPEG, "torch", torch.randn(1, 12, 8), (3, 4))
+    assert columns.split() == ["1.000", "2.000", "2.00x"]
+
+
 def test_bench_mode_checks_parity_and_says_what_it_cannot_measure():
     result = subprocess.run([sys.executable, "-m", "twins_kernels", "bench", "--model", "twins_svt_small",
                              "--size", "64", "--batch", "1"], capture_output=True, text=True, timeout=600)

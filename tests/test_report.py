@@ -152,6 +152,7 @@ def test_readme_summary_is_written_between_the_markers(tmp_path):
     # peg triton: 4x and 1x over timm eager (geometric mean 2x), 2x over timm + compile (one case)
     assert "| peg | triton | 2 | 2.00× (1.00–4.00) | 2.00× | – |" in text
     assert "| peg | timm_compile | 1 | 2.00× (2.00–2.00) | – | – |" in text
+    assert "| peg | timm |" not in text, "timm eager is the baseline, not a variant of its own"
     assert "](results/speedups.png)" in text and "| gsa-core |" not in text  # no baseline, no roofline
     # with a roofline %, the cores (no timm baseline) get a row: the median over their cases
     cores = [bench("gsa-core-c", "triton", 1.0, "gsa-core"), bench("gsa-core-d", "triton", 1.0, "gsa-core"),
