@@ -167,12 +167,15 @@ LSA_SHAPES = {
     "10x16-ws16-hd48": (1, 10, 16, 1, 48, 16),
     # rows of 3C = 120 values: every other token's row is not 16-byte aligned (element-wise staging)
     "6x5-ws3-hd20-unaligned": (1, 6, 5, 2, 20, 3),
+    # an odd head_dim: a head's last column is a tile's odd one (the mma kernels' column bounds)
+    "6x5-ws3-hd17-odd": (1, 6, 5, 2, 17, 3),
     # in zero mode 62 of 64 keys are the bias: delta must come from P dP, not the 16-bit out (mma dq)
     MOSTLY_PADDED: (1, 2, 1, 1, 16, 8),
 }
 # (batch, tokens, keys, heads, head_dim, query_splits); query_splits: key blocks sharing a key tile's
 # queries (gsa.cu picks it from the GPU's SM count)
 NEAR_IDENTICAL_VALUES = "N16-M2-near-identical-values"
+FAR_NEGATIVE_LOGITS = "N20-M9-logits-near--120"
 GSA_SHAPES = {
     "N150-M40": (2, 150, 40, 2, 32, 1),  # several query blocks, keys past one staging tile
     "N150-M40-2-splits": (2, 150, 40, 2, 32, 2),  # splits of 128 and 22 queries
@@ -181,6 +184,10 @@ GSA_SHAPES = {
     "hd128": (1, 33, 7, 2, 128, 1),  # the mma dk/dv kernel's 16-query tiles (3 of them)
     "hd128-M40": (1, 20, 40, 1, 128, 1),  # the mma forward's 32-key tiles (2 of them) and dq's 16-key ones (3)
     "hd36-unaligned": (1, 70, 9, 1, 36, 1),  # rows of 36 (q) and 72 (kv) values
+    "hd17-odd": (1, 20, 7, 2, 17, 1),
+    # every logit's exp underflows: only exp(s - the running max) does not (a running max that starts at 0
+    # instead of -inf gives 0 / 0)
+    FAR_NEGATIVE_LOGITS: (1, 20, 9, 1, 16, 1),
     # values 1% apart: dP - delta cancels, so delta must come from P dP, not the 16-bit out (mma dq)
     NEAR_IDENTICAL_VALUES: (1, 16, 2, 1, 16, 1),
 }
@@ -247,6 +254,11 @@ def check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=False, layou
         kv[..., chans:] = (torch.randn(batch, 1, chans) + 0.01 * torch.randn(batch, keys, chans)).to(dtype).float()
     grad_out = randn(batch, tokens, chans, dtype=dtype)
     scale = SCALE_OF_HEAD_DIM * head_dim ** -0.5
+    if shape == GSA_SHAPES[FAR_NEGATIVE_LOGITS]:
+        # channel 0 puts every logit near -120 (its values, 1 and -600, exact in every dtype; a key part all
+        # keys share cancels in dq, so it is small), the others spread them by about one
+        kv[..., 0] = 1.0
+        q[..., 0] = -120 / scale
     out, lse, grad_q, grad_kv = run_harness(
         harness, tmp_path, [q, kv, grad_out], ["gsa", DTYPE_IDS[dtype], kernels],
         [batch, tokens, keys, chans, heads, repr(scale), query_splits, layout],
@@ -266,7 +278,8 @@ def check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=False, layou
     assert rel_err(lse.view(batch, heads, tokens), expected_lse) <= tol
 
 
-def check_peg(peg_harness, tmp_path, shape, dtype, both_orders=False, max_row_blocks=65535):
+def check_peg(peg_harness, tmp_path, shape, dtype, both_orders=False, max_row_blocks=65535, x_layout="token-major",
+              x_offset=0):
     batch, height, width, chans = shape
     tol = TOLERANCE[dtype]
     tokens = height * width
@@ -274,9 +287,10 @@ def check_peg(peg_harness, tmp_path, shape, dtype, both_orders=False, max_row_bl
     weight = randn(chans, 1, 3, 3, dtype=dtype)  # a module's parameters in dtype, widened by peg.cu
     bias = randn(chans, dtype=dtype)
     grad_out = randn(batch, tokens, chans, dtype=dtype)
-    out, grad_x, sums = run_harness(peg_harness, tmp_path, [x, weight.reshape(chans, 9), bias, grad_out],
-                                    [DTYPE_IDS[dtype]], [batch, height, width, chans, max_row_blocks],
-                                    [batch * tokens * chans] * 2 + [10 * chans], both_orders)
+    out, grad_x, sums = run_harness(
+        peg_harness, tmp_path, [x, weight.reshape(chans, 9), bias, grad_out], [DTYPE_IDS[dtype]],
+        [batch, height, width, chans, max_row_blocks, x_layout, x_offset], [batch * tokens * chans] * 2 + [10 * chans],
+        both_orders)
     x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
     expected = peg_reference(x64, w64, b64, (height, width))
     expected.backward(grad_out.double())
@@ -301,6 +315,10 @@ def test_emulated_gsa_kernels_match_the_reference(harness, tmp_path, shape, kern
         pytest.skip("fp32: the cancellation amplifies the dot products' own fp32 rounding past the 1e-5 tolerance "
                     "in any fp32 implementation (PyTorch's autograd: 3.2e-5 on such values); the case is about "
                     "the 16-bit out")
+    if shape == GSA_SHAPES[FAR_NEGATIVE_LOGITS] and dtype == torch.float32:
+        pytest.skip("fp32: logits near -120 carry fp32 rounding of 120 * 2^-24, which their exps turn into "
+                    "relative errors near the 1e-5 tolerance in any fp32 implementation; the 16-bit cases run "
+                    "the same kernel code")
     check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=True)
 
 
@@ -322,6 +340,17 @@ def test_emulated_attention_kernels_read_channel_major_inputs(harness, tmp_path,
 @DTYPES
 def test_emulated_peg_kernels_match_the_reference(peg_harness, tmp_path, shape, dtype):
     check_peg(peg_harness, tmp_path, shape, dtype, both_orders=True)
+
+
+@pytest.mark.parametrize("x_layout,x_offset", [("channel-major", 0), ("token-major", 1)],
+                         ids=["channel-major-x", "x-not-16-byte-aligned"])
+@DTYPES
+def test_emulated_peg_kernels_read_x_by_its_own_layout(peg_harness, tmp_path, x_layout, x_offset, dtype):
+    """x laid out otherwise than grad_out, which the conv and the weight gradient read each by its own
+    strides (a channel-major x: the one-channel conv), or x one element past a 16-byte boundary with
+    channels that 16-byte vectors would fit (the conv must take one channel a thread: a 16-byte load
+    there faults on the GPU)."""
+    check_peg(peg_harness, tmp_path, PEG_SHAPES["5x7-C40"], dtype, x_layout=x_layout, x_offset=x_offset)
 
 
 @pytest.mark.parametrize("vector", [True, False], ids=["16-byte", "scalar"])

@@ -171,6 +171,31 @@ def test_nan_in_attention_inputs_propagates_like_the_reference(make_case, chans)
     torch.testing.assert_close(actual[finite], expected[finite])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("op", ["lsa", "gsa_attention"])
+def test_attention_with_every_logit_far_below_zero(op, backend, dtype):
+    """Every logit near -120, where exp of any of them underflows: only exp(s - the running max) keeps
+    the softmax (a running max that starts at 0 instead of -inf gives 0 / 0). Channel 0 of the queries
+    (-600) and keys (1; exact in every dtype) puts the logits there at scale 0.2, the other channels
+    spread them (a key component all keys share cancels in dq: at 1, its 16-bit rounding stays small).
+    16 bits: in fp32 such logits carry rounding of 120 * 2^-24, near its tolerance."""
+    skip_cuda_unless_available(backend)
+    if op == "lsa":  # a 7 x 7 map, one window, one head of 16: qkv's q at channel 0, k at 16
+        qkv = torch.randn(2, 49, 48, device=KERNEL_DEVICE)
+        qkv[..., 0], qkv[..., 16] = -600.0, 1.0
+        bias = torch.zeros(48, device=KERNEL_DEVICE)
+        check_op_against_reference(lambda qkv: lsa(qkv, bias.to(dtype), (7, 7), 1, 7, 0.2, backend=backend),
+                                   lambda qkv: lsa_reference(qkv, bias.double(), (7, 7), 1, 7, 0.2),
+                                   [qkv.to(dtype)], dtype)
+    else:
+        q, kv = torch.randn(2, 30, 16, device=KERNEL_DEVICE), torch.randn(2, 20, 32, device=KERNEL_DEVICE)
+        q[..., 0], kv[..., 0] = -600.0, 1.0
+        check_op_against_reference(lambda q, kv: gsa_attention(q, kv, 1, 0.2, backend=backend),
+                                   lambda q, kv: gsa_attention_reference(q, kv, 1, 0.2), [q.to(dtype), kv.to(dtype)],
+                                   dtype)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("kind", SMALL_FUSED_KINDS)
 def test_empty_batch_gives_empty_output_and_zero_parameter_grads(kind, backend):

@@ -86,35 +86,6 @@ static std::vector<scalar_t> nans(size_t n) {
   return std::vector<scalar_t>(n, scalar_t(NAN));
 }
 
-// How the harness lays out the input the kernels read by strides (qkv; q and kv): token-major, or
-// channel-major, each channel's values of all B N tokens together (a permuted tensor's layout, as autograd
-// hands it): channel stride B N, token stride 1, rows never 16-byte aligned (the element-wise staging).
-struct Layout {
-  bool channel_major;
-  // a contiguous (batch, rows, cols) tensor's values in this layout, and that layout's strides (b, n, k)
-  template <typename scalar_t>
-  std::vector<scalar_t> arrange(const std::vector<scalar_t>& values, long batch, long rows, long cols) const {
-    if (!channel_major) return values;
-    std::vector<scalar_t> arranged(values.size());
-    for (long b = 0; b < batch; ++b)
-      for (long n = 0; n < rows; ++n)
-        for (long k = 0; k < cols; ++k) arranged[(k * batch + b) * rows + n] = values[(b * rows + n) * cols + k];
-    return arranged;
-  }
-  std::tuple<int64_t, int64_t, int64_t> strides(long batch, long rows, long cols) const {
-    if (channel_major) return {rows, 1, batch * rows};
-    return {rows * cols, cols, 1};
-  }
-};
-
-static Layout layout_named(const std::string& name) {
-  if (name != "token-major" && name != "channel-major") {
-    fprintf(stderr, "layout %s: expected token-major or channel-major\n", name.c_str());
-    exit(2);
-  }
-  return Layout{name == "channel-major"};
-}
-
 struct LsaCase {
   long batch;
   int height, width, chans, heads, ws;

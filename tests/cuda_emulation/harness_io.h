@@ -8,7 +8,10 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstdint>
 #include <cstring>
+#include <string>
+#include <tuple>
 #include <vector>
 
 inline std::vector<float> read_floats(FILE* f, size_t n) {
@@ -51,4 +54,34 @@ void dispatch_dtype(const char* dtype, Fn fn) {
     fprintf(stderr, "dtype %s: expected fp32, fp16 or bf16\n", dtype);
     exit(2);
   }
+}
+
+// How a harness lays out an input the kernels read by strides: token-major, or channel-major, each
+// channel's values of all B N tokens together (a permuted tensor's layout, as autograd hands it): channel
+// stride B N, token stride 1, no token's channels adjacent (the attention kernels' element-wise staging,
+// PEG's one-channel conv).
+struct Layout {
+  bool channel_major;
+  // a contiguous (batch, rows, cols) tensor's values in this layout, and that layout's strides (b, n, k)
+  template <typename scalar_t>
+  std::vector<scalar_t> arrange(const std::vector<scalar_t>& values, long batch, long rows, long cols) const {
+    if (!channel_major) return values;
+    std::vector<scalar_t> arranged(values.size());
+    for (long b = 0; b < batch; ++b)
+      for (long n = 0; n < rows; ++n)
+        for (long k = 0; k < cols; ++k) arranged[(k * batch + b) * rows + n] = values[(b * rows + n) * cols + k];
+    return arranged;
+  }
+  std::tuple<int64_t, int64_t, int64_t> strides(long batch, long rows, long cols) const {
+    if (channel_major) return {rows, 1, batch * rows};
+    return {rows * cols, cols, 1};
+  }
+};
+
+inline Layout layout_named(const std::string& name) {
+  if (name != "token-major" && name != "channel-major") {
+    fprintf(stderr, "layout %s: expected token-major or channel-major\n", name.c_str());
+    exit(2);
+  }
+  return Layout{name == "channel-major"};
 }
