@@ -364,7 +364,7 @@ def test_emulated_peg_conv_loops_over_a_row_past_the_grids_blocks(peg_harness, t
 # The sanitizers run a case 2-5x slower: these cover every barrier of both kernel families (each removed,
 # ThreadSanitizer fails one of them): one and several query tiles and staging rounds (head_dim 128), split
 # dk/dv, several key tiles, a whole excluded key tile, 16-byte and element-wise staging, the padded keys'
-# bias-gradient shares, and both PEG paths.
+# bias-gradient shares, a head narrower than the scalar kernels' tiles (hd17), and both PEG paths.
 def sanitized(names, table, cases):
     """Parametrize ``names`` ("shape", then the rest) with the cases, each a shape name of ``table`` and values."""
     def case_id(case):
@@ -374,7 +374,8 @@ def sanitized(names, table, cases):
 
 @sanitized("shape,pad_mode,kernels,dtype", LSA_SHAPES, [
     ("13x17-ws7-padded", "zero", "scalar", torch.float32), ("5x3-ws4-hd128", "zero", "mma", torch.float16),
-    ("10x16-ws16-hd48", "mask", "mma", torch.float16), ("6x5-ws3-hd20-unaligned", "mask", "mma", torch.bfloat16)])
+    ("10x16-ws16-hd48", "mask", "mma", torch.float16), ("6x5-ws3-hd20-unaligned", "mask", "mma", torch.bfloat16),
+    ("6x5-ws3-hd17-odd", "mask", "scalar", torch.float16)])
 def test_emulated_lsa_kernels_under_sanitizers(sanitized_harness, tmp_path, shape, pad_mode, kernels, dtype):
     check_lsa(sanitized_harness, tmp_path, shape, pad_mode, kernels, dtype)
 
