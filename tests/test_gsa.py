@@ -35,6 +35,7 @@ SHAPES = [
     pytest.param(1, 17, 12, 32, 2, 4, id="sr4-17x12-floored-hd16"),
     pytest.param(2, 9, 10, 48, 3, 3, id="sr3-9x10-floored-hd16-B2"),
     pytest.param(1, 6, 8, 48, 2, 2, id="sr2-hd24-not-pow2"),
+    pytest.param(1, 7, 6, 34, 2, 1, id="sr1-hd17-odd"),
     pytest.param(1, 6, 6, 128, 1, 2, id="sr2-hd128"),
     pytest.param(1, 9, 7, 64, 4, 1, id="sr1-hd16-N63"),
     pytest.param(2, 10, 13, 128, 1, 1, id="sr1-hd128-N130-B2"),

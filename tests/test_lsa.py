@@ -75,6 +75,7 @@ SHAPES = [
     pytest.param(1, 8, 8, 64, 1, 7, id="8x8-ws7-D64"),
     pytest.param(2, 6, 5, 32, 1, 2, id="ws2-6x5"),
     pytest.param(1, 9, 11, 64, 4, 4, id="ws4-9x11-D16"),
+    pytest.param(1, 6, 5, 34, 2, 3, id="ws3-6x5-D17-odd"),
     pytest.param(1, 5, 6, 128, 1, 3, id="ws3-D128"),
     pytest.param(1, 9, 10, 128, 1, 7, id="ws7-D128"),  # fp32: 16-slot blocks (lsa_tiles), the dQ kernel
     pytest.param(1, 10, 11, 32, 1, 9, id="ws9-128-slots"),
