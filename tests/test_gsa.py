@@ -174,19 +174,40 @@ def test_dkdv_query_splits_agree(query_splits, keys):
     assert_rel_close(actual[1], expected[1], torch.float32, "grad_kv")
 
 
+def test_default_backward_splits_the_query_loop_where_the_keys_are_few(monkeypatch):
+    """One key block per batch and head would leave most of a GPU idle in the dk/dv kernel: the default
+    backward splits its query loop over programs (NOTES 34; here by the interpreter's program target),
+    with the unsplit kernel's results."""
+    picked = []
+    pick = gsa_module._dkdv_query_splits
+    monkeypatch.setattr(gsa_module, "_dkdv_query_splits", lambda *args: picked.append(pick(*args)) or picked[-1])
+    q = torch.randn(1, 150, 32, device=KERNEL_DEVICE)
+    kv = torch.randn(1, 9, 64, device=KERNEL_DEVICE)
+    grad = torch.randn(1, 150, 32, device=KERNEL_DEVICE)
+    out, lse = _attention_forward_reference(q, kv, 1, 0.3)
+    split = gsa_attention_backward_triton(grad, q, kv, out, lse, 1, 0.3)
+    assert picked[0] > 1
+    unsplit = gsa_attention_backward_triton(grad, q, kv, out, lse, 1, 0.3, query_splits=1)
+    assert_rel_close(split[0], unsplit[0], torch.float32, "grad_q")
+    assert_rel_close(split[1], unsplit[1], torch.float32, "grad_kv")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("keys", [20, 70], ids=["one-key-block", "several-key-blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
-def test_triton_backward_delta_is_relative_to_the_recomputed_probabilities(dtype, keys):
+def test_backward_delta_is_relative_to_the_recomputed_probabilities(dtype, keys, backend, monkeypatch):
     """Given an lse log(2) too high, the recomputed P halves, and so must every gradient: where the keys
-    are one block the dk/dv kernel takes delta = rowsum(P dP) / rowsum(P) (NOTES 34), which does not
-    halve; without the division it would, and each dS = P (dP - delta) would move off that half. Past
-    one block delta comes from the output, which the lse leaves as it is."""
+    are one block Triton's dk/dv kernel takes delta = rowsum(P dP) / rowsum(P) (NOTES 34), as the torch
+    backend's query chunks (off the CPU) do, which does not halve; without the division it would, and
+    each dS = P (dP - delta) would move off that half. Past one block Triton's delta comes from the
+    output, which the lse leaves as it is."""
+    monkeypatch.setattr(gsa_module, "fused_cpu_attention", lambda t: False)
     q = torch.randn(2, 30, 64, device=KERNEL_DEVICE).to(dtype)  # 2 heads of 32
     kv = torch.randn(2, keys, 128, device=KERNEL_DEVICE).to(dtype)
     grad_out = torch.randn(2, 30, 64, device=KERNEL_DEVICE).to(dtype)
-    out, lse = gsa_module.gsa_attention_forward_triton(q, kv, 2, 0.25)
-    true_grads = gsa_attention_backward_triton(grad_out, q, kv, out, lse, 2, 0.25)
-    halved_grads = gsa_attention_backward_triton(grad_out, q, kv, out, lse + math.log(2.0), 2, 0.25)
+    out, lse = gsa_module.gsa_attention_forward(q, kv, 2, 0.25, backend)
+    true_grads = gsa_module.gsa_attention_backward(grad_out, q, kv, out, lse, 2, 0.25, backend)
+    halved_grads = gsa_module.gsa_attention_backward(grad_out, q, kv, out, lse + math.log(2.0), 2, 0.25, backend)
     for name, true, halved in zip(("grad_q", "grad_kv"), true_grads, halved_grads):
         assert true.abs().max() > 0, name
         assert_rel_close(halved, true / 2, dtype, name)
@@ -195,11 +216,11 @@ def test_triton_backward_delta_is_relative_to_the_recomputed_probabilities(dtype
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 def test_chunked_reference_matches_the_fused_cpu_attention(dtype, monkeypatch):
     """The torch backend's attention is PyTorch's fused CPU kernel on CPU and query chunks elsewhere (a GPU):
-    both on CPU tensors, with 16-query chunks (two and a rest), give the same out, lse and gradients."""
+    both on CPU tensors, with 16-query chunks (two and a rest of one), give the same out, lse and gradients."""
     monkeypatch.setattr(gsa_module, "REFERENCE_QUERY_CHUNK", 16)
-    q = torch.randn(2, 37, 64).to(dtype)
+    q = torch.randn(2, 33, 64).to(dtype)
     kv = torch.randn(2, 9, 128).to(dtype)
-    grad = torch.randn(2, 37, 64).to(dtype)
+    grad = torch.randn(2, 33, 64).to(dtype)
     out, lse = _attention_forward_reference(q, kv, 2, 0.3)
     chunked_out, chunked_lse = _attention_forward_chunked(q, kv, 2, 0.3)
     assert lse.dtype == chunked_lse.dtype and lse.is_contiguous() and out.is_contiguous()
@@ -235,6 +256,17 @@ def test_subsample_matches_the_conv_and_layernorm(sr, strided, x_scale):
     names = ["x", "sr_weight", "sr_bias", "norm_weight", "norm_bias"]
     for name, actual, reference in zip(names, grads, expected_grads):
         assert_rel_close(actual, reference, torch.float32, f"grad_{name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_subsample_takes_its_eps(backend):
+    """An eps other than timm's 1e-5 reaches the LayerNorm of every backend."""
+    x = make_tokens(2, 4, 6, 16, torch.float32, KERNEL_DEVICE)
+    conv = torch.nn.Conv2d(16, 16, 2, 2, device=KERNEL_DEVICE)
+    norm = torch.nn.LayerNorm(16, eps=0.1, device=KERNEL_DEVICE)
+    params = (conv.weight, conv.bias, norm.weight, norm.bias)
+    actual = gsa_subsample(x, (4, 6), *params, 2, eps=0.1, backend=backend)
+    assert_rel_close(actual, gsa_subsample_reference(x, (4, 6), *params, 2, eps=0.1), torch.float32, "out")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

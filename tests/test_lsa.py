@@ -186,20 +186,22 @@ def test_backward_on_windows_of_mostly_padded_keys(backend, pad_mode, dtype, mon
                                    dtype)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
-def test_triton_backward_delta_is_relative_to_the_recomputed_probabilities(dtype):
+def test_backward_delta_is_relative_to_the_recomputed_probabilities(dtype, backend, monkeypatch):
     """The backward recomputes P = exp(S - lse) and takes delta = rowsum(P dP) / rowsum(P), which the lse's
     rounding leaves as it is (NOTES 37). Given an lse log(2) too high, P halves and delta does not, so every
     gradient (qkv's and the padded keys' bias share) is half the true one; delta = rowsum(P dP) would halve
-    too and move each dS = P (dP - delta) off that half. fp32 windows are two key blocks (a dq kernel
-    computes delta), fp16 one (the dk/dv kernel does)."""
+    too and move each dS = P (dP - delta) off that half. Triton's fp32 windows are two key blocks (a dq
+    kernel computes delta), fp16 one (the dk/dv kernel does); the torch backend as it runs off the CPU."""
+    monkeypatch.setattr(lsa_module, "fused_cpu_attention", lambda t: False)
     args = (9, 10, 7, 2, 0.25, False)  # padded at the bottom and the right: zero mode's bias gradient
     qkv = make_tokens(2, 9, 10, 192, dtype, KERNEL_DEVICE)
     bias = torch.randn(192, device=KERNEL_DEVICE).to(dtype)
     grad_out = torch.randn(2, 90, 64, device=KERNEL_DEVICE).to(dtype)
-    out, lse = lsa_module.lsa_forward(qkv, bias, *args, "triton")
-    true_grads = lsa_module.lsa_backward(grad_out, qkv, bias, out, lse, *args, "triton")
-    halved_grads = lsa_module.lsa_backward(grad_out, qkv, bias, out, lse + math.log(2.0), *args, "triton")
+    out, lse = lsa_module.lsa_forward(qkv, bias, *args, backend)
+    true_grads = lsa_module.lsa_backward(grad_out, qkv, bias, out, lse, *args, backend)
+    halved_grads = lsa_module.lsa_backward(grad_out, qkv, bias, out, lse + math.log(2.0), *args, backend)
     for name, true, halved in zip(("grad_qkv", "grad_bias"), true_grads, halved_grads):
         assert true.abs().max() > 0, name
         assert_rel_close(halved, true / 2, dtype, name)
