@@ -42,6 +42,23 @@ def test_selection_order_argument_context_global_env(monkeypatch):
         twins_kernels.set_backend(None)
 
 
+def test_outside_the_kernels_auto_runs_the_reference_and_a_named_kernel_backend_raises():
+    """The rule for calls the kernels do not support (a head_dim, a window): ``auto``, asked for by the
+    call or the ambient choice, gives the reference; a kernel backend, named either way, raises. On a
+    GPU the ops' tests run it (on CPU tensors ``auto`` is the reference before the rule is asked)."""
+    from twins_kernels.ops.common import reference_outside_kernels
+
+    outside = "head_dim = C / num_heads = 32 / 4 = 8 is outside 16..128"
+    with twins_kernels.use_backend("auto"):
+        assert reference_outside_kernels(None, "triton", outside) == "torch"
+        with pytest.raises(ValueError, match=f"{re.escape(outside)}, which the cuda kernels support"):
+            reference_outside_kernels("cuda", "cuda", outside)
+    with twins_kernels.use_backend("triton"):
+        assert reference_outside_kernels("auto", "triton", outside) == "torch"
+        with pytest.raises(ValueError, match="which the triton kernels support; use backend='torch'"):
+            reference_outside_kernels(None, "triton", outside)
+
+
 @pytest.mark.parametrize("available,expected", [
     (("triton", "cuda"), "triton"), (("cuda",), "cuda"), ((), "torch"),
 ], ids=["both", "cuda-only", "neither"])
