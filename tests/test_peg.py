@@ -9,7 +9,8 @@ import twins_kernels
 from twins_kernels import FusedPEG
 from twins_kernels.ops import peg, peg_reference
 
-from conftest import HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_unless_available
+from conftest import (HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_cuda_unless_available,
+                      skip_unless_available)
 from parity import (DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity,
                     check_op_against_reference, make_tokens)
 
@@ -63,10 +64,11 @@ def test_reference_backend_matches_timm(batch, height, width, chans):
     check_module_parity(PosConv(chans, chans), fused_on("torch"), x, (height, width), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_without_bias_the_residual_stays(backend):
     """bias=None (the functional op takes it; timm's PosConv always has one): x + the conv alone, against
     F.conv2d written out here (peg_reference is the torch backend's own forward)."""
+    skip_cuda_unless_available(backend)
     def expected(x, weight):
         feat = x.transpose(1, 2).reshape(2, 16, 5, 6)
         return (feat + torch.nn.functional.conv2d(feat, weight, None, 1, 1, groups=16)).flatten(2).transpose(1, 2)
