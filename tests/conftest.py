@@ -8,6 +8,7 @@ import gc
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import zlib
@@ -211,3 +212,12 @@ def load_benchmarks_module(filename: str):
     sys.modules[spec.name] = module  # where dataclasses look a class's module up
     spec.loader.exec_module(module)
     return module
+
+
+def readme_python_block(containing: str) -> str:
+    """The README's one ```python block that contains ``containing``: tests run the README's examples."""
+    with open(f"{ROOT}/README.md") as readme:
+        blocks = re.findall(r"```python\n(.*?)```", readme.read(), re.S)
+    found = [block for block in blocks if containing in block]
+    assert len(found) == 1, f"{len(found)} python blocks of the README contain {containing!r}"
+    return found[0]

@@ -12,11 +12,11 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import twins_kernels
-from twins_kernels import FusedLSA, FusedPEG, PatchSkip, patch_model, patched, register_patch, unpatch_model
+from twins_kernels import FusedLSA, FusedPEG, patch_model, patched, register_patch, unpatch_model
 import twins_kernels.patch
 from twins_kernels.patch import KINDS, _registry
 
-from conftest import HAS_GPU, KERNEL_DEVICE, SHALLOW, requires_gpu
+from conftest import HAS_GPU, KERNEL_DEVICE, SHALLOW, readme_python_block, requires_gpu
 from parity import DTYPE_IDS, TOLERANCE, rel_err
 from twins_kernels.testing import model_error_allowed
 
@@ -369,20 +369,16 @@ class PosCNN(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-class FusedPosCNN(FusedPEG):
-    """FusedPEG with PosCNN's forward signature."""
-
-    def forward(self, x, H, W):
-        return super().forward(x, (H, W))
-
-
-def convert_poscnn(module, backend):
-    if module.s != 1:
-        raise PatchSkip(f"s={module.s}")
-    return FusedPosCNN.from_module(module, backend=backend)
+# The README's worked example of the extension point (its fused module and converter), run as it is written
+# there; the registration and patching that end it are the test's first lines.
+README_EXAMPLE, README_EXAMPLE_END = readme_python_block("register_patch(PosCNN").split("\nregister_patch(")
+_readme_definitions = {}
+exec(README_EXAMPLE, _readme_definitions)
+FusedPosCNN, convert_poscnn = _readme_definitions["FusedPosCNN"], _readme_definitions["convert_poscnn"]
 
 
 def test_register_patch_for_another_implementation():
+    assert README_EXAMPLE_END == 'PosCNN, "peg", convert_poscnn)\ntwins_kernels.patch_model(model)\n'
     register_patch(PosCNN, "peg", convert_poscnn)
     try:
         model = nn.ModuleList([PosCNN(24, 24), PosCNN(24, 24, s=2)])
