@@ -279,7 +279,7 @@ def check_gsa(harness, tmp_path, shape, kernels, dtype, both_orders=False, layou
 
 
 def check_peg(peg_harness, tmp_path, shape, dtype, both_orders=False, max_row_blocks=65535, x_layout="token-major",
-              x_offset=0):
+              x_offset=0, has_bias=True):
     batch, height, width, chans = shape
     tol = TOLERANCE[dtype]
     tokens = height * width
@@ -289,16 +289,16 @@ def check_peg(peg_harness, tmp_path, shape, dtype, both_orders=False, max_row_bl
     grad_out = randn(batch, tokens, chans, dtype=dtype)
     out, grad_x, sums = run_harness(
         peg_harness, tmp_path, [x, weight.reshape(chans, 9), bias, grad_out], [DTYPE_IDS[dtype]],
-        [batch, height, width, chans, max_row_blocks, x_layout, x_offset], [batch * tokens * chans] * 2 + [10 * chans],
-        both_orders)
+        [batch, height, width, chans, max_row_blocks, x_layout, x_offset, "bias" if has_bias else "no-bias"],
+        [batch * tokens * chans] * 2 + [10 * chans], both_orders)
     x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
-    expected = peg_reference(x64, w64, b64, (height, width))
+    expected = peg_reference(x64, w64, b64 if has_bias else None, (height, width))
     expected.backward(grad_out.double())
     assert rel_err(out.view(batch, tokens, chans), expected) <= tol
     assert rel_err(grad_x.view(batch, tokens, chans), x64.grad) <= tol
     sums = sums.view(10, chans)
     assert rel_err(sums[:9].t().reshape(chans, 1, 3, 3), w64.grad) <= tol
-    assert rel_err(sums[9], b64.grad) <= tol
+    assert rel_err(sums[9], grad_out.double().sum((0, 1))) <= tol  # the bias gradient, computed either way
 
 
 @shapes(LSA_SHAPES)
@@ -351,6 +351,14 @@ def test_emulated_peg_kernels_read_x_by_its_own_layout(peg_harness, tmp_path, x_
     channels that 16-byte vectors would fit (the conv must take one channel a thread: a 16-byte load
     there faults on the GPU)."""
     check_peg(peg_harness, tmp_path, PEG_SHAPES["5x7-C40"], dtype, x_layout=x_layout, x_offset=x_offset)
+
+
+@pytest.mark.parametrize("x_offset", [0, 1], ids=["16-byte", "scalar"])
+@DTYPES
+def test_emulated_peg_conv_without_a_bias(peg_harness, tmp_path, x_offset, dtype):
+    """The forward's conv kernel built without a bias (a PosConv with bias=False), which peg.cu hands no
+    bias pointer: x's own value and the taps, nothing added; 16 bytes of channels a thread and one."""
+    check_peg(peg_harness, tmp_path, PEG_SHAPES["5x7-C40"], dtype, x_offset=x_offset, has_bias=False)
 
 
 @pytest.mark.parametrize("vector", [True, False], ids=["16-byte", "scalar"])

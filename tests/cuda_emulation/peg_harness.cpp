@@ -1,16 +1,18 @@
 // Runs csrc/peg_kernels.cuh on the CPU under emulate.h, in fp32, fp16 or bf16 tokens with fp32 weights
 // and accumulation (as peg.cu launches them), on inputs from a file, for tests/test_cuda_emulation.py.
-//   peg_harness DTYPE IN OUT B H W C ROW_BLOCKS LAYOUT X_OFFSET
+//   peg_harness DTYPE IN OUT B H W C ROW_BLOCKS LAYOUT X_OFFSET BIAS
 //   IN: x (B,N,C), weight (C,9), bias (C), grad_out (B,N,C)
 //   ROW_BLOCKS caps the conv's blocks a row (grid.y), as grid.y's limit caps them on a GPU
 //   LAYOUT: token-major or channel-major, how x lies in memory (grad_out is token-major: the kernels read
 //   each with its own strides); X_OFFSET: elements before x's first (1: x is not 16-byte aligned)
-//   OUT (fp32): out = x + bias + conv(x); grad_x = g + conv(g, flipped weight); sums (10, C) over the partials
+//   BIAS: bias, or no-bias (the forward's conv kernel without one, handed no bias pointer; IN's bias unread)
+//   OUT (fp32): out = x (+ bias) + conv(x); grad_x = g + conv(g, flipped weight); sums (10, C) over the partials
 #include "harness_io.h"  // before emulate.h: c10's headers must not see its __device__ stand-ins
 #include "emulate.h"
 
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -24,6 +26,7 @@ static void run(FILE* in, FILE* out_file, char** argv) {
   const int64_t max_row_blocks = atol(argv[4]);
   const Layout x_layout = layout_named(argv[5]);
   const long x_offset = atol(argv[6]);
+  const bool has_bias = std::string(argv[7]) == "bias";
   const long tokens = static_cast<long>(height) * width;
   const long elements = batch * tokens * chans;
   std::vector<scalar_t> x_storage(x_offset, scalar_t(NAN));
@@ -54,8 +57,13 @@ static void run(FILE* in, FILE* out_file, char** argv) {
       });
     });
   };
-  conv(x, x_strides, bias.data(), out,
-       [](int vec, auto launch) { with_conv_kernel<scalar_t, float, false, true>(vec, launch); });
+  if (has_bias) {
+    conv(x, x_strides, bias.data(), out,
+         [](int vec, auto launch) { with_conv_kernel<scalar_t, float, false, true>(vec, launch); });
+  } else {
+    conv(x, x_strides, nullptr, out,
+         [](int vec, auto launch) { with_conv_kernel<scalar_t, float, false, false>(vec, launch); });
+  }
   conv(grad.data(), grad_strides, nullptr, grad_x,
        [](int vec, auto launch) { with_conv_kernel<scalar_t, float, true, false>(vec, launch); });
 
