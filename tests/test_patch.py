@@ -205,6 +205,36 @@ def test_export_copy_and_save_a_patched_model(tmp_path):
             torch.testing.assert_close(copied(other), expected)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:FutureWarning")
+def test_torch_jit_trace_records_the_ops_of_a_patched_model(tmp_path):
+    """timm's sizes reach the modules as 0-d tensors in a trace: the trace keeps the traced image size,
+    records the twins_kernels ops, and saves and loads where the package is imported."""
+    model = small_model("twins_svt_small", depths=SHALLOW).to(KERNEL_DEVICE)
+    x = torch.randn(1, 3, 64, 96, device=KERNEL_DEVICE)  # LSA's maps padded: 16x24, 8x12 with ws 7
+    patch_model(model)
+    traced = torch.jit.trace(model, x)
+    recorded = {node.kind() for node in traced.inlined_graph.nodes() if node.kind().startswith("twins_kernels::")}
+    assert recorded == {f"twins_kernels::{op}_forward" for op in ("lsa", "gsa_attention", "gsa_subsample", "peg")}
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    loaded = torch.jit.load(tmp_path / "traced.pt")
+    other = torch.randn_like(x)
+    with torch.no_grad():
+        expected = model(other)
+        torch.testing.assert_close(traced(other), expected)
+        torch.testing.assert_close(loaded(other), expected)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_torchscript_of_a_patched_model_says_what_works_instead():
+    model = small_model("twins_svt_small", depths=(1, 1, 1, 1))
+    patch_model(model)
+    with pytest.raises(RuntimeError, match=r"FusedLSA cannot be compiled by TorchScript.*torch.jit.trace.*"
+                                           r"unpatch_model\(model\)"):
+        torch.jit.script(model)
+    unpatch_model(model)
+    torch.jit.script(model)  # the advice holds: timm's modules script
+
+
 def test_features_only_backbone_and_wrappers():
     backbone = timm.create_model("twins_svt_small", pretrained=False, features_only=True).eval()
     wrapper = nn.Sequential(nn.Identity(), backbone)

@@ -217,6 +217,8 @@ BAD_INPUTS = [
     ("N != H*W", lambda x, w, b: peg(x, w, b, (4, 4)), ValueError, "N=20"),
     ("size not a pair", lambda x, w, b: peg(x, w, b, (20,)), ValueError, "pair"),
     ("size not ints", lambda x, w, b: peg(x, w, b, (4.0, 5)), TypeError, "4.0"),
+    # (a 0-d tensor, as torch.jit.trace hands timm's sizes, is read as its value under a trace only)
+    ("size a tensor", lambda x, w, b: peg(x, w, b, (torch.tensor(4), 5)), TypeError, "of type Tensor"),
     ("size not positive", lambda x, w, b: peg(x[:, :0], w, b, (0, 5)), ValueError, "H must be >= 1"),
     ("channel mismatch", lambda x, w, b: peg(x, w[:4], b[:4], (4, 5)), ValueError, "C_out (4) must equal C (8)"),
     ("weight shape", lambda x, w, b: peg(x, w[..., :2], b, (4, 5)), ValueError, "weight has shape (8, 1, 3, 2)"),

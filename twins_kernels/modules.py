@@ -40,7 +40,19 @@ def _autocast_conv_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class FusedPEG(nn.Module):
+class _FusedModule(nn.Module):
+    """What the three fused modules share: they cannot be TorchScript, and say so."""
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on each submodule before it compiles any (else its error would be
+        # about a Python call deep in the backend choice)
+        raise RuntimeError(f"{type(self).__name__} cannot be compiled by TorchScript (torch.jit.script): its "
+                           "kernels are launched from Python. torch.jit.trace records its twins_kernels ops; "
+                           "torch.compile and torch.export see them too; or script the model unpatched "
+                           "(twins_kernels.unpatch_model(model))")
+
+
+class FusedPEG(_FusedModule):
     """timm ``PosConv(in_chans, embed_dim, stride)``: depthwise 3x3 conv + bias (+ x at stride 1).
 
     Stride 1 with ``in_chans == embed_dim`` (every Twins model) runs the fused kernels; other
@@ -75,7 +87,7 @@ class FusedPEG(nn.Module):
         return f"stride={self.stride}, backend={self.backend or 'ambient'}"
 
 
-class _FusedAttention(nn.Module):
+class _FusedAttention(_FusedModule):
     """What FusedGSA and FusedLSA share: timm's ``fused_attn`` flag, read-only in effect."""
 
     @property

@@ -37,6 +37,11 @@ def empty_output(shape: Sequence[int], like: torch.Tensor, dtype: torch.dtype | 
 
 def check_int(value, name: str, low: int = 1, high: int | None = None) -> int:
     """An int (not a bool) in low..high: TypeError for any other type, ValueError out of range."""
+    if (torch.jit.is_tracing() and isinstance(value, torch.Tensor) and value.dim() == 0
+            and not value.is_floating_point()):
+        # torch.jit.trace hands sizes read off a shape (timm's H, W) as 0-d tensors: the trace keeps this
+        # value (and warns that it does: TracerWarning)
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
     if high is not None and not low <= value <= high:
