@@ -122,14 +122,19 @@ def _timing_columns(make_timm, fused_cls, backend, x, size) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m twins_kernels", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m twins_kernels",
+        description="Checks every fused op on every backend this machine can run against timm's modules (the "
+                    "default, parity), or times a patched timm model (bench).")
     parser.add_argument("--no-interpret", action="store_true",
                         help="on a CPU-only machine, do not re-run under TRITON_INTERPRET=1")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("parity", help="the environment and the parity table (the default)")
     from . import bench
 
-    bench.add_arguments(commands.add_parser("bench", help="whole-model parity and images/s of a patched model"))
+    bench.add_arguments(commands.add_parser(
+        "bench", help="whole-model parity and images/s of a patched model", description=bench.DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     args = parser.parse_args(argv)
     if not args.no_interpret:
         _reexec_with_interpreter(argv)

@@ -19,6 +19,9 @@ from .backend import CHOICES, BackendUnavailableError, get_backend, resolve_back
 from .patch import patch_model
 from .testing import ieee_fp32, model_error_allowed, rel_err
 
+DESCRIPTION = ("Patches a timm Twins model, checks its logits against a higher-precision run (as close as the "
+               "unpatched model's), then on a GPU prints images/s of timm and the patched model, eager and under "
+               "torch.compile. Without a GPU it runs the parity check on the CPU.")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CPU_PARITY_BATCH = 2
 
@@ -26,9 +29,11 @@ CPU_PARITY_BATCH = 2
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="twins_svt_small", help="a timm twins_* model name")
     parser.add_argument("--size", type=int, default=224, help="input image side")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--backend", default=None, choices=CHOICES, help="default: the ambient choice")
+    parser.add_argument("--batch", type=int, default=256,
+                        help=f"images a batch (on the CPU: at most {CPU_PARITY_BATCH})")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the model's dtype")
+    parser.add_argument("--backend", default=None, choices=CHOICES, help="the fused ops' backend (None: the ambient "
+                        "choice, set_backend or TWINS_KERNELS_BACKEND, else auto)")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per variant")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
 
