@@ -131,6 +131,55 @@ def test_model_benchmark_cases_run(benchmarks_on_cpu, mode):
         assert info["images_per_s"] == 1 / 1e-3
 
 
+def test_record_reports_throughput_against_the_roofline(benchmarks_on_cpu, monkeypatch):
+    bench = sys.modules["conftest"]  # the benchmarks' conftest, as benchmarks_on_cpu stubbed it
+    monkeypatch.setattr(bench, "median_ms", lambda fn: 4.0)
+    roofline = {"copy_gbs": 2000.0, "bf16_matmul_tflops": 1000.0, "device": "test"}
+
+    def recorded(bytes_moved, flops):
+        benchmark = BenchmarkFixture()
+        assert bench.record(benchmark, lambda: None, roofline, bytes_moved=bytes_moved, flops=flops) == 4.0
+        return benchmark.extra_info
+
+    info = recorded(2e9, 5e11)  # floors: 1 ms at 2000 GB/s, 0.5 ms at 1000 TFLOP/s; timed: 4 ms
+    assert info["achieved_gbs"] == pytest.approx(500) and info["pct_copy_bandwidth"] == pytest.approx(25)
+    assert info["achieved_tflops"] == pytest.approx(125)
+    assert info["pct_roofline"] == pytest.approx(25) and info["bound"] == "memory"
+    info = recorded(2e9, 4e12)  # 4 ms of FLOPs: as fast as the device allows
+    assert info["pct_roofline"] == pytest.approx(100) and info["bound"] == "compute"
+    assert "pct_roofline" not in recorded(0.0, 0.0), "nothing counted, no floor"
+
+
+@pytest.mark.parametrize("op", ["peg", "lsa", "gsa", "gsa-subsample"])
+def test_counted_flops_are_what_timms_modules_compute(benchmarks_on_cpu, monkeypatch, op):
+    """The FLOPs a case counts (its roofline's compute floor, its TFLOP/s) are those PyTorch's FLOP counter
+    finds in timm's module at the case's shape, at every stage: at batch 2 and 224² (maps that LSA's
+    windows and GSA's sub-sampling divide: timm would compute padded queries too), attention on SDPA's
+    math path (the counter sees its matmuls). Forward only for the attention modules, whose forward+backward
+    counts flash's recomputation (timm's autograd does not recompute), and for PEG, whose weight gradient
+    the counter takes for a dense conv's (torch 2.14 leaves out the groups: 65x the forward's FLOPs where
+    a depthwise conv's backward has 2x)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = []
+    lsa, gsa, peg = (benchmarks_on_cpu[name] for name in ("lsa", "gsa", "peg"))
+    for module in (lsa, gsa, peg):
+        monkeypatch.setattr(module, "IMAGE_SIZES", {224: 2})
+        monkeypatch.setattr(module, "record", lambda benchmark, fn, roofline, **counts: calls.append((fn, counts)))
+    cases = {"peg": [(peg.test_peg, (224, stage, "fwd")) for stage in range(4)],
+             "lsa": [(lsa.test_lsa_module, (224, stage, "fwd")) for stage in range(4)],
+             "gsa": [(gsa.test_gsa_module, (model, 224, stage, "fwd")) for model in gsa.MODELS for stage in range(4)],
+             "gsa-subsample": [(gsa.test_gsa_subsample, (224, stage, pass_)) for stage in range(3)
+                               for pass_ in ("fwd", "fwdbwd")]}[op]
+    for case, args in cases:
+        case(BenchmarkFixture(), ROOFLINE, *args, "timm")
+        run, counts = calls.pop()
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            run()
+        assert counts["flops"] == counter.get_total_flops(), (case.__name__, args)
+
+
 def collected_cases(*args) -> list[str]:
     """The benchmark case ids `pytest benchmarks/ ARGS` would run, in order."""
     result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--collect-only", "-q",
@@ -157,6 +206,7 @@ def test_headline_cases_cover_each_prefix_and_run_compiles_last(tmp_path):
         else:
             assert variants == ["cuda", "timm", "timm_compile", "triton"], prefix
     assert all(case.startswith(bench.HEADLINE_PREFIXES) for case in headline)
+    assert {bench.family_of(case) for case in headline} == set(bench.FAMILY_ORDER)  # "lsa-core" too, not "lsa"
     order = [(bench.compiles(case), bench.FAMILY_ORDER.index(bench.family_of(case))) for case in headline]
     assert order == sorted(order) and order[0] == (False, 0) and order[-1] == (True, len(bench.FAMILY_ORDER) - 1)
 

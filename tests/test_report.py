@@ -1,5 +1,6 @@
 """The benchmark report turns pytest-benchmark JSON into a speedup table and a chart."""
 import json
+import re
 
 import pytest
 
@@ -33,6 +34,8 @@ def test_report_table_and_chart(tmp_path):
     assert "| peg-fwd-a | timm | 2.000 | 1.00× | 0.50× | 50 | 2% | – |" in table  # no roofline recorded
     assert "| peg-fwd-a | timm_compile | 1.000 | 2.00× | 1.00× | – | – | – |" in table  # no bytes counted
     assert (tmp_path / "speedups.png").stat().st_size > 1000
+    rows = [line for line in table.splitlines() if line.startswith("| peg-fwd-a |")]
+    assert [row.split(" | ")[1] for row in rows] == ["timm", "timm_compile", "triton"], "the baselines first"
 
 
 def test_chart_has_a_panel_per_op_and_skips_cases_without_a_baseline(tmp_path, monkeypatch):
@@ -91,6 +94,8 @@ def test_report_merges_runs_variant_by_variant(tmp_path):
     table = (tmp_path / "report.md").read_text()
     assert "| gsa-fwd-a | triton | 2.000 | 3.00× |" in table
     assert "| lsa-fwd-a † | triton | 1.000 | 4.00× | 2.00× |" in table and "† the case's variants" in table
+    third = write_run(tmp_path / "c.json", "2026-11-24T12:00:00", [bench("gsa-fwd-a", "timm_compile", 3.0)])
+    assert report.load_cases([first, second, third])[1]["date"] == "2026-11-24T10:00:00 to 2026-11-24T12:00:00"
 
 
 def test_report_names_a_file_it_cannot_read(tmp_path, capsys):
@@ -228,3 +233,22 @@ def test_targets_met_missed_and_not_measured(tmp_path):
     assert table.count("| not measured |") == len(table.splitlines()) - 2 - 7  # the header, 7 measured
     assert report.main([run, "--out", str(tmp_path)]) == 0
     assert "## Targets" in (tmp_path / "report.md").read_text()
+    # a variant with no peak memory recorded: not measured (None), not a failed report
+    assert report.peak_memory_ratio({"timm": {"peak_memory_mib": 1000.0}, "patched": {}}, "patched") is None
+
+
+def test_each_target_judges_by_the_number_its_text_states():
+    """A target's threshold and the wording the report prints (the issue's) are one number: "≥ 3×" is 3,
+    "≥ 80% of the copy bandwidth" 80 %, "≥ 80% of flash SDPA's speed" a 0.8× ratio; "faster than" strictly
+    above 1, "no more than" at least 1."""
+    report = load_benchmarks_module("report.py")
+    for target in report.TARGETS:
+        stated = re.search(r"≥ ([\d.]+)(×|%)", target.text)
+        if stated:
+            value = float(stated[1]) / (100 if (stated[2], target.unit) == ("%", "×") else 1)
+            assert (value, target.strictly) == (target.at_least, False), target
+            assert target.unit == "×" or "copy bandwidth" in target.text, target
+        else:
+            strictly = "faster than" in target.text
+            assert strictly or "no more than" in target.text, target.text
+            assert (target.at_least, target.unit, target.strictly) == (1.0, "×", strictly), target
