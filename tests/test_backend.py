@@ -254,6 +254,29 @@ def test_the_sdist_carries_every_extension_source(tmp_path):
     assert not missing, missing
 
 
+NO_EXTENSION = "TWINS_KERNELS_BUILD_CUDA=0: installing the pure-Python package (no CUDA extension)"
+
+
+@pytest.mark.parametrize("env,says", [
+    ({"TWINS_KERNELS_BUILD_CUDA": "0"}, NO_EXTENSION), ({"TWINS_KERNELS_BUILD_CUDA": "Off"}, NO_EXTENSION),
+    ({"CUDA_HOME": "/nonexistent"}, "no CUDA toolkit found (set CUDA_HOME)"),
+    ({"TORCH_CUDA_ARCH_LIST": "9.0"}, "for TORCH_CUDA_ARCH_LIST=9.0\n"),
+    ({}, "for TORCH_CUDA_ARCH_LIST=8.0;9.0+PTX\n"),
+], ids=["off-0", "off-word", "no-toolkit", "arch-list-given", "arch-list-default"])
+def test_setup_says_what_it_builds_and_for_which_gpus(env, says):
+    """setup.py's decision and its one message (`build_ext --help` decides and builds nothing): the switch
+    off, a toolkit that is not there, and the GPUs a build is for, TORCH_CUDA_ARCH_LIST's or the default."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if "TORCH_CUDA_ARCH_LIST" in says and not (torch.version.cuda and CUDA_HOME
+                                               and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))):
+        pytest.skip("needs a CUDA build of torch and a CUDA toolkit")
+    base = {k: v for k, v in os.environ.items() if k not in ("TORCH_CUDA_ARCH_LIST", "TWINS_KERNELS_BUILD_CUDA")}
+    result = subprocess.run([sys.executable, "setup.py", "build_ext", "--help"], cwd=ROOT, env={**base, **env},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and says in result.stderr, result.stderr
+
+
 def test_main_job_prints_the_environment_and_a_passing_table():
     result = subprocess.run([sys.executable, "-m", "twins_kernels"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -17,8 +17,13 @@ case "$*" in
   "-m pytest tests/"*) sleep "${STUB_TEST_SECONDS:-0}" ;;
   "-m pytest benchmarks/"*)
     for arg in "$@"; do
-      case "$arg" in --benchmark-json=*) echo '{"benchmarks": []}' > "${arg#--benchmark-json=}" ;; esac
-    done ;;
+      case "$arg" in --benchmark-json=*) json="${arg#--benchmark-json=}" ;; esac
+    done
+    # pytest-benchmark writes its JSON as the session ends, an interrupted (SIGINT) session's too
+    write_json() { echo '{"benchmarks": []}' > "$json"; }
+    trap 'write_json; exit 2' INT
+    sleep "${STUB_BENCH_SECONDS:-0}" & wait $!
+    write_json ;;
 esac
 """
 
@@ -99,6 +104,29 @@ def test_the_test_budget_interrupts_the_tests_and_the_session_goes_on(gpu_script
     _, calls, elapsed = gpu_script("session", RUN_BUDGET_S=2, STUB_TEST_SECONDS=30)
     assert elapsed < 20 and calls[-1].startswith("-m pytest tests/")  # no benchmarks after the deadline
     assert len(calls) > first_run
+
+
+def test_benchmarks_cut_off_at_the_deadline_leave_their_json_and_report(gpu_script):
+    """The deadline interrupts pytest as Ctrl-C would: pytest-benchmark ends the session and writes the
+    JSON of the cases done, which the report reads (a signal pytest cannot handle would leave nothing)."""
+    result, calls, elapsed = gpu_script("bench", RUN_BUDGET_S=3, STUB_BENCH_SECONDS=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert elapsed < 30 and (gpu_script.out / "benchmarks.json").exists()
+    assert calls[-1].startswith("benchmarks/report.py")
+
+
+def test_the_sources_hash_follows_setup_py_and_every_file_of_csrc(gpu_script):
+    """A carried build is used only where the hash of what it was built from is this tree's."""
+    def sources_hash():
+        return subprocess.run(["bash", str(gpu_script.tree / "benchmarks" / "run_gpu.sh"), "sources-hash"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    hashes = [sources_hash()]
+    for changed in ("setup.py", "csrc/peg_kernels.cuh", "csrc/a_new_header.cuh"):
+        with open(gpu_script.tree / changed, "a") as source:
+            source.write("\n")
+        hashes.append(sources_hash())
+    assert len(set(hashes)) == len(hashes) and all(len(h) == 64 for h in hashes)
 
 
 def test_an_unknown_phase_is_refused(gpu_script):
