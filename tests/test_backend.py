@@ -323,11 +323,40 @@ def test_main_job_speedup_is_timm_time_over_fused_time(monkeypatch):
     assert columns.split() == ["1.000", "2.000", "2.00x"]
 
 
+def test_bench_mode_times_are_medians_and_speedups_are_over_timm_eager(monkeypatch):
+    """With stand-in CUDA events: five timings 5, 1, 4, 2, 3 ms have the median 3; and the table's
+    speedup is a variant's images/s over timm eager's."""
+    import twins_kernels.bench as bench
+
+    timings = iter([5.0, 1.0, 4.0, 2.0, 3.0])
+
+    class StandInEvent:
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return next(timings)
+
+    monkeypatch.setattr(torch.cuda, "Event", StandInEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert bench.median_cuda_ms(lambda: None, 5) == 3.0
+    table = bench.throughput_table({"timm eager": 100.0, "patched eager": 250.0}).splitlines()
+    assert table[1].split() == ["timm", "eager", "100.0", "1.00x"]
+    assert table[2].split() == ["patched", "eager", "250.0", "2.50x"]
+
+
 def test_bench_mode_checks_parity_and_says_what_it_cannot_measure():
     result = subprocess.run([sys.executable, "-m", "twins_kernels", "bench", "--model", "twins_svt_small",
                              "--size", "64", "--batch", "1"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "parity: logits relative error" in result.stdout
+    assert "twins_svt_small 64x64 batch 1 " in result.stdout  # the batch asked for, on the CPU too
     if not HAS_GPU:
         assert "throughput cannot be measured here" in result.stdout
     else:

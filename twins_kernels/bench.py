@@ -119,9 +119,13 @@ def run(args) -> int:
     if not args.no_compile:
         variants["timm + compile"] = torch.compile(model)
         variants["patched + compile"] = torch.compile(patched)
-    results = {name: images_per_second(m, x, args.iters, name) for name, m in variants.items()}
-    base = results["timm eager"]
-    print(f"{'variant':<18} {'images/s':>10} {'vs timm eager':>14}")
-    for name, ips in results.items():
-        print(f"{name:<18} {ips:>10.1f} {ips / base:>13.2f}x")
+    print(throughput_table({name: images_per_second(m, x, args.iters, name) for name, m in variants.items()}))
     return 0 if ok else 1
+
+
+def throughput_table(images_per_s: dict[str, float]) -> str:
+    """Each variant's images/s and its speedup over timm eager's."""
+    base = images_per_s["timm eager"]
+    lines = [f"{'variant':<18} {'images/s':>10} {'vs timm eager':>14}"]
+    lines += [f"{name:<18} {ips:>10.1f} {ips / base:>13.2f}x" for name, ips in images_per_s.items()]
+    return "\n".join(lines)
