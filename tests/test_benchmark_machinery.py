@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from conftest import HAS_GPU, ROOT, load_benchmarks_module
 
@@ -178,6 +180,69 @@ def test_counted_flops_are_what_timms_modules_compute(benchmarks_on_cpu, monkeyp
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
             run()
         assert counts["flops"] == counter.get_total_flops(), (case.__name__, args)
+
+
+class BytesAtOpBoundaries(TorchDispatchMode):
+    """The bytes the ops a call dispatches move in ``dtype``, each tensor argument read once and each result
+    written once, as the memory carries them where nothing is fused across those ops; views move nothing.
+    ``weights`` (tensors and views of them) are counted apart, once each."""
+
+    def __init__(self, dtype: torch.dtype, weights):
+        super().__init__()
+        self.dtype, self.activations, self.weights = dtype, 0, {}
+        self.weight_storages = {weight.untyped_storage().data_ptr() for weight in weights}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if any(returned.alias_info is not None for returned in func._schema.returns):
+            return result
+        for tensor in tree_flatten((args, kwargs, result))[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in self.weight_storages:
+                self.weights[storage] = tensor.numel() * tensor.element_size()
+            elif tensor.dtype == self.dtype:
+                self.activations += tensor.numel() * tensor.element_size()
+        return result
+
+
+@pytest.mark.parametrize("op", ["peg", "lsa", "lsa-core", "gsa", "gsa-core", "gsa-subsample"])
+def test_counted_bytes_are_what_the_fused_forward_moves_between_its_ops(benchmarks_on_cpu, monkeypatch, op):
+    """The bytes a forward case counts (its roofline's memory floor, its GB/s) are those the fused forward
+    moves in bf16 between the ops it dispatches (the Linears' GEMMs and the package's ops), at batch 2
+    and 224², every stage: a perfect kernel for each op reads its inputs once and writes its outputs once.
+    Left out, as the cases leave them out: the weights (but for the sub-sampling alone, whose count has
+    its conv weight), and the fp32 statistics the ops keep for the backward. The torch backend dispatches
+    the same ops as the kernel backends. Forward only: a backward op is handed tensors that a kernel need
+    not read (LSA's out, where delta comes from the probabilities)."""
+    calls = []
+    lsa, gsa, peg = (benchmarks_on_cpu[name] for name in ("lsa", "gsa", "peg"))
+    real_timed_pass = sys.modules["conftest"].timed_pass
+
+    def timed_pass(module, x, size, pass_, leaves=()):  # leaves laid out as tokens (GSA's kv) are activations
+        weights = [*(leaf for leaf in leaves if leaf.dim() != x.dim()),
+                   *(module.parameters() if isinstance(module, torch.nn.Module) else ())]
+        return real_timed_pass(module, x, size, pass_, leaves), x.dtype, weights
+
+    for module in (lsa, gsa, peg):
+        monkeypatch.setattr(module, "IMAGE_SIZES", {224: 2})
+        monkeypatch.setattr(module, "timed_pass", timed_pass)
+        monkeypatch.setattr(module, "record", lambda benchmark, run, roofline, **counts: calls.append((run, counts)))
+    cases = {"peg": [(peg.test_peg, (224, stage, "fwd", "torch")) for stage in range(4)],
+             "lsa": [(lsa.test_lsa_module, (224, stage, "fwd", "torch")) for stage in range(4)],
+             "lsa-core": [(lsa.test_lsa_attention_core, (224, stage, "fwd", "torch")) for stage in range(4)],
+             "gsa": [(gsa.test_gsa_module, (model, 224, stage, "fwd", "torch")) for model in gsa.MODELS
+                     for stage in range(4)],
+             "gsa-core": [(gsa.test_gsa_sr1_attention_core, (224, "fwd", "torch"))],
+             "gsa-subsample": [(gsa.test_gsa_subsample, (224, stage, "fwd", "triton")) for stage in range(3)]}[op]
+    for case, args in cases:
+        case(BenchmarkFixture(), ROOFLINE, *args)
+        (run, dtype, weights), counts = calls.pop()
+        with BytesAtOpBoundaries(dtype, weights) as moved:
+            run()
+        conv_weight = max(moved.weights.values()) if op == "gsa-subsample" else 0
+        assert counts["bytes_moved"] == moved.activations + conv_weight, (case.__name__, args)
 
 
 def collected_cases(*args) -> list[str]:
