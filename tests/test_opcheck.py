@@ -89,6 +89,30 @@ def test_gsa_subsample_ops(backend):
                                                     norm_weight.detach(), *outputs[1:], 3, 5, 2, backend))
 
 
+@BACKENDS
+def test_forward_ops_run_on_the_map_size_a_trace_hands_them_and_check_the_tokens_fill_it(backend):
+    """A torch.jit.trace hands the forward ops the map size as a tensor (common.traced_map_size) besides the
+    ints recorded at the traced size: they run on the tensor's. Whoever calls them, tokens that do not
+    fill the map they run on raise, naming both: the kernels would index past them."""
+    skip_unless_runs(backend)
+    x, qkv = randn(2, 35, 24), randn(2, 35, 96)  # a 5x7 map; LSA at C 32, 2 heads
+    peg_args, lsa_args = (randn(24, 1, 3, 3), randn(24)), (randn(96),)
+    subsample_args = (randn(24, 24, 2, 2), randn(24), randn(24), randn(24))
+    ops = {"peg_forward": lambda *size: peg_forward_op(x, *peg_args, *size[:2], 1, backend, *size[2:]),
+           "lsa_forward": lambda *size: lsa_forward_op(qkv, *lsa_args, *size[:2], 4, 2, 0.25, False, backend,
+                                                       *size[2:])[0],
+           "gsa_subsample_forward": lambda *size: gsa_subsample_forward_op(x, *subsample_args, *size[:2], 2, 1e-5,
+                                                                           backend, *size[2:])[0]}
+    for name, op in ops.items():
+        expected = op(5, 7)
+        assert not torch.allclose(op(7, 5), expected), name  # the same tokens on the transposed map
+        assert torch.equal(op(7, 5, torch.tensor([5, 7])), expected), name
+        for size in [(6, 6), (5, 7, torch.tensor([6, 6]))]:
+            with pytest.raises(ValueError, match=rf"twins_kernels::{name}: N=35 tokens do not fill a 6x6 map "
+                                                 rf"\(N=H\*W=36\)"):
+                op(*size)
+
+
 class SeenOps(TorchDispatchMode):
     """Runs every op it is handed unchanged and notes its name: a mode sees the ops the dispatcher
     routes, so an op that skipped the dispatcher would be missing here."""

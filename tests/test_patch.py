@@ -206,9 +206,12 @@ def test_export_copy_and_save_a_patched_model(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:FutureWarning")
-def test_torch_jit_trace_records_the_ops_of_a_patched_model(tmp_path):
-    """timm's sizes reach the modules as 0-d tensors in a trace: the trace keeps the traced image size,
-    records the twins_kernels ops, and saves and loads where the package is imported."""
+def test_torch_jit_trace_records_the_ops_of_a_patched_model_for_every_image_size(tmp_path):
+    """timm's sizes reach the modules as 0-d tensors in a trace: the trace records the twins_kernels ops,
+    which read each call's map size (not the traced one, as ints handed to an op would be recorded), so
+    it runs, forward and backward, as the patched model does at other sizes, the traced one transposed
+    among them (the same tokens on a map of another shape), and saves and loads where the package is
+    imported."""
     model = small_model("twins_svt_small", depths=SHALLOW).to(KERNEL_DEVICE)
     x = torch.randn(1, 3, 64, 96, device=KERNEL_DEVICE)  # LSA's maps padded: 16x24, 8x12 with ws 7
     patch_model(model)
@@ -217,11 +220,20 @@ def test_torch_jit_trace_records_the_ops_of_a_patched_model(tmp_path):
     assert recorded == {f"twins_kernels::{op}_forward" for op in ("lsa", "gsa_attention", "gsa_subsample", "peg")}
     torch.jit.save(traced, tmp_path / "traced.pt")
     loaded = torch.jit.load(tmp_path / "traced.pt")
-    other = torch.randn_like(x)
-    with torch.no_grad():
-        expected = model(other)
-        torch.testing.assert_close(traced(other), expected)
-        torch.testing.assert_close(loaded(other), expected)
+    for shape in [(1, 3, 64, 96), (1, 3, 96, 64), (2, 3, 72, 40)]:
+        other = torch.randn(shape, device=KERNEL_DEVICE)
+        with torch.no_grad():
+            expected = model(other)
+            torch.testing.assert_close(traced(other), expected)
+            torch.testing.assert_close(loaded(other), expected)
+    other.requires_grad_(True)
+    model(other).square().sum().backward()
+    expected = [other.grad, *(p.grad for p in model.parameters())]
+    model.zero_grad(set_to_none=True)
+    other.grad = None
+    traced(other).square().sum().backward()  # on the model's parameters (the loaded trace has copies)
+    for grad, want in zip([other.grad, *(p.grad for p in model.parameters())], expected, strict=True):
+        torch.testing.assert_close(grad, want)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")

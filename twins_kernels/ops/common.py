@@ -39,8 +39,8 @@ def check_int(value, name: str, low: int = 1, high: int | None = None) -> int:
     """An int (not a bool) in low..high: TypeError for any other type, ValueError out of range."""
     if (torch.jit.is_tracing() and isinstance(value, torch.Tensor) and value.dim() == 0
             and not value.is_floating_point()):
-        # torch.jit.trace hands sizes read off a shape (timm's H, W) as 0-d tensors: the trace keeps this
-        # value (and warns that it does: TracerWarning)
+        # torch.jit.trace hands sizes read off a shape (timm's H, W) as 0-d tensors: checked at this value
+        # (a TracerWarning says the trace keeps it), while the ops read each call's (traced_map_size)
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
@@ -83,6 +83,30 @@ def check_tokens(x, size, *, channels: int | None = None, name: str = "x") -> tu
     if channels is not None and chans != channels:
         raise ValueError(f"{name} has C={chans} channels, expected {channels}")
     return batch, tokens, chans, height, width
+
+
+def traced_map_size(size) -> torch.Tensor | None:
+    """Under torch.jit.trace, ``size`` (H, W) as a tensor, for an op's ``map_size``; None elsewhere.
+
+    A trace records the ints handed to an op as constants: a model traced at one image size would run
+    its ops at that size on every other, on tokens that do not fill that map, or fill it transposed.
+    timm's sizes reach the modules as 0-d tensors computed from the input in a trace, and a tensor
+    stacked from them is computed from the input too, so the traced ops read each call's size."""
+    if not torch.jit.is_tracing():
+        return None
+    return torch.stack([side if isinstance(side, torch.Tensor) else torch.tensor(side) for side in size])
+
+
+def map_size_of(op: str, tokens: int, height: int, width: int, map_size: torch.Tensor | None) -> tuple[int, int]:
+    """The H x W map an op's tokens lie on: ``map_size``'s values where a trace hands one (traced_map_size),
+    else ``height``, ``width``. Checked in the op, whoever calls it (a trace, torch.ops.twins_kernels):
+    the kernels index the map, and would read and write past tokens that do not fill it."""
+    if map_size is not None:
+        height, width = map_size.tolist()
+    if tokens != height * width:
+        raise ValueError(f"twins_kernels::{op}: N={tokens} tokens do not fill a {height}x{width} map "
+                         f"(N=H*W={height * width})")
+    return height, width
 
 
 def check_param(t, name: str, shape: Sequence[int], like: torch.Tensor) -> None:

@@ -58,6 +58,7 @@ fp64 lse):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -83,11 +84,13 @@ from .common import (
     kernel_backward_entry,
     kernel_op_entry,
     launch_device,
+    map_size_of,
     next_pow2,
     op_backend,
     pow2_block,
     scalar_arg,
     scores_grad,
+    traced_map_size,
     unit_channel_stride,
 )
 
@@ -906,11 +909,22 @@ run_gsa_attention_forward = kernel_op_entry(gsa_attention_forward_op, gsa_attent
                                             _attention_backward)
 
 
+def _subsample_map_size(x: torch.Tensor, height: int, width: int, sr_ratio: int,
+                       map_size: torch.Tensor | None) -> tuple[int, int]:
+    """The map gsa_subsample_forward runs on (map_size_of), which must hold one full patch."""
+    height, width = map_size_of("gsa_subsample_forward", x.shape[1], height, width, map_size)
+    if height < sr_ratio or width < sr_ratio:
+        raise ValueError(f"size {height}x{width} is smaller than sr_ratio={sr_ratio}: the conv has no full patch")
+    return height, width
+
+
 @autocast_neutral
 def gsa_subsample_forward(
     x: torch.Tensor, sr_weight: torch.Tensor, sr_bias: torch.Tensor, norm_weight: torch.Tensor,
     norm_bias: torch.Tensor, height: int, width: int, sr_ratio: int, eps: float, backend: str,
+    map_size: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    height, width = _subsample_map_size(x, height, width, sr_ratio, map_size)
     args = (x, sr_weight, sr_bias, norm_weight, norm_bias, height, width, sr_ratio, eps)
     if op_backend(x, backend) == "triton":
         return gsa_subsample_forward_triton(*args)
@@ -922,7 +936,7 @@ gsa_subsample_forward_op = torch.library.custom_op("twins_kernels::gsa_subsample
 
 
 @gsa_subsample_forward_op.register_fake
-def _(x, sr_weight, sr_bias, norm_weight, norm_bias, height, width, sr_ratio, eps, backend):
+def _(x, sr_weight, sr_bias, norm_weight, norm_bias, height, width, sr_ratio, eps, backend, map_size=None):
     batch, _, chans = x.shape
     keys = (height // sr_ratio) * (width // sr_ratio)
     acc = accumulation_dtype(x.dtype)
@@ -956,7 +970,8 @@ run_gsa_subsample_backward = kernel_backward_entry(gsa_subsample_backward_op, gs
 
 
 def _subsample_setup_context(ctx, inputs, output):
-    x, sr_weight, sr_bias, norm_weight, norm_bias, height, width, sr_ratio, eps, backend = inputs
+    x, sr_weight, sr_bias, norm_weight, norm_bias, height, width, sr_ratio, eps, backend, map_size = inputs
+    height, width = _subsample_map_size(x, height, width, sr_ratio, map_size)
     _, y, mean, rstd = output
     ctx.mark_non_differentiable(y, mean, rstd)
     ctx.save_for_backward(x, sr_weight, norm_weight, y, mean, rstd)
@@ -965,7 +980,7 @@ def _subsample_setup_context(ctx, inputs, output):
 
 def _subsample_backward(ctx, grad_out, _grad_y, _grad_mean, _grad_rstd):
     grads = run_gsa_subsample_backward(grad_out, *ctx.saved_tensors, *ctx.args)
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 run_gsa_subsample_forward = kernel_op_entry(gsa_subsample_forward_op, gsa_subsample_forward, _subsample_setup_context,
@@ -1021,9 +1036,7 @@ def gsa_subsample(x, size, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio:
     PyTorch reference for this part).
     """
     _, _, chans, height, width = check_tokens(x, size)
-    check_int(sr_ratio, "sr_ratio")
-    if height < sr_ratio or width < sr_ratio:
-        raise ValueError(f"size {height}x{width} is smaller than sr_ratio={sr_ratio}: the conv has no full patch")
+    _subsample_map_size(x, height, width, check_int(sr_ratio, "sr_ratio"), None)
     check_param(sr_weight, "sr_weight", (chans, chans, sr_ratio, sr_ratio), x)
     for name, t in (("sr_bias", sr_bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         check_param(t, name, (chans,), x)
@@ -1033,4 +1046,4 @@ def gsa_subsample(x, size, sr_weight, sr_bias, norm_weight, norm_bias, sr_ratio:
     if backend is not None and not torch.compiler.is_compiling():
         resolve_backend(backend, x.device)  # fail here, naming what is missing, not deep inside the op
     return run_gsa_subsample_forward(x, sr_weight, sr_bias, norm_weight, norm_bias, height, width, sr_ratio,
-                                    eps, call_choice(backend))[0]
+                                    eps, call_choice(backend), traced_map_size(size))[0]

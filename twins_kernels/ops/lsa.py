@@ -94,10 +94,12 @@ from .common import (
     kernel_backward_entry,
     kernel_op_entry,
     launch_device,
+    map_size_of,
     next_pow2,
     reference_outside_kernels,
     scalar_arg,
     scores_grad,
+    traced_map_size,
 )
 
 MIN_WS, MAX_WS = 2, 16  # 16 x 16 = 256 window slots bounds the tiles; ws = 1 is global attention (GSA)
@@ -683,8 +685,9 @@ def _kernel_backend(qkv: torch.Tensor, num_heads: int, ws: int, requested: str) 
 @autocast_neutral
 def lsa_forward(
     qkv: torch.Tensor, qkv_bias: torch.Tensor, height: int, width: int, ws: int, num_heads: int,
-    scale: float, mask_padding: bool, backend: str,
+    scale: float, mask_padding: bool, backend: str, map_size: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    height, width = map_size_of("lsa_forward", qkv.shape[1], height, width, map_size)
     args = (qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding)
     kernel = _kernel_backend(qkv, num_heads, ws, backend)
     if kernel == "triton":
@@ -699,7 +702,7 @@ lsa_forward_op = torch.library.custom_op("twins_kernels::lsa_forward", lsa_forwa
 
 
 @lsa_forward_op.register_fake
-def _(qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding, backend):
+def _(qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding, backend, map_size=None):
     batch, tokens, chans3 = qkv.shape
     return (qkv.new_empty((batch, tokens, chans3 // 3)),
             qkv.new_empty((batch, num_heads, tokens), dtype=accumulation_dtype(qkv.dtype)))
@@ -735,7 +738,8 @@ run_lsa_backward = kernel_backward_entry(lsa_backward_op, lsa_backward, "lsa")
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding, backend = inputs
+    qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding, backend, map_size = inputs
+    height, width = map_size_of("lsa_forward", qkv.shape[1], height, width, map_size)
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(qkv, qkv_bias, out, lse)
@@ -745,7 +749,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse):
     qkv, qkv_bias, out, lse = ctx.saved_tensors
     grad_qkv, grad_bias = run_lsa_backward(grad_out, qkv, qkv_bias, out, lse, *ctx.args)
-    return grad_qkv, grad_bias, None, None, None, None, None, None, None
+    return grad_qkv, grad_bias, None, None, None, None, None, None, None, None
 
 
 run_lsa_forward = kernel_op_entry(lsa_forward_op, lsa_forward, _setup_context, _backward)
@@ -782,4 +786,4 @@ def lsa(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None
     if not torch.compiler.is_compiling():
         _kernel_backend(qkv, num_heads, ws, choice)  # fail here, naming what is wrong, not inside the op
     return run_lsa_forward(qkv, qkv_bias, height, width, ws, num_heads, float(scale), pad_mode == "mask",
-                          choice)[0]
+                          choice, traced_map_size(size))[0]

@@ -36,9 +36,11 @@ from .common import (
     kernel_backward_entry,
     kernel_op_entry,
     launch_device,
+    map_size_of,
     next_pow2,
     op_backend,
     pow2_block,
+    traced_map_size,
 )
 
 NUM_TAPS = 9  # 3 x 3 depthwise kernel
@@ -274,8 +276,9 @@ def _split_partial(sums: torch.Tensor, weight: torch.Tensor):
 @autocast_neutral
 def peg_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    height: int, width: int, stride: int, backend: str,
+    height: int, width: int, stride: int, backend: str, map_size: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    height, width = map_size_of("peg_forward", x.shape[1], height, width, map_size)
     kernel = _kernel_backend(x, weight, stride, backend)
     if kernel == "triton":
         return peg_conv3x3_triton(x, weight, bias, height, width)
@@ -288,7 +291,7 @@ peg_forward_op = torch.library.custom_op("twins_kernels::peg_forward", peg_forwa
 
 
 @peg_forward_op.register_fake
-def _(x, weight, bias, height, width, stride, backend):
+def _(x, weight, bias, height, width, stride, backend, map_size=None):
     out_h, out_w = peg_output_size(height, width, stride)
     return x.new_empty((x.shape[0], out_h * out_w, weight.shape[0]))
 
@@ -322,7 +325,8 @@ run_peg_backward = kernel_backward_entry(peg_backward_op, peg_backward, "peg")
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, height, width, stride, backend = inputs
+    x, weight, bias, height, width, stride, backend, map_size = inputs
+    height, width = map_size_of("peg_forward", x.shape[1], height, width, map_size)
     ctx.save_for_backward(x, weight)
     ctx.args = (height, width, stride, call_choice(backend))
     ctx.has_bias = bias is not None
@@ -331,7 +335,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
     grad_x, grad_w, grad_b = run_peg_backward(grad_out, x, weight, *ctx.args)
-    return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None, None
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None, None, None
 
 
 run_peg_forward = kernel_op_entry(peg_forward_op, peg_forward, _setup_context, _backward)
@@ -361,4 +365,4 @@ def peg(x, weight, bias=None, size=None, stride: int = 1, backend: str | None = 
         check_param(bias, "bias", (out_chans,), x)
     if backend is not None and not torch.compiler.is_compiling():
         resolve_backend(backend, x.device)  # fail here, naming what is missing, not deep inside the op
-    return run_peg_forward(x, weight, bias, height, width, stride, call_choice(backend))
+    return run_peg_forward(x, weight, bias, height, width, stride, call_choice(backend), traced_map_size(size))
