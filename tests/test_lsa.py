@@ -330,6 +330,17 @@ def test_torch_compile_dynamic_shapes_one_graph():
     check_compiled_matches_eager(module, inputs, "aot_eager", dynamic=True)
 
 
+def test_torch_compile_dynamic_shapes_one_graph_for_the_attention_dropout_path():
+    """In training with attn_drop > 0 the module runs lsa_reference, which crops by a negative padding (a new
+    tensor, cropped or not) and branches on no map size: padded maps and an unpadded one run one graph,
+    drawing eager's dropout. (A map one window high or wide compiles another: the reshapes' contiguity
+    checks guard on a dimension of size 1.)"""
+    module = FusedLSA(32, 2, attn_drop=0.5, ws=7).to(KERNEL_DEVICE).train()
+    inputs = [(make_tokens(batch, h, w, 32, torch.float32, KERNEL_DEVICE), (h, w))
+              for batch, h, w in [(2, 9, 8), (3, 14, 21), (2, 10, 15)]]
+    check_compiled_matches_eager(module, inputs, "aot_eager", dynamic=True)
+
+
 @requires_gpu
 def test_torch_compile_inductor_on_gpu():
     module = FusedLSA(64, 2, ws=7).cuda()
@@ -362,6 +373,34 @@ def test_attention_dropout_in_training_runs_the_reference(pad_mode, timm_class):
     eval_out = fused(x, (13, 6))
     assert (train_out - eval_out).abs().max() > 1e-2, "dropout must change the training output"
     assert_rel_close(eval_out, timm_module.eval()(x, (13, 6)), torch.float32, "eval out")
+
+
+class TokensOfImage(torch.nn.Module):
+    """A module run on an image (B, C, H, W) as tokens, with the map size timm's models take from a tensor's
+    shape: a trace records it as computed from the input, a 0-d tensor per side."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, image):
+        return self.module(image.flatten(2).transpose(1, 2), image.shape[-2:])
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:FutureWarning")
+@pytest.mark.parametrize("pad_mode", ["zero", "mask"])
+def test_a_trace_of_the_attention_dropout_path_runs_every_map_size(pad_mode):
+    """In training with attn_drop > 0 the module runs lsa_reference, which branches on no map size: traced on
+    a map padded on both sides, it runs maps padded otherwise, transposed and unpadded, drawing the dropout
+    the module draws under the same seed."""
+    module = TokensOfImage(FusedLSA(32, 2, attn_drop=0.5, ws=7, pad_mode=pad_mode).to(KERNEL_DEVICE).train())
+    traced = torch.jit.trace(module, torch.randn(1, 32, 16, 24, device=KERNEL_DEVICE), check_trace=False)
+    for shape in [(1, 32, 16, 24), (1, 32, 24, 16), (2, 32, 18, 10), (1, 32, 14, 21)]:
+        image = torch.randn(shape, device=KERNEL_DEVICE)
+        torch.manual_seed(7)
+        expected = module(image)
+        torch.manual_seed(7)
+        torch.testing.assert_close(traced(image), expected)
 
 
 def test_state_dict_keys_attributes_and_sharing_match_timm():

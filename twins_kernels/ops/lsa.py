@@ -180,17 +180,31 @@ def _key_inside(height: int, width: int, ws: int, device) -> torch.Tensor:
 
 def lsa_reference(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None,
                   pad_mode: str = "zero", dropout_p: float = 0.0):
-    """The LSA attention core in plain PyTorch: pad, window, attend (SDPA, with attention dropout),
-    un-window, crop. ``qkv`` (B, H*W, 3C) is the qkv Linear's output on the real tokens and ``qkv_bias``
-    (3C,) what it makes of a padded (zero) token; returns (B, H*W, C). Any head_dim, any ws >= 1. On a
-    map that needs no padding the bias takes no part (autograd gives it no gradient, as any unused input)."""
+    """The LSA attention core in plain PyTorch, as timm writes it: pad, window, attend (SDPA, with attention
+    dropout), un-window, crop. ``qkv`` (B, H*W, 3C) is the qkv Linear's output on the real tokens and
+    ``qkv_bias`` (3C,) what it makes of a padded (zero) token; returns (B, H*W, C). Any head_dim, any
+    ws >= 1. No Python branch depends on the map size, so torch.jit.trace, which hands timm's H and W
+    over as 0-d tensors, records it for every size (the dropout path of a traced FusedLSA)."""
     height, width = size
-    q, k, v = _window_heads(qkv, qkv_bias, height, width, ws, num_heads)
+    batch, _, channels = qkv.shape
+    head_dim = channels // (3 * num_heads)
+    rows, cols = -(-height // ws), -(-width // ws)
+    padding = (0, 0, 0, cols * ws - width, 0, rows * ws - height)
+    inside = F.pad(qkv.new_ones((1, height, width, 1), dtype=torch.bool), padding)  # real positions
+    qkv_map = torch.where(inside, F.pad(qkv.reshape(batch, height, width, channels), padding),
+                          qkv_bias.to(qkv.dtype))
+    # (3, B, windows, heads, ws*ws, D): windows and the slots inside them row-major (timm's order)
+    q, k, v = (qkv_map.reshape(batch, rows, ws, cols, ws, 3, num_heads, head_dim)
+               .permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, batch, rows * cols, num_heads, ws * ws, head_dim))
     attn_mask = None
-    if pad_mode == "mask":
-        attn_mask = _key_inside(height, width, ws, qkv.device)[:, None, None, :]  # (windows, 1, 1, keys)
+    if pad_mode == "mask":  # (windows, 1, 1, keys): the real keys
+        attn_mask = inside.reshape(rows, ws, cols, ws).transpose(1, 2).reshape(rows * cols, 1, 1, ws * ws)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    return _window_heads_to_tokens([out], height, width, ws, out.dtype)
+    out_map = out.reshape(batch, rows, cols, num_heads, ws, ws, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
+    # cropped by a negative padding: a new tensor whether or not the crop keeps every position, which a
+    # compiled graph would otherwise guard on (a view then, a copy else)
+    cropped = F.pad(out_map.reshape(batch, rows * ws, cols * ws, channels // 3), [-pad for pad in padding])
+    return cropped.view(batch, height * width, channels // 3)
 
 
 def _scores(q, k, scale: float, key_inside: torch.Tensor | None) -> torch.Tensor:
