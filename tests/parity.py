@@ -11,7 +11,7 @@ from twins_kernels.testing import DTYPE_IDS, TOLERANCE, make_tokens, module_pari
 
 __all__ = [
     "DTYPE_IDS", "TOLERANCE", "assert_rel_close", "outermost_past_int32", "check_compiled_matches_eager",
-    "check_module_parity", "check_op_against_reference", "make_tokens", "rel_err",
+    "check_module_parity", "check_op_against_reference", "check_trace_runs_other_sizes", "make_tokens", "rel_err",
 ]
 
 
@@ -111,3 +111,30 @@ def check_compiled_matches_eager(module: torch.nn.Module, inputs: list[tuple[tor
     if dynamic:
         graphs = counters["stats"]["unique_graphs"]
         assert graphs == 1, f"{graphs} graphs compiled for sizes {[size for _, size in inputs]}: a new size recompiled"
+
+
+class TokensOfImage(torch.nn.Module):
+    """``module`` run on an image (B, C, H, W) as tokens, with the map size taken from the image's shape as
+    timm's models take it: a trace records it as computed from the input, a 0-d tensor per side."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, image):
+        return self.module(image.flatten(2).transpose(1, 2), image.shape[-2:])
+
+
+def check_trace_runs_other_sizes(module: torch.nn.Module, shapes: list[tuple[int, int, int, int]]) -> None:
+    """Assert that torch.jit.trace of ``module`` on images, traced at ``shapes[0]`` (B, C, H, W), gives the
+    module's output at every shape, each run from the same seed (a module in training draws the same
+    dropout): nothing of the traced size is recorded as a constant."""
+    image_module = TokensOfImage(module)
+    device = next(module.parameters()).device
+    traced = torch.jit.trace(image_module, torch.randn(shapes[0], device=device), check_trace=False)
+    for shape in shapes:
+        image = torch.randn(shape, device=device)
+        torch.manual_seed(7)
+        expected = image_module(image)
+        torch.manual_seed(7)
+        torch.testing.assert_close(traced(image), expected)

@@ -22,7 +22,7 @@ from twins_kernels.testing import module_parity_errors
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_cuda_unless_available, skip_unless_available
 from parity import (
     DTYPE_IDS, TOLERANCE, assert_rel_close, check_compiled_matches_eager, check_module_parity,
-    check_op_against_reference, make_tokens, strided_with_nans,
+    check_op_against_reference, check_trace_runs_other_sizes, make_tokens, strided_with_nans,
 )
 
 # (B, H, W, dim, heads, sr): Twins' head dims 32 and 64 and the 16 / 128 ends, every sr Twins uses and 3,
@@ -325,6 +325,19 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 def test_torch_compile_dynamic_shapes_one_graph(sr_ratio):
     """Maps with and without rows and columns the conv drops, another batch: one graph."""
     module = FusedGSA(32, num_heads=2, sr_ratio=sr_ratio, backend="triton").to(KERNEL_DEVICE)
+    inputs = [(make_tokens(batch, h, w, 32, torch.float32, KERNEL_DEVICE), (h, w))
+              for batch, h, w in [(2, 4, 6), (3, 5, 7), (2, 2, 9)]]
+    check_compiled_matches_eager(module, inputs, "aot_eager", dynamic=True)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:FutureWarning")
+@pytest.mark.parametrize("sr_ratio", [1, 2])
+def test_the_attention_dropout_path_traces_and_compiles_for_every_map_size(sr_ratio):
+    """In training with attn_drop > 0 the module runs gsa_attention_reference on the sub-sampled keys, whose
+    shape it takes from the tensors: a trace runs other map sizes, and a dynamic compile runs them on one
+    graph, each drawing the dropout eager draws."""
+    module = FusedGSA(32, num_heads=2, attn_drop=0.5, sr_ratio=sr_ratio).to(KERNEL_DEVICE).train()
+    check_trace_runs_other_sizes(module, [(1, 32, 16, 24), (1, 32, 24, 16), (2, 32, 18, 10), (1, 32, 14, 21)])
     inputs = [(make_tokens(batch, h, w, 32, torch.float32, KERNEL_DEVICE), (h, w))
               for batch, h, w in [(2, 4, 6), (3, 5, 7), (2, 2, 9)]]
     check_compiled_matches_eager(module, inputs, "aot_eager", dynamic=True)

@@ -15,7 +15,7 @@ from conftest import (KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, require
                       skip_cuda_unless_available)
 from parity import (
     DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity, check_op_against_reference,
-    make_tokens, rel_err, strided_with_nans,
+    check_trace_runs_other_sizes, make_tokens, rel_err, strided_with_nans,
 )
 
 lsa_module = importlib.import_module("twins_kernels.ops.lsa")  # the package's `lsa` is the op function
@@ -375,32 +375,14 @@ def test_attention_dropout_in_training_runs_the_reference(pad_mode, timm_class):
     assert_rel_close(eval_out, timm_module.eval()(x, (13, 6)), torch.float32, "eval out")
 
 
-class TokensOfImage(torch.nn.Module):
-    """A module run on an image (B, C, H, W) as tokens, with the map size timm's models take from a tensor's
-    shape: a trace records it as computed from the input, a 0-d tensor per side."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, image):
-        return self.module(image.flatten(2).transpose(1, 2), image.shape[-2:])
-
-
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:FutureWarning")
 @pytest.mark.parametrize("pad_mode", ["zero", "mask"])
 def test_a_trace_of_the_attention_dropout_path_runs_every_map_size(pad_mode):
     """In training with attn_drop > 0 the module runs lsa_reference, which branches on no map size: traced on
     a map padded on both sides, it runs maps padded otherwise, transposed and unpadded, drawing the dropout
     the module draws under the same seed."""
-    module = TokensOfImage(FusedLSA(32, 2, attn_drop=0.5, ws=7, pad_mode=pad_mode).to(KERNEL_DEVICE).train())
-    traced = torch.jit.trace(module, torch.randn(1, 32, 16, 24, device=KERNEL_DEVICE), check_trace=False)
-    for shape in [(1, 32, 16, 24), (1, 32, 24, 16), (2, 32, 18, 10), (1, 32, 14, 21)]:
-        image = torch.randn(shape, device=KERNEL_DEVICE)
-        torch.manual_seed(7)
-        expected = module(image)
-        torch.manual_seed(7)
-        torch.testing.assert_close(traced(image), expected)
+    module = FusedLSA(32, 2, attn_drop=0.5, ws=7, pad_mode=pad_mode).to(KERNEL_DEVICE).train()
+    check_trace_runs_other_sizes(module, [(1, 32, 16, 24), (1, 32, 24, 16), (2, 32, 18, 10), (1, 32, 14, 21)])
 
 
 def test_state_dict_keys_attributes_and_sharing_match_timm():
