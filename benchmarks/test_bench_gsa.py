@@ -59,16 +59,22 @@ def test_gsa_module(benchmark, roofline, model, image, stage, pass_, variant):
     benchmark.group = f"gsa-{pass_}-{model}-stage{stage + 1}-{image}-bs{batch}-bf16"
     tokens = batch * height * width
     keys = batch * (height // sr) * (width // sr)
-    # per token: x (read by the q Linear, and by the sub-sampling or at sr = 1 the kv Linear), q (written,
-    # read), out (written, read), proj out; per key: kv (2C written, read), and at sr > 1 the sub-sampled
-    # tokens (written, read)
-    bytes_fwd = (tokens * (2 + 2 + 2 + 1) + keys * (4 + 2 * (sr > 1))) * dim * x.element_size()
+    # forward, C per token: x (read by the q Linear, and by the sub-sampling or at sr = 1 the kv Linear),
+    # q (written, read), out (written, read), proj out: 7; per key: kv (2C written, read) and at sr > 1
+    # the sub-sampled tokens (written, read): 4 + 2. The backward adds, per token: proj's two GEMMs and
+    # bias sum (the output gradient read thrice, out read, its gradient written: 5), the attention's (q,
+    # out and the gradient read, dq written: 4), the q Linear's (dq read thrice, x read, grad_x written:
+    # 5), the sum of x's two gradients (3), and at sr > 1 the sub-sampling's (x read, grad_x written: 2);
+    # per key: the attention's (kv read, dkv written: 4), the kv Linear's (dkv read thrice, its input
+    # read, that gradient written: 8), and at sr > 1 the sub-sampling's (that gradient read: 1)
+    subsampled = sr > 1
+    per_token, per_key = (7, 4 + 2 * subsampled) if pass_ == "fwd" else (24 + 2 * subsampled, 16 + 3 * subsampled)
     # the q, kv and proj Linears and the sub-sampling conv; the attention
     matmul_flops = 2 * tokens * dim * 2 * dim + 2 * keys * dim * 2 * dim + 2 * keys * dim * dim * sr * sr * (sr > 1)
     attention_flops = 4 * tokens * (keys // batch) * dim
     backward = pass_ != "fwd"
     record(benchmark, timed_pass(module, x, (height, width), pass_), roofline,
-           bytes_moved=bytes_fwd * (3 if backward else 1),
+           bytes_moved=(tokens * per_token + keys * per_key) * dim * x.element_size(),
            flops=matmul_flops * (3 if backward else 1) + attention_flops * (ATTENTION_FWDBWD_FLOPS if backward else 1),
            op="gsa", pass_=pass_, variant=variant, model=model, image=image, stage=stage + 1, batch=batch,
            dtype="bf16")

@@ -41,14 +41,17 @@ def test_lsa_module(benchmark, roofline, image, stage, pass_, variant):
     x = torch.randn(batch, height * width, dim, device=DEVICE, dtype=dtype)
     benchmark.group = f"lsa-{pass_}-svt_s-stage{stage + 1}-{image}-bs{batch}-bf16"
     tokens = batch * height * width
-    # x, qkv (3C, written and read), attention out (written and read), proj out: 1 + 6 + 2 + 1 = 10 C/token
-    bytes_fwd = 10 * tokens * dim * x.element_size()
+    # forward, C per token: x, qkv (3C, written and read), attention out (written and read), proj out: 10;
+    # the backward adds proj's two GEMMs and bias sum (the output gradient read thrice, out read, its
+    # gradient written: 5), the attention's (qkv and the gradient read, grad_qkv written: 7) and the qkv
+    # Linear's (grad_qkv read thrice, x read, grad_x written: 11): 33
+    per_token = 10 if pass_ == "fwd" else 33
     matmul_flops = 2 * tokens * dim * 4 * dim  # the qkv and proj Linears
     # each token's query against its window's ws^2 keys (padded slots are keys too; their queries are cropped)
     attention_flops = 4 * tokens * WS * WS * dim
     backward = pass_ != "fwd"
     record(benchmark, timed_pass(module, x, (height, width), pass_), roofline,
-           bytes_moved=bytes_fwd * (3 if backward else 1),
+           bytes_moved=per_token * tokens * dim * x.element_size(),
            flops=matmul_flops * (3 if backward else 1) + attention_flops * (ATTENTION_FWDBWD_FLOPS if backward else 1),
            op="lsa", pass_=pass_, variant=variant, image=image, stage=stage + 1, batch=batch, dtype="bf16")
 

@@ -183,66 +183,75 @@ def test_counted_flops_are_what_timms_modules_compute(benchmarks_on_cpu, monkeyp
 
 
 class BytesAtOpBoundaries(TorchDispatchMode):
-    """The bytes the ops a call dispatches move in ``dtype``, each tensor argument read once and each result
-    written once, as the memory carries them where nothing is fused across those ops; views move nothing.
-    ``weights`` (tensors and views of them) are counted apart, once each."""
+    """The bytes the ops a call dispatches move in ``dtype``, each tensor argument read and each result
+    written once per op, as the memory carries them where nothing is fused across those ops; views move
+    nothing. Activations are the tensors laid out over the batch: batch first, or one dimension the
+    batch's ``rows`` (tokens or keys) flattened, as the Linears' 2-D GEMMs and their transposes take
+    them. The rest are weights and their gradients, summed apart by shape. ``unread`` names, per op,
+    arguments its kernels are handed but do not read."""
 
-    def __init__(self, dtype: torch.dtype, weights):
+    def __init__(self, dtype: torch.dtype, batch: int, rows, unread):
         super().__init__()
-        self.dtype, self.activations, self.weights = dtype, 0, {}
-        self.weight_storages = {weight.untyped_storage().data_ptr() for weight in weights}
+        self.dtype, self.batch, self.rows, self.unread = dtype, batch, set(rows), unread
+        self.activations, self.weights = 0, {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         if any(returned.alias_info is not None for returned in func._schema.returns):
             return result
-        for tensor in tree_flatten((args, kwargs, result))[0]:
-            if not isinstance(tensor, torch.Tensor):
+        unread = self.unread.get(str(func.overloadpacket), ())
+        read = [arg for arg, schema in zip(args, func._schema.arguments) if schema.name not in unread]
+        for tensor in tree_flatten((read, kwargs, result))[0]:
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != self.dtype:
                 continue
-            storage = tensor.untyped_storage().data_ptr()
-            if storage in self.weight_storages:
-                self.weights[storage] = tensor.numel() * tensor.element_size()
-            elif tensor.dtype == self.dtype:
-                self.activations += tensor.numel() * tensor.element_size()
+            size = tensor.numel() * tensor.element_size()
+            if tensor.shape[0] == self.batch or self.rows & set(tensor.shape):
+                self.activations += size
+            else:
+                self.weights[tuple(tensor.shape)] = self.weights.get(tuple(tensor.shape), 0) + size
         return result
 
 
+@pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("op", ["peg", "lsa", "lsa-core", "gsa", "gsa-core", "gsa-subsample"])
-def test_counted_bytes_are_what_the_fused_forward_moves_between_its_ops(benchmarks_on_cpu, monkeypatch, op):
-    """The bytes a forward case counts (its roofline's memory floor, its GB/s) are those the fused forward
-    moves in bf16 between the ops it dispatches (the Linears' GEMMs and the package's ops), at batch 2
-    and 224², every stage: a perfect kernel for each op reads its inputs once and writes its outputs once.
-    Left out, as the cases leave them out: the weights (but for the sub-sampling alone, whose count has
-    its conv weight), and the fp32 statistics the ops keep for the backward. The torch backend dispatches
-    the same ops as the kernel backends. Forward only: a backward op is handed tensors that a kernel need
-    not read (LSA's out, where delta comes from the probabilities)."""
+def test_counted_bytes_are_what_the_fused_module_moves_between_its_ops(benchmarks_on_cpu, monkeypatch, op, pass_):
+    """The bytes a case counts (its roofline's memory floor, its GB/s) are those the fused module or op
+    moves in bf16 between the ops it dispatches (the Linears' GEMMs and bias sums, the package's ops, the
+    sum of two gradients of one tensor), forward and forward+backward, at batch 2 and 224², every stage:
+    a perfect kernel for each op reads its inputs once and writes its outputs once. Left out, as the
+    cases leave them out: the weights and their gradients (but for the sub-sampling alone, whose count
+    has its conv weight, read by the forward and the backward, and its gradient), the fp32 tensors the
+    ops keep for their backward, and LSA's ``out``, which the backward op is handed but the triton
+    kernels do not read (delta comes from the probabilities). The torch backend dispatches the same
+    ops as the kernel backends."""
     calls = []
     lsa, gsa, peg = (benchmarks_on_cpu[name] for name in ("lsa", "gsa", "peg"))
     real_timed_pass = sys.modules["conftest"].timed_pass
 
-    def timed_pass(module, x, size, pass_, leaves=()):  # leaves laid out as tokens (GSA's kv) are activations
-        weights = [*(leaf for leaf in leaves if leaf.dim() != x.dim()),
-                   *(module.parameters() if isinstance(module, torch.nn.Module) else ())]
-        return real_timed_pass(module, x, size, pass_, leaves), x.dtype, weights
+    def timed_pass(module, x, size, pass_, leaves=()):
+        return real_timed_pass(module, x, size, pass_, leaves), x
 
     for module in (lsa, gsa, peg):
         monkeypatch.setattr(module, "IMAGE_SIZES", {224: 2})
         monkeypatch.setattr(module, "timed_pass", timed_pass)
         monkeypatch.setattr(module, "record", lambda benchmark, run, roofline, **counts: calls.append((run, counts)))
-    cases = {"peg": [(peg.test_peg, (224, stage, "fwd", "torch")) for stage in range(4)],
-             "lsa": [(lsa.test_lsa_module, (224, stage, "fwd", "torch")) for stage in range(4)],
-             "lsa-core": [(lsa.test_lsa_attention_core, (224, stage, "fwd", "torch")) for stage in range(4)],
-             "gsa": [(gsa.test_gsa_module, (model, 224, stage, "fwd", "torch")) for model in gsa.MODELS
+    cases = {"peg": [(peg.test_peg, (224, stage, pass_, "torch")) for stage in range(4)],
+             "lsa": [(lsa.test_lsa_module, (224, stage, pass_, "torch")) for stage in range(4)],
+             "lsa-core": [(lsa.test_lsa_attention_core, (224, stage, pass_, "torch")) for stage in range(4)],
+             "gsa": [(gsa.test_gsa_module, (model, 224, stage, pass_, "torch")) for model in gsa.MODELS
                      for stage in range(4)],
-             "gsa-core": [(gsa.test_gsa_sr1_attention_core, (224, "fwd", "torch"))],
-             "gsa-subsample": [(gsa.test_gsa_subsample, (224, stage, "fwd", "triton")) for stage in range(3)]}[op]
+             "gsa-core": [(gsa.test_gsa_sr1_attention_core, (224, pass_, "torch"))],
+             "gsa-subsample": [(gsa.test_gsa_subsample, (224, stage, pass_, "triton")) for stage in range(3)]}[op]
     for case, args in cases:
         case(BenchmarkFixture(), ROOFLINE, *args)
-        (run, dtype, weights), counts = calls.pop()
-        with BytesAtOpBoundaries(dtype, weights) as moved:
+        (run, x), counts = calls.pop()
+        batch, tokens, _ = x.shape
+        rows = [batch * tokens // sr**2 for sr in (1, 2, 4, 8) if tokens % sr**2 == 0]  # tokens, keys
+        with BytesAtOpBoundaries(x.dtype, batch, rows, {"twins_kernels.lsa_backward": ("out",)}) as moved:
             run()
-        conv_weight = max(moved.weights.values()) if op == "gsa-subsample" else 0
-        assert counts["bytes_moved"] == moved.activations + conv_weight, (case.__name__, args)
+        conv_weight = sum(size for shape, size in moved.weights.items() if len(shape) == 4)
+        assert counts["bytes_moved"] == moved.activations + conv_weight * (op == "gsa-subsample"), \
+            (case.__name__, args, counts["bytes_moved"], moved.activations, conv_weight)
 
 
 def collected_cases(*args) -> list[str]:
