@@ -66,7 +66,9 @@ def test_gsa_module(benchmark, roofline, model, image, stage, pass_, variant):
     # out and the gradient read, dq written: 4), the q Linear's (dq read thrice, x read, grad_x written:
     # 5), the sum of x's two gradients (3), and at sr > 1 the sub-sampling's (x read, grad_x written: 2);
     # per key: the attention's (kv read, dkv written: 4), the kv Linear's (dkv read thrice, its input
-    # read, that gradient written: 8), and at sr > 1 the sub-sampling's (that gradient read: 1)
+    # read, that gradient written: 8), and at sr > 1 the sub-sampling's (that gradient read: 1). Where
+    # the keys are one block (M <= 64 here: 224² at every stage), the attention's backward takes
+    # delta from the probabilities and leaves out unread: 1 C per token fewer than counted
     subsampled = sr > 1
     per_token, per_key = (7, 4 + 2 * subsampled) if pass_ == "fwd" else (24 + 2 * subsampled, 16 + 3 * subsampled)
     # the q, kv and proj Linears and the sub-sampling conv; the attention
