@@ -188,7 +188,7 @@ def lsa_reference(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | N
     height, width = size
     batch, _, channels = qkv.shape
     head_dim = channels // (3 * num_heads)
-    rows, cols = -(-height // ws), -(-width // ws)
+    rows, cols = _window_counts(height, width, ws)
     padding = (0, 0, 0, cols * ws - width, 0, rows * ws - height)
     inside = F.pad(qkv.new_ones((1, height, width, 1), dtype=torch.bool), padding)  # real positions
     qkv_map = torch.where(inside, F.pad(qkv.reshape(batch, height, width, channels), padding),
