@@ -13,7 +13,7 @@ import torch
 
 from twins_kernels import patch_model
 
-from conftest import DEVICE, compiled, record, requires_gpu
+from conftest import DEVICE, compiled, flop_counter, record, requires_gpu
 
 MODELS = ["twins_pcpvt_small", "twins_pcpvt_base", "twins_pcpvt_large",
           "twins_svt_small", "twins_svt_base", "twins_svt_large"]
@@ -37,15 +37,13 @@ _FLOPS: dict[tuple, float] = {}
 
 def model_flops(name: str, mode: str, image: int, batch: int) -> float:
     """The FLOPs of one call of a case (a training step: forward and backward), counted once per case by
-    PyTorch's FlopCounterMode on timm's eager model: the patched model does the same math inside custom
-    ops, which the counter does not see into."""
+    PyTorch's FLOP counter (its depthwise conv backward counted right) on timm's eager model: the patched
+    model does the same math inside custom ops, which the counter does not see into."""
     key = (name, mode, image, batch)
     if key not in _FLOPS:
-        from torch.utils.flop_counter import FlopCounterMode
-
         model = build(name, "timm").train(mode == "train")
         x = torch.randn(batch, 3, image, image, device=DEVICE, dtype=torch.bfloat16)
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             if mode == "train":
                 model(x).float().logsumexp(-1).sum().backward()
             else:

@@ -158,18 +158,17 @@ def test_counted_flops_are_what_timms_modules_compute(benchmarks_on_cpu, monkeyp
     finds in timm's module at the case's shape, at every stage: at batch 2 and 224² (maps that LSA's
     windows and GSA's sub-sampling divide: timm would compute padded queries too), attention on SDPA's
     math path (the counter sees its matmuls). Forward only for the attention modules, whose forward+backward
-    counts flash's recomputation (timm's autograd does not recompute), and for PEG, whose weight gradient
-    the counter takes for a dense conv's (torch 2.14 leaves out the groups: 65x the forward's FLOPs where
-    a depthwise conv's backward has 2x)."""
+    counts flash's recomputation (timm's autograd does not recompute). The counter is the benchmarks' own,
+    which the model cases count with: PyTorch's took PEG's depthwise weight gradient for a dense conv's
+    (65x the forward's FLOPs at C = 64, where a depthwise conv's backward has 2x)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
     calls = []
     lsa, gsa, peg = (benchmarks_on_cpu[name] for name in ("lsa", "gsa", "peg"))
     for module in (lsa, gsa, peg):
         monkeypatch.setattr(module, "IMAGE_SIZES", {224: 2})
         monkeypatch.setattr(module, "record", lambda benchmark, fn, roofline, **counts: calls.append((fn, counts)))
-    cases = {"peg": [(peg.test_peg, (224, stage, "fwd")) for stage in range(4)],
+    cases = {"peg": [(peg.test_peg, (224, stage, pass_)) for stage in range(4) for pass_ in ("fwd", "fwdbwd")],
              "lsa": [(lsa.test_lsa_module, (224, stage, "fwd")) for stage in range(4)],
              "gsa": [(gsa.test_gsa_module, (model, 224, stage, "fwd")) for model in gsa.MODELS for stage in range(4)],
              "gsa-subsample": [(gsa.test_gsa_subsample, (224, stage, pass_)) for stage in range(3)
@@ -177,7 +176,7 @@ def test_counted_flops_are_what_timms_modules_compute(benchmarks_on_cpu, monkeyp
     for case, args in cases:
         case(BenchmarkFixture(), ROOFLINE, *args, "timm")
         run, counts = calls.pop()
-        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        with benchmarks_on_cpu["models"].flop_counter() as counter, sdpa_kernel(SDPBackend.MATH):
             run()
         assert counts["flops"] == counter.get_total_flops(), (case.__name__, args)
 
