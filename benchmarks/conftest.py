@@ -5,7 +5,9 @@ Every case is timed two ways: pytest-benchmark's own clock around a call that sy
 runs), which ``extra_info`` turns into achieved GB/s, TFLOP/s, % of the measured copy bandwidth and
 % of the measured roofline (the slower of the bytes at the copy bandwidth and the FLOPs at the matmul rate).
 The two ceilings (device-to-device copy bandwidth, bf16 matmul TFLOP/s) are measured once per session.
-Without a GPU every case is skipped with the reason, and the suite still passes.
+Without a GPU every case is skipped with the reason, and the suite still passes. With ``--profile-case
+ID`` one case runs alone, its call once inside the CUDA profiler's range and untimed, for Nsight
+Compute (``run_gpu.sh profile``).
 """
 from __future__ import annotations
 
@@ -69,6 +71,9 @@ def pytest_addoption(parser):
     parser.addoption("--skip-timed", action="append", default=[], metavar="JSON",
                      help="skip the cases this pytest-benchmark JSON already holds timings of (a later device "
                           "call goes on where an earlier one stopped); may be given more than once")
+    parser.addoption("--profile-case", metavar="ID",
+                     help="run only the case of this id, one call of it between the CUDA profiler's start and "
+                          "stop, untimed: what `ncu --profile-from-start off` profiles (run_gpu.sh profile)")
 
 
 def pytest_configure(config):
@@ -111,6 +116,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if case_id(item).startswith(HEADLINE_PREFIXES):
             item.add_marker(pytest.mark.headline)
+    profiled = config.getoption("--profile-case")
+    if profiled:
+        chosen = [item for item in items if case_id(item) == profiled]
+        if not chosen:
+            raise pytest.UsageError(f"--profile-case {profiled}: no benchmark case has that id")
+        config.hook.pytest_deselected(items=[item for item in items if item not in chosen])
+        items[:] = chosen
     done = timed_cases(config.getoption("--skip-timed"))
     if done:
         config.hook.pytest_deselected(items=[item for item in items if case_id(item) in done])
@@ -189,10 +201,13 @@ def median_ms(fn, min_runs: int = 20) -> float:
 
 
 @pytest.fixture(scope="session")
-def roofline():
-    """The device's measured ceilings: copy bandwidth (GB/s, read + write) and bf16 matmul TFLOP/s."""
+def roofline(request):
+    """The device's measured ceilings: copy bandwidth (GB/s, read + write) and bf16 matmul TFLOP/s; with
+    --profile-case, none (nothing is timed) and ``profile`` set, which ``record`` reads."""
     if not HAS_GPU:
         pytest.skip("no CUDA GPU is visible")
+    if request.config.getoption("--profile-case"):
+        return {"profile": True, "device": torch.cuda.get_device_name()}
     src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     copy_gbs = 2 * src.numel() / (median_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
@@ -242,6 +257,8 @@ def record(benchmark, fn, roofline, *, bytes_moved: float, flops: float = 0.0, *
     their % is of the matmul rate)."""
     fn()  # compile / autotune outside the timed region
     torch.cuda.synchronize()
+    if roofline.get("profile"):
+        return profiled_call(benchmark, fn, bytes_moved=bytes_moved, flops=flops, device=roofline["device"], **info)
     # Peak memory of one call on its own: do_bench allocates a 256 MiB buffer to flush L2 between runs,
     # which a peak taken over the timing would count.
     torch.cuda.reset_peak_memory_stats()
@@ -273,6 +290,21 @@ def record(benchmark, fn, roofline, *, bytes_moved: float, flops: float = 0.0, *
         **info,
     )
     return ms
+
+
+def profiled_call(benchmark, fn, **info) -> float:
+    """One call of ``fn`` between the CUDA profiler's start and stop, all that `ncu --profile-from-start off`
+    profiles, untimed (NaN); ``extra_info`` keeps what the case counts, which benchmarks/profile_report.py
+    sets the kernels' DRAM traffic against."""
+    def profiled():
+        torch.cuda.profiler.start()
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+
+    benchmark.pedantic(profiled, rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(profiled=True, **info)
+    return float("nan")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -13,6 +13,11 @@
 #   bash benchmarks/run_gpu.sh bench [ARGS]      build, pytest benchmarks/ --benchmark-only ARGS, report
 #   bash benchmarks/run_gpu.sh sweep [ARGS]      build, benchmarks/sweep_tiles.py ARGS (e.g. --sweep
 #                                           lsa-fwd): each Triton kernel's tiles against alternatives, timed
+#   bash benchmarks/run_gpu.sh profile CASE_ID...  build, each benchmark case (its id, as the JSON's "param")
+#                                           run once under Nsight Compute (its own process, --profile-case):
+#                                           per kernel, time, DRAM bytes against the bytes the case counts,
+#                                           % of DRAM and SM peak, occupancy, registers (profile.md, from
+#                                           benchmarks/profile_report.py; the raw rows in profile_raw.tar.gz)
 #   bash benchmarks/run_gpu.sh sanitize [-k EXPR]   build, the cuda backend's parity tests at small shapes (or
 #                                           the -k subset) under compute-sanitizer's memcheck (out-of-bounds
 #                                           and misaligned accesses), racecheck (shared-memory hazards) and
@@ -21,9 +26,10 @@
 # The plan for a session: `session` with RUN_BUDGET_S=440 and the call's timeout_s 480, which leaves
 # (with a start of up to two minutes) the four minutes a second machine needs: then the failing tests
 # again after a fix (`tests -k ...`), more benchmarks (`bench -m headline --skip-timed
-# RUN1/benchmarks.json`, RUN1 copied into the tree so that it travels), or the tile sweep of a kernel
-# behind its target (`sweep --sweep NAME`). The whole suite (550 cases, 148 compiling a baseline anew)
-# takes several sessions; parts merge afterwards, here:
+# RUN1/benchmarks.json`, RUN1 copied into the tree so that it travels), or for a case behind its target
+# its kernels under Nsight Compute (`profile CASE_ID`) and the tile sweep of a kernel (`sweep --sweep
+# NAME`). The whole suite (550 cases, 148 compiling a baseline anew) takes several sessions; parts merge
+# afterwards, here:
 #   python benchmarks/report.py RUN1/benchmarks.json RUN2/... --out DIR [--readme README.md]
 # Before the first call: `make gpu-versions`, then
 #   cp build/gpu-versions/twins_kernels/_C.cpython-312-x86_64-linux-gnu.so build/gpu-versions/twins_kernels/_C.sources.sha256 twins_kernels/
@@ -37,14 +43,19 @@ cd "$(dirname "$0")/.."
 PHASE="${1:-session}"
 shift || true
 case "$PHASE" in
-  session|tests|bench|sweep|sanitize|sources-hash) ;;
-  *) echo "run_gpu.sh: unknown phase '$PHASE' (session, tests, bench, sweep, sanitize or sources-hash)"; exit 2 ;;
+  session|tests|bench|sweep|profile|sanitize|sources-hash) ;;
+  *) echo "run_gpu.sh: unknown phase '$PHASE' (session, tests, bench, sweep, profile, sanitize or sources-hash)"
+     exit 2 ;;
 esac
 # what the extension is built from, in a fixed order (`make gpu-versions` records it beside its build)
 sources_hash() { find setup.py csrc -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1; }
 if [ "$PHASE" = sources-hash ]; then
   sources_hash
   exit
+fi
+if [ "$PHASE" = profile ] && [ $# -eq 0 ]; then
+  echo "run_gpu.sh profile: name the benchmark cases to profile, by id (lsa-fwd-svt_s-stage1-224-bs64-bf16-triton)"
+  exit 2
 fi
 OUT="${OUT:-benchmarks/results/run}"
 mkdir -p "$OUT"
@@ -149,6 +160,28 @@ case "$PHASE" in
     until_deadline $PY benchmarks/sweep_tiles.py --out "$OUT" --budget-s $((DEADLINE - SECONDS - 30)) \
       "${STATIC[@]}" "$@" > "$OUT/sweep.txt" 2>&1
     tail -n 5 "$OUT/sweep.txt"
+    ;;
+  profile)
+    # ncu's clocks left as the benchmarks run them (--clock-control none), so that times compare
+    NCU="$(command -v ncu || echo "$CUDA_HOME/bin/ncu")"
+    if [ ! -x "$NCU" ]; then
+      echo "ncu not found (PATH, $CUDA_HOME/bin): no profile" | tee "$OUT/profile.txt"
+    else
+      PROFILES="$(mktemp -d)"
+      METRICS="$($PY benchmarks/profile_report.py --metrics)"
+      for case in "$@"; do
+        until_deadline "$NCU" --profile-from-start off --target-processes all --clock-control none \
+          --metrics "$METRICS" --export "$PROFILES/$case" --force-overwrite \
+          $PY -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --profile-case "$case" \
+          --benchmark-json="$PROFILES/$case.json" >> "$OUT/profile.txt" 2>&1
+        echo "$case: exit $?" | tee -a "$OUT/profile.txt"
+        [ -f "$PROFILES/$case.ncu-rep" ] && "$NCU" --import "$PROFILES/$case.ncu-rep" --page raw --csv \
+          --print-units base > "$PROFILES/$case.csv" 2>> "$OUT/profile.txt"
+      done
+      tar -czf "$OUT/profile_raw.tar.gz" -C "$PROFILES" .
+      $PY benchmarks/profile_report.py "$PROFILES" --out "$OUT" >> "$OUT/profile.txt" 2>&1
+      tail -n 40 "$OUT/profile.txt"
+    fi
     ;;
   sanitize)
     [ $# -gt 0 ] || set -- -k "cuda_backend_matches_timm and not svt and not pcpvt and not N4096"

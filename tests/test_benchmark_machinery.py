@@ -3,6 +3,7 @@ recompile limit is the same on every device), every case's body runs (on the CPU
 session's selection of cases (`-m headline`, `--skip-timed`) and their order are the ones it plans on."""
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -288,6 +289,31 @@ def test_headline_cases_cover_each_prefix_and_run_compiles_last(tmp_path):
     earlier.write_text(json.dumps({"benchmarks": [{"param": case, "extra_info": {"median_ms": 1.0}} for case in done]
                                    + [{"param": interrupted, "extra_info": {}}]}))
     assert collected_cases("-m", "headline", "--skip-timed", str(earlier)) == headline[5:]
+
+
+def test_profile_case_runs_that_case_alone_and_refuses_an_unknown_one():
+    case = "gsa-core-sr1-fwdbwd-svt_s-28x28-bs64-bf16-cuda"
+    assert collected_cases("--profile-case", case) == [case]
+    result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--collect-only", "-q", "-p",
+                             "no:cacheprovider", "--profile-case", "gsa-core-sr2"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and "--profile-case gsa-core-sr2: no benchmark case has that id" in result.stderr
+
+
+def test_a_profiled_case_is_one_call_inside_the_profiler_range_untimed(benchmarks_on_cpu, monkeypatch):
+    """What `ncu --profile-from-start off` sees of a case: its call once, after the call that compiles
+    (outside), synchronized before the range ends; what the case counts is kept for the profile's report."""
+    bench = sys.modules["conftest"]  # the benchmarks' conftest, as benchmarks_on_cpu stubbed it
+    events = []
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: events.append("start"))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: events.append("stop"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: events.append("sync"))
+    monkeypatch.setattr(bench, "median_ms", lambda fn: pytest.fail("a profiled case is not timed"))
+    benchmark = BenchmarkFixture()
+    ms = bench.record(benchmark, lambda: events.append("call"), {"profile": True, "device": "test"},
+                      bytes_moved=1e6, flops=2e6, op="peg")
+    assert math.isnan(ms) and events == ["call", "sync", "start", "call", "sync", "stop"]
+    assert benchmark.extra_info == {"profiled": True, "bytes_moved": 1e6, "flops": 2e6, "device": "test", "op": "peg"}
 
 
 def test_targets_name_values_the_cases_record(monkeypatch):

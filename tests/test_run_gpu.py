@@ -15,6 +15,7 @@ case "$*" in
   "-c import twins_kernels._C")
     [ -z "${STUB_NO_EXTENSION:-}" ] || { echo "ModuleNotFoundError: No module named 'twins_kernels._C'"; exit 1; } ;;
   "-m pytest tests/"*) sleep "${STUB_TEST_SECONDS:-0}" ;;
+  "benchmarks/profile_report.py --metrics") echo "gpu__time_duration.sum,dram__bytes_read.sum" ;;
   "-m pytest benchmarks/"*)
     for arg in "$@"; do
       case "$arg" in --benchmark-json=*) json="${arg#--benchmark-json=}" ;; esac
@@ -25,6 +26,20 @@ case "$*" in
     sleep "${STUB_BENCH_SECONDS:-0}" & wait $!
     write_json ;;
 esac
+"""
+
+# Nsight Compute: a profiling run records its report and runs the program; --import prints the report's rows
+STUB_NCU = """#!/usr/bin/env bash
+echo "ncu $*" >> "$STUB_LOG"
+if [ "$1" = --import ]; then
+  echo '"ID","Kernel Name"'
+  exit
+fi
+while [ "$1" != "$PYTHON" ]; do
+  [ "$1" = --export ] && touch "$2.ncu-rep"
+  shift
+done
+"$@"
 """
 
 
@@ -42,6 +57,9 @@ def gpu_script(tmp_path):
     stub = tmp_path / "python"
     stub.write_text(STUB_PYTHON)
     stub.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "ncu").write_text(STUB_NCU)
+    (tmp_path / "bin" / "ncu").chmod(0o755)
     log, out = tmp_path / "calls.log", tmp_path / "out"
 
     def run(*args, **env):
@@ -53,7 +71,7 @@ def gpu_script(tmp_path):
         calls = log.read_text().splitlines() if log.exists() else []
         return result, calls, time.monotonic() - started
 
-    run.tree, run.out = tree, out
+    run.tree, run.out, run.bin = tree, out, tmp_path / "bin"
     return run
 
 
@@ -146,6 +164,30 @@ def test_the_sweep_gets_its_arguments_and_a_budget_inside_the_deadline(gpu_scrip
     static.write_text("{}")
     _, calls, _ = gpu_script("sweep")
     assert "--skip-static benchmarks/results/sweep_static.json" in calls[-1]
+
+
+def test_profile_runs_each_case_under_ncu_in_its_own_process_and_reports(gpu_script):
+    cases = ["lsa-fwd-svt_s-stage1-224-bs64-bf16-triton", "gsa-core-sr1-fwdbwd-svt_s-28x28-bs64-bf16-cuda"]
+    result, calls, _ = gpu_script("profile", *cases, PATH=f"{gpu_script.bin}:{os.environ['PATH']}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert calls[3] == "benchmarks/profile_report.py --metrics"  # after the build and its import
+    for case, (profiling, run, importing) in zip(cases, (calls[4:7], calls[7:10])):
+        assert profiling.startswith("ncu --profile-from-start off --target-processes all --clock-control none "
+                                    "--metrics gpu__time_duration.sum,dram__bytes_read.sum --export ")
+        assert profiling.endswith(f"--benchmark-only -q -p no:cacheprovider --profile-case {case} "
+                                  f"--benchmark-json={profiling.split('--export ')[1].split()[0]}.json")
+        assert run.startswith("-m pytest benchmarks/") and f"--profile-case {case} " in run
+        assert importing.startswith("ncu --import ") and importing.endswith(f"/{case}.ncu-rep --page raw --csv "
+                                                                             "--print-units base")
+    report = calls[10].split()
+    assert report[0] == "benchmarks/profile_report.py" and report[2:] == ["--out", str(gpu_script.out)]
+    assert f"{cases[0]}: exit 0" in result.stdout
+    assert (gpu_script.out / "profile_raw.tar.gz").exists() and len(list(gpu_script.out.iterdir())) <= 8
+
+
+def test_profile_without_cases_is_refused_before_the_build(gpu_script):
+    result, calls, _ = gpu_script("profile")
+    assert result.returncode == 2 and "name the benchmark cases to profile" in result.stdout and not calls
 
 
 def test_on_a_gpu_the_op_parity_files_run_first():
