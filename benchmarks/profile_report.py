@@ -161,9 +161,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "profile.json"), "w") as f:
         json.dump(profiles, f, indent=1)
+    text = markdown(profiles)
     with open(os.path.join(args.out, "profile.md"), "w") as f:
-        f.write(markdown(profiles))
-    print(markdown(profiles))
+        f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":
