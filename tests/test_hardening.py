@@ -24,6 +24,7 @@ from twins_kernels.ops import (
     peg_reference,
     poisoned_outputs,
 )
+from twins_kernels.ops.lsa import PAD_MODES
 from twins_kernels.testing import ieee_fp32, module_parity_errors
 
 from conftest import (HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, SHALLOW, SMALL_FUSED_KINDS, large_gpu_memory,
@@ -86,7 +87,7 @@ def test_fuzzed_peg_matches_reference(batch, height, width, chans, dtype, contig
 
 @FUZZ
 @given(batch=st.integers(1, 2), height=st.integers(1, 11), width=st.integers(1, 11), ws=st.integers(2, 8),
-       heads=st.integers(1, 2), head_dim=st.sampled_from([16, 32]), pad_mode=st.sampled_from(["zero", "mask"]),
+       heads=st.integers(1, 2), head_dim=st.sampled_from([16, 32]), pad_mode=st.sampled_from(PAD_MODES),
        dtype=st.sampled_from(KERNEL_DTYPES), contiguous=st.booleans(), backend=st.sampled_from(FUZZ_BACKENDS))
 def test_fuzzed_lsa_matches_reference(batch, height, width, ws, heads, head_dim, pad_mode, dtype, contiguous,
                                       backend):

@@ -22,38 +22,46 @@ lsa_module = importlib.import_module("twins_kernels.ops.lsa")  # the package's `
 
 
 class MmsegMaskedAttn(LocallyGroupedAttn):
-    """mmsegmentation's LSA: timm's commented-out ``forward_mask``, verbatim. Its mask slices
-    ``-pad_b:`` and ``-pad_r:`` cover the whole map when that pad is 0, which disables masking when
-    only one side is padded; shapes padded on one side only are checked against ``lsa_reference``
-    (which masks exactly the padded positions) in test_mask_mode_one_sided_padding."""
+    """mmsegmentation's LSA: timm's commented-out ``forward_mask``, which is mmsegmentation's
+    ``LocallygroupedSelfAttention.forward``, with the window size read as mmsegmentation names it (so that
+    test_patch's stand-in of that class runs this forward too). Its mask slices ``-pad_b:`` and ``-pad_r:``
+    cover the whole map when that pad is 0, which disables masking when only one side is padded:
+    pad_mode "mmseg" matches it on every map, "mask" where both sides or none are padded (on one side
+    only it is checked against ``lsa_reference``, which masks exactly the padded positions, in
+    test_mask_mode_one_sided_padding)."""
+
+    @property
+    def window_size(self) -> int:
+        return self.ws
 
     def forward(self, x, size):
         B, N, C = x.shape
         H, W = size
+        ws = self.window_size
         x = x.view(B, H, W, C)
         pad_l = pad_t = 0
-        pad_r = (self.ws - W % self.ws) % self.ws
-        pad_b = (self.ws - H % self.ws) % self.ws
+        pad_r = (ws - W % ws) % ws
+        pad_b = (ws - H % ws) % ws
         x = torch.nn.functional.pad(x, (0, 0, pad_l, pad_r, pad_t, pad_b))
         _, Hp, Wp, _ = x.shape
-        _h, _w = Hp // self.ws, Wp // self.ws
+        _h, _w = Hp // ws, Wp // ws
         mask = torch.zeros((1, Hp, Wp), device=x.device)
         mask[:, -pad_b:, :].fill_(1)
         mask[:, :, -pad_r:].fill_(1)
 
-        x = x.reshape(B, _h, self.ws, _w, self.ws, C).transpose(2, 3)  # B, _h, _w, ws, ws, C
-        mask = mask.reshape(1, _h, self.ws, _w, self.ws).transpose(2, 3).reshape(1, _h * _w, self.ws * self.ws)
+        x = x.reshape(B, _h, ws, _w, ws, C).transpose(2, 3)  # B, _h, _w, ws, ws, C
+        mask = mask.reshape(1, _h, ws, _w, ws).transpose(2, 3).reshape(1, _h * _w, ws * ws)
         attn_mask = mask.unsqueeze(2) - mask.unsqueeze(3)  # 1, _h*_w, ws*ws, ws*ws
         attn_mask = attn_mask.masked_fill(attn_mask != 0, float(-1000.0)).masked_fill(attn_mask == 0, float(0.0))
         qkv = self.qkv(x).reshape(
-            B, _h * _w, self.ws * self.ws, 3, self.num_heads, C // self.num_heads).permute(3, 0, 1, 4, 2, 5)
+            B, _h * _w, ws * ws, 3, self.num_heads, C // self.num_heads).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv[0], qkv[1], qkv[2]  # B, _h*_w, n_head, ws*ws, dim_head
         attn = (q @ k.transpose(-2, -1)) * self.scale  # B, _h*_w, n_head, ws*ws, ws*ws
         attn = attn + attn_mask.unsqueeze(2).to(attn.dtype)
         attn = attn.softmax(dim=-1)
         attn = self.attn_drop(attn)
-        attn = (attn @ v).transpose(2, 3).reshape(B, _h, _w, self.ws, self.ws, C)
-        x = attn.transpose(2, 3).reshape(B, _h * self.ws, _w * self.ws, C)
+        attn = (attn @ v).transpose(2, 3).reshape(B, _h, _w, ws, ws, C)
+        x = attn.transpose(2, 3).reshape(B, _h * ws, _w * ws, C)
         if pad_r > 0 or pad_b > 0:
             x = x[:, :H, :W, :].contiguous()
         x = x.reshape(B, N, C)
@@ -112,6 +120,23 @@ def test_triton_matches_timm(batch, height, width, dim, heads, ws, dtype):
 def test_triton_mask_mode_matches_mmseg(batch, height, width, dim, heads, ws, dtype):
     x = make_tokens(batch, height, width, dim, dtype, KERNEL_DEVICE)
     check_module_parity(MmsegMaskedAttn(dim, heads, ws=ws), fused_on("triton", "mask"), x, (height, width), dtype)
+
+
+# padded at the right only, at the bottom only, on both sides: mmsegmentation masks on the last alone
+MMSEG_SHAPES = [
+    pytest.param(2, 14, 10, 32, 2, 7, id="14x10-right"),
+    pytest.param(1, 9, 14, 64, 2, 7, id="9x14-bottom"),
+    pytest.param(1, 13, 17, 32, 2, 7, id="13x17-both"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "cuda"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("batch,height,width,dim,heads,ws", MMSEG_SHAPES)
+def test_mmseg_mode_matches_mmseg_on_every_padding(batch, height, width, dim, heads, ws, dtype, backend):
+    skip_cuda_unless_available(backend)
+    x = make_tokens(batch, height, width, dim, dtype, KERNEL_DEVICE)
+    check_module_parity(MmsegMaskedAttn(dim, heads, ws=ws), fused_on(backend, "mmseg"), x, (height, width), dtype)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -195,7 +220,7 @@ def test_backward_delta_is_relative_to_the_recomputed_probabilities(dtype, backe
     too and move each dS = P (dP - delta) off that half. Triton's fp32 windows are two key blocks (a dq
     kernel computes delta), fp16 one (the dk/dv kernel does); the torch backend as it runs off the CPU."""
     monkeypatch.setattr(lsa_module, "fused_cpu_attention", lambda t: False)
-    args = (9, 10, 7, 2, 0.25, False)  # padded at the bottom and the right: zero mode's bias gradient
+    args = (9, 10, 7, 2, 0.25, "zero")  # padded at the bottom and the right: zero mode's bias gradient
     qkv = make_tokens(2, 9, 10, 192, dtype, KERNEL_DEVICE)
     bias = torch.randn(192, device=KERNEL_DEVICE).to(dtype)
     grad_out = torch.randn(2, 90, 64, device=KERNEL_DEVICE).to(dtype)
@@ -226,12 +251,15 @@ def test_reference_backend_mask_mode_matches_mmseg(batch, height, width, dim, he
                         torch.float32)
 
 
-@pytest.mark.parametrize("pad_mode,timm_class", [("zero", LocallyGroupedAttn), ("mask", MmsegMaskedAttn)])
-def test_reference_function_matches_timm(pad_mode, timm_class):
+@pytest.mark.parametrize("pad_mode,timm_class,size", [
+    ("zero", LocallyGroupedAttn, (13, 9)), ("mask", MmsegMaskedAttn, (13, 9)), ("mmseg", MmsegMaskedAttn, (13, 9)),
+    ("zero", LocallyGroupedAttn, (14, 9)), ("mmseg", MmsegMaskedAttn, (14, 9)), ("mmseg", MmsegMaskedAttn, (13, 7)),
+])
+def test_reference_function_matches_timm(pad_mode, timm_class, size):
     module = timm_class(32, 2, ws=7).double()
-    x = torch.randn(2, 13 * 9, 32, dtype=torch.float64)
-    core = lsa_reference(module.qkv(x), module.qkv.bias, (13, 9), 2, 7, module.scale, pad_mode)
-    torch.testing.assert_close(module.proj(core), module(x, (13, 9)))
+    x = torch.randn(2, size[0] * size[1], 32, dtype=torch.float64)
+    core = lsa_reference(module.qkv(x), module.qkv.bias, size, 2, 7, module.scale, pad_mode)
+    torch.testing.assert_close(module.proj(core), module(x, size))
 
 
 GRADCHECK_CASES = [
@@ -321,23 +349,26 @@ def test_torch_compile_fullgraph_matches_eager(pad_mode):
                                  "aot_eager")
 
 
-def test_torch_compile_dynamic_shapes_one_graph():
-    """Padded maps, an unpadded one, another batch: one graph (the padding is index arithmetic in the
-    kernel, not a branch dynamo would guard on)."""
-    module = FusedLSA(32, 2, ws=7, backend="triton").to(KERNEL_DEVICE)
+@pytest.mark.parametrize("pad_mode", ["zero", "mmseg"])
+def test_torch_compile_dynamic_shapes_one_graph(pad_mode):
+    """Maps padded on both sides and on one, an unpadded one, another batch: one graph (the padding is
+    index arithmetic in the kernel, and mmseg mode's choice to mask is made in the op, not a branch dynamo
+    would guard on)."""
+    module = FusedLSA(32, 2, ws=7, backend="triton", pad_mode=pad_mode).to(KERNEL_DEVICE)
     inputs = [(make_tokens(batch, h, w, 32, torch.float32, KERNEL_DEVICE), (h, w))
-              for batch, h, w in [(2, 9, 8), (3, 7, 14), (2, 3, 11)]]
+              for batch, h, w in [(2, 9, 8), (3, 7, 14), (2, 3, 11), (2, 14, 10)]]
     check_compiled_matches_eager(module, inputs, "aot_eager", dynamic=True)
 
 
-def test_torch_compile_dynamic_shapes_one_graph_for_the_attention_dropout_path():
+@pytest.mark.parametrize("pad_mode", ["zero", "mmseg"])
+def test_torch_compile_dynamic_shapes_one_graph_for_the_attention_dropout_path(pad_mode):
     """In training with attn_drop > 0 the module runs lsa_reference, which crops by a negative padding (a new
-    tensor, cropped or not) and branches on no map size: padded maps and an unpadded one run one graph,
-    drawing eager's dropout. (A map one window high or wide compiles another: the reshapes' contiguity
-    checks guard on a dimension of size 1.)"""
-    module = FusedLSA(32, 2, attn_drop=0.5, ws=7).to(KERNEL_DEVICE).train()
+    tensor, cropped or not) and branches on no map size: maps padded on both sides and on one and an
+    unpadded one run one graph, drawing eager's dropout. (A map one window high or wide compiles another:
+    the reshapes' contiguity checks guard on a dimension of size 1.)"""
+    module = FusedLSA(32, 2, attn_drop=0.5, ws=7, pad_mode=pad_mode).to(KERNEL_DEVICE).train()
     inputs = [(make_tokens(batch, h, w, 32, torch.float32, KERNEL_DEVICE), (h, w))
-              for batch, h, w in [(2, 9, 8), (3, 14, 21), (2, 10, 15)]]
+              for batch, h, w in [(2, 9, 8), (3, 14, 21), (2, 10, 15), (2, 14, 10)]]
     check_compiled_matches_eager(module, inputs, "aot_eager", dynamic=True)
 
 
@@ -376,13 +407,22 @@ def test_attention_dropout_in_training_runs_the_reference(pad_mode, timm_class):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:FutureWarning")
-@pytest.mark.parametrize("pad_mode", ["zero", "mask"])
+@pytest.mark.parametrize("pad_mode", ["zero", "mask", "mmseg"])
 def test_a_trace_of_the_attention_dropout_path_runs_every_map_size(pad_mode):
     """In training with attn_drop > 0 the module runs lsa_reference, which branches on no map size: traced on
-    a map padded on both sides, it runs maps padded otherwise, transposed and unpadded, drawing the dropout
-    the module draws under the same seed."""
+    a map padded on both sides, it runs maps padded otherwise, transposed, on one side only and unpadded,
+    drawing the dropout the module draws under the same seed."""
     module = FusedLSA(32, 2, attn_drop=0.5, ws=7, pad_mode=pad_mode).to(KERNEL_DEVICE).train()
-    check_trace_runs_other_sizes(module, [(1, 32, 16, 24), (1, 32, 24, 16), (2, 32, 18, 10), (1, 32, 14, 21)])
+    check_trace_runs_other_sizes(module, [(1, 32, 16, 24), (1, 32, 24, 16), (2, 32, 18, 10), (1, 32, 14, 10),
+                                          (1, 32, 9, 14), (1, 32, 14, 21)])
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit:FutureWarning")
+def test_a_trace_in_mmseg_mode_decides_on_each_map_whether_to_mask():
+    """The op decides, on the map it runs on: traced on a map padded on both sides (masked), the trace
+    runs maps padded on one side (not masked) and none as the module does."""
+    module = FusedLSA(32, 2, ws=7, backend="triton", pad_mode="mmseg").to(KERNEL_DEVICE).eval()
+    check_trace_runs_other_sizes(module, [(1, 32, 16, 24), (1, 32, 14, 10), (1, 32, 9, 14), (1, 32, 14, 21)])
 
 
 def test_state_dict_keys_attributes_and_sharing_match_timm():

@@ -58,8 +58,8 @@ def test_peg_ops(backend):
 def test_lsa_ops(backend):
     skip_unless_runs(backend)
     qkv, bias = randn(2, 5 * 6, 96, requires_grad=True), randn(96, requires_grad=True)  # C 32, 2 heads
-    for mask_padding in (False, True):
-        shape = (5, 6, 4, 2, 0.25, mask_padding, backend)
+    for pad_mode in ("zero", "mask", "mmseg"):
+        shape = (5, 6, 4, 2, 0.25, pad_mode, backend)
         check_forward_and_backward(
             lsa_forward_op, (qkv, bias, *shape),
             lsa_backward_op, lambda outputs: (torch.randn_like(outputs[0]), qkv.detach(), bias.detach(), *outputs,
@@ -99,7 +99,7 @@ def test_forward_ops_run_on_the_map_size_a_trace_hands_them_and_check_the_tokens
     peg_args, lsa_args = (randn(24, 1, 3, 3), randn(24)), (randn(96),)
     subsample_args = (randn(24, 24, 2, 2), randn(24), randn(24), randn(24))
     ops = {"peg_forward": lambda *size: peg_forward_op(x, *peg_args, *size[:2], 1, backend, *size[2:]),
-           "lsa_forward": lambda *size: lsa_forward_op(qkv, *lsa_args, *size[:2], 4, 2, 0.25, False, backend,
+           "lsa_forward": lambda *size: lsa_forward_op(qkv, *lsa_args, *size[:2], 4, 2, 0.25, "zero", backend,
                                                        *size[2:])[0],
            "gsa_subsample_forward": lambda *size: gsa_subsample_forward_op(x, *subsample_args, *size[:2], 2, 1e-5,
                                                                            backend, *size[2:])[0]}

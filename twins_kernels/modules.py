@@ -167,9 +167,10 @@ class FusedLSA(_FusedAttention):
 
     The qkv and proj Linears stay nn.Linear; the attention core in between runs the fused op
     (``twins_kernels.ops.lsa``), which reads the windows straight from the qkv output. ``pad_mode``:
-    "zero" is timm's (padded positions are zero tokens, so their keys are the qkv bias), "mask" is
-    mmsegmentation's (valid queries ignore padded keys: exactly those, where mmseg's own mask, sliced
-    with ``-pad_b:`` and ``-pad_r:``, masks nothing if one side only is padded). In training with
+    "zero" is timm's (padded positions are zero tokens, so their keys are the qkv bias), "mask" what
+    mmsegmentation means (valid queries ignore the padded keys), "mmseg" what its code does (its mask,
+    sliced with ``-pad_b:`` and ``-pad_r:``, masks nothing if one side only is padded: "mask" where both
+    are, else "zero"; for parity with mmsegmentation's checkpoints and outputs). In training with
     attention dropout (``attn_drop.p > 0``) the attention runs the PyTorch reference (SDPA with
     dropout) instead: the kernels have no dropout, and leaving it out would silently train a different
     model.

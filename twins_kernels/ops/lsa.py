@@ -7,7 +7,10 @@ timm zero-pads the map on the right and bottom to multiples of ws *before* the q
 position's q, k and v are the qkv bias; padded keys take part in every window's softmax and outputs at
 padded positions are cropped ("zero" padding). mmsegmentation's variant ("mask" padding) adds -1000 to
 the logits where query and key validity differ; for the valid queries, the only ones not cropped, that is
-excluding the padded keys, which is how it is computed here (exp(-1000) is 0 even in float64).
+excluding the padded keys, which is how it is computed here (exp(-1000) is 0 even in float64). Its mask
+is sliced with ``-pad_b:`` and ``-pad_r:``, which cover the whole map where that pad is 0, and then
+excludes nothing: "mmseg" padding is that code as it runs, "mask" where both sides are padded, else
+"zero" (``masks_padding``, decided in the op on the map it runs on).
 
 The qkv Linear stays a cuBLAS GEMM on the N real tokens (nn.Linear); this module is the attention core
 between it and ``proj``. The Triton kernels read q, k and v for a window and head straight from the
@@ -103,7 +106,17 @@ from .common import (
 )
 
 MIN_WS, MAX_WS = 2, 16  # 16 x 16 = 256 window slots bounds the tiles; ws = 1 is global attention (GSA)
-PAD_MODES = ("zero", "mask")
+PAD_MODES = ("zero", "mask", "mmseg")
+
+
+def masks_padding(pad_mode: str, height: int, width: int, ws: int) -> bool:
+    """Whether the padded keys are left out of the softmax: never in "zero" (timm), always in "mask", and in
+    "mmseg" (mmsegmentation's code as it runs) only where the map is padded at the bottom and the right:
+    its mask, sliced with ``-pad_b:`` and ``-pad_r:``, covers the whole map where either pad is 0 and
+    then excludes nothing, so that the padded tokens take part as zero padding's do."""
+    if pad_mode == "mmseg":
+        return height % ws != 0 and width % ws != 0
+    return pad_mode == "mask"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,8 +210,12 @@ def lsa_reference(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | N
     q, k, v = (qkv_map.reshape(batch, rows, ws, cols, ws, 3, num_heads, head_dim)
                .permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, batch, rows * cols, num_heads, ws * ws, head_dim))
     attn_mask = None
-    if pad_mode == "mask":  # (windows, 1, 1, keys): the real keys
-        attn_mask = inside.reshape(rows, ws, cols, ws).transpose(1, 2).reshape(rows * cols, 1, 1, ws * ws)
+    if pad_mode != "zero":  # (windows, 1, 1, keys): the keys that take part
+        key_inside = inside
+        if pad_mode == "mmseg":  # masks_padding's rule without a branch: the last row's first position is
+            # real where the bottom is not padded, the last column's first where the right is not
+            key_inside = inside | inside[:, -1:, :1] | inside[:, :1, -1:]
+        attn_mask = key_inside.reshape(rows, ws, cols, ws).transpose(1, 2).reshape(rows * cols, 1, 1, ws * ws)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     out_map = out.reshape(batch, rows, cols, num_heads, ws, ws, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
     # cropped by a negative padding: a new tensor whether or not the crop keeps every position, which a
@@ -699,10 +716,11 @@ def _kernel_backend(qkv: torch.Tensor, num_heads: int, ws: int, requested: str) 
 @autocast_neutral
 def lsa_forward(
     qkv: torch.Tensor, qkv_bias: torch.Tensor, height: int, width: int, ws: int, num_heads: int,
-    scale: float, mask_padding: bool, backend: str, map_size: Optional[torch.Tensor] = None,
+    scale: float, pad_mode: str, backend: str, map_size: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     height, width = map_size_of("lsa_forward", qkv.shape[1], height, width, map_size)
-    args = (qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding)
+    # decided here, on the map the op runs on: a trace's or a dynamic graph's size is not the one it was made at
+    args = (qkv, qkv_bias, height, width, ws, num_heads, scale, masks_padding(pad_mode, height, width, ws))
     kernel = _kernel_backend(qkv, num_heads, ws, backend)
     if kernel == "triton":
         return lsa_forward_triton(*args)
@@ -716,7 +734,7 @@ lsa_forward_op = torch.library.custom_op("twins_kernels::lsa_forward", lsa_forwa
 
 
 @lsa_forward_op.register_fake
-def _(qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding, backend, map_size=None):
+def _(qkv, qkv_bias, height, width, ws, num_heads, scale, pad_mode, backend, map_size=None):
     batch, tokens, chans3 = qkv.shape
     return (qkv.new_empty((batch, tokens, chans3 // 3)),
             qkv.new_empty((batch, num_heads, tokens), dtype=accumulation_dtype(qkv.dtype)))
@@ -725,9 +743,10 @@ def _(qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding, backend,
 @autocast_neutral
 def lsa_backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    height: int, width: int, ws: int, num_heads: int, scale: float, mask_padding: bool, backend: str,
+    height: int, width: int, ws: int, num_heads: int, scale: float, pad_mode: str, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     kernel = _kernel_backend(qkv, num_heads, ws, backend)
+    mask_padding = masks_padding(pad_mode, height, width, ws)
     if kernel == "triton":
         grad_qkv, grad_bias = lsa_backward_triton(grad_out, qkv, qkv_bias, out, lse, height, width, ws, num_heads,
                                                   scale, mask_padding)
@@ -744,7 +763,7 @@ lsa_backward_op = torch.library.custom_op("twins_kernels::lsa_backward", lsa_bac
 
 
 @lsa_backward_op.register_fake
-def _(grad_out, qkv, qkv_bias, out, lse, height, width, ws, num_heads, scale, mask_padding, backend):
+def _(grad_out, qkv, qkv_bias, out, lse, height, width, ws, num_heads, scale, pad_mode, backend):
     return qkv.new_empty(qkv.shape), qkv_bias.new_empty(qkv_bias.shape)
 
 
@@ -752,12 +771,12 @@ run_lsa_backward = kernel_backward_entry(lsa_backward_op, lsa_backward, "lsa")
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, qkv_bias, height, width, ws, num_heads, scale, mask_padding, backend, map_size = inputs
+    qkv, qkv_bias, height, width, ws, num_heads, scale, pad_mode, backend, map_size = inputs
     height, width = map_size_of("lsa_forward", qkv.shape[1], height, width, map_size)
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(qkv, qkv_bias, out, lse)
-    ctx.args = (height, width, ws, num_heads, scale, mask_padding, call_choice(backend))
+    ctx.args = (height, width, ws, num_heads, scale, pad_mode, call_choice(backend))
 
 
 def _backward(ctx, grad_out, _grad_lse):
@@ -780,7 +799,9 @@ def lsa(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None
     strides: head h's q, k, v are channels h*D, C + h*D, 2C + h*D (+ 0..D-1), D = C / num_heads.
     ``qkv_bias`` (3C,) is the Linear's bias: what a position of the map padded to multiples of ws holds.
     ``scale`` defaults to D ** -0.5. ``pad_mode``: "zero" (timm: padded keys hold the bias and take part
-    in the softmax) or "mask" (mmsegmentation: padded keys are excluded). Returns (B, N, C) in token order.
+    in the softmax), "mask" (padded keys are excluded, as mmsegmentation means to) or "mmseg"
+    (mmsegmentation's code as it runs: "mask" where the map is padded on both sides, else "zero";
+    ``masks_padding``). Returns (B, N, C) in token order.
     ``backend``: "auto" | "triton" | "cuda" | "torch", or None for the ambient choice; the kernel
     backends need D in 16..128 and ws <= 16 (``auto`` runs the reference outside them); ws >= 2.
     """
@@ -799,5 +820,5 @@ def lsa(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None
     choice = call_choice(backend)
     if not torch.compiler.is_compiling():
         _kernel_backend(qkv, num_heads, ws, choice)  # fail here, naming what is wrong, not inside the op
-    return run_lsa_forward(qkv, qkv_bias, height, width, ws, num_heads, float(scale), pad_mode == "mask",
+    return run_lsa_forward(qkv, qkv_bias, height, width, ws, num_heads, float(scale), pad_mode,
                           choice, traced_map_size(size))[0]
