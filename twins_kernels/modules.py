@@ -13,7 +13,7 @@ from torch import nn
 from .backend import check_backend_choice
 from .ops.common import check_int, check_tokens
 from .ops.gsa import gsa_attention, gsa_attention_reference, gsa_subsample
-from .ops.lsa import PAD_MODES, lsa, lsa_reference
+from .ops.lsa import check_pad_mode, lsa, lsa_reference
 from .ops.peg import peg
 
 
@@ -184,8 +184,7 @@ class FusedLSA(_FusedAttention):
             raise ValueError("ws=1 is global attention over all tokens: use FusedGSA with sr_ratio=1")
         if dim % num_heads != 0:
             raise ValueError(f"dim {dim} should be divided by num_heads {num_heads}.")
-        if pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        check_pad_mode(pad_mode)
         self.dim = dim
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
@@ -200,10 +199,8 @@ class FusedLSA(_FusedAttention):
     @classmethod
     def from_module(cls, module: nn.Module, backend: str | None = None, pad_mode: str = "zero") -> "FusedLSA":
         """A FusedLSA sharing ``module``'s submodules (and so its parameters) with it."""
-        if pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
         return _sharing(cls, module, ("dim", "num_heads", "scale", "qkv", "attn_drop", "proj", "proj_drop", "ws"),
-                        backend=backend, pad_mode=pad_mode)
+                        backend=backend, pad_mode=check_pad_mode(pad_mode))
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
         check_tokens(x, size, channels=self.dim)  # naming x, not the qkv Linear's output (nor failing inside

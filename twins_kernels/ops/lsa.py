@@ -109,6 +109,12 @@ MIN_WS, MAX_WS = 2, 16  # 16 x 16 = 256 window slots bounds the tiles; ws = 1 is
 PAD_MODES = ("zero", "mask", "mmseg")
 
 
+def check_pad_mode(pad_mode: str) -> str:
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    return pad_mode
+
+
 def masks_padding(pad_mode: str, height: int, width: int, ws: int) -> bool:
     """Whether the padded keys are left out of the softmax: never in "zero" (timm), always in "mask", and in
     "mmseg" (mmsegmentation's code as it runs) only where the map is padded at the bottom and the right:
@@ -210,7 +216,7 @@ def lsa_reference(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | N
     q, k, v = (qkv_map.reshape(batch, rows, ws, cols, ws, 3, num_heads, head_dim)
                .permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, batch, rows * cols, num_heads, ws * ws, head_dim))
     attn_mask = None
-    if pad_mode != "zero":  # (windows, 1, 1, keys): the keys that take part
+    if pad_mode in ("mask", "mmseg"):  # (windows, 1, 1, keys): the keys that take part
         key_inside = inside
         if pad_mode == "mmseg":  # masks_padding's rule without a branch: the last row's first position is
             # real where the bottom is not padded, the last column's first where the right is not
@@ -814,8 +820,7 @@ def lsa(qkv, qkv_bias, size, num_heads: int, ws: int, scale: float | None = None
         raise ValueError(f"C = {chans3} / 3 = {chans} is not divisible by num_heads={num_heads}")
     ws = check_int(ws, "ws", MIN_WS)
     check_param(qkv_bias, "qkv_bias", (chans3,), qkv)
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    check_pad_mode(pad_mode)
     scale = (chans // num_heads) ** -0.5 if scale is None else check_float(scale, "scale")
     choice = call_choice(backend)
     if not torch.compiler.is_compiling():
