@@ -24,7 +24,7 @@ lsa_module = importlib.import_module("twins_kernels.ops.lsa")  # the package's `
 class MmsegMaskedAttn(LocallyGroupedAttn):
     """mmsegmentation's LSA: timm's commented-out ``forward_mask``, which is mmsegmentation's
     ``LocallygroupedSelfAttention.forward``, with the window size read as mmsegmentation names it (so that
-    test_patch's stand-in of that class runs this forward too). Its mask slices ``-pad_b:`` and ``-pad_r:``
+    test_mmseg's stand-ins of that class run this forward too). Its mask slices ``-pad_b:`` and ``-pad_r:``
     cover the whole map when that pad is 0, which disables masking when only one side is padded:
     pad_mode "mmseg" matches it on every map, "mask" where both sides or none are padded (on one side
     only it is checked against ``lsa_reference``, which masks exactly the padded positions, in

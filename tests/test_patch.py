@@ -17,9 +17,8 @@ import twins_kernels.patch
 from twins_kernels.patch import KINDS, _registry
 
 from conftest import HAS_GPU, KERNEL_DEVICE, SHALLOW, readme_python_block, requires_gpu
-from parity import DTYPE_IDS, TOLERANCE, assert_rel_close, rel_err
-from test_lsa import MmsegMaskedAttn
-from twins_kernels.testing import ieee_fp32, model_error_allowed
+from parity import DTYPE_IDS, TOLERANCE, rel_err
+from twins_kernels.testing import model_error_allowed
 
 VARIANTS = ["twins_pcpvt_small", "twins_pcpvt_base", "twins_pcpvt_large",
             "twins_svt_small", "twins_svt_base", "twins_svt_large"]
@@ -435,62 +434,6 @@ def test_register_patch_for_another_implementation():
         assert type(model[0]) is PosCNN
     finally:
         del _registry[PosCNN]
-
-
-# --- and with a faithful stand-in of mmsegmentation's LocallygroupedSelfAttention ---
-class LocallygroupedSelfAttention(nn.Module):
-    """As in mmsegmentation (mmseg/models/backbones/twins.py): its constructor and attribute names,
-    forward(x, hw_shape); its forward is the masked one test_lsa's MmsegMaskedAttn runs."""
-
-    def __init__(self, embed_dims, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop_rate=0., proj_drop_rate=0.,
-                 window_size=1):
-        super().__init__()
-        self.embed_dims = embed_dims
-        self.num_heads = num_heads
-        self.scale = qk_scale or (embed_dims // num_heads) ** -0.5
-        self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop_rate)
-        self.proj = nn.Linear(embed_dims, embed_dims)
-        self.proj_drop = nn.Dropout(proj_drop_rate)
-        self.window_size = window_size
-
-    forward = MmsegMaskedAttn.forward
-
-
-MMSEG_EXAMPLE, MMSEG_EXAMPLE_END = readme_python_block("convert_mmseg_lsa").split("\nregister_patch(")
-exec(MMSEG_EXAMPLE, _readme_definitions)
-convert_mmseg_lsa = _readme_definitions["convert_mmseg_lsa"]
-
-
-@ieee_fp32()  # no TF32 in the stand-in's Linears on a GPU: the fused outputs are held to fp32's tolerance
-def test_register_patch_for_mmsegmentations_lsa():
-    """The README's converter shares the parameters and keeps mmsegmentation's outputs on maps padded at
-    the right, at the bottom and on both sides (masked on the last alone), with and without a qkv bias."""
-    assert MMSEG_EXAMPLE_END == ('LocallygroupedSelfAttention, "lsa", convert_mmseg_lsa)\n'
-                                 'twins_kernels.patch_model(model)\n')
-    register_patch(LocallygroupedSelfAttention, "lsa", convert_mmseg_lsa)
-    try:
-        model = nn.ModuleList([LocallygroupedSelfAttention(32, 2, window_size=7),
-                               LocallygroupedSelfAttention(32, 2, qkv_bias=True, qk_scale=0.3, window_size=7),
-                               LocallygroupedSelfAttention(32, 2)]).to(KERNEL_DEVICE).eval()
-        inputs = [(torch.randn(2, height * width, 32, device=KERNEL_DEVICE), (height, width))
-                  for height, width in [(14, 10), (9, 14), (13, 17)]]
-        with torch.no_grad():
-            expected = [[layer(x, size) for x, size in inputs] for layer in model[:2]]
-        state = copy.deepcopy(model.state_dict())
-        report = patch_model(model, backend="triton")
-        assert report.replaced["lsa"] == 2 and report.skipped == [("2", "window_size=1")]
-        for index, (layer, outputs) in enumerate(zip(model[:2], expected)):
-            assert isinstance(layer, FusedLSA) and not layer.training and layer.scale == (0.3 if index else 0.25)
-            with torch.no_grad():
-                for (x, size), out in zip(inputs, outputs):
-                    assert_rel_close(layer(x, size), out, torch.float32, f"layer {index}, map {size}")
-        assert model.state_dict().keys() == state.keys()
-        assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
-        unpatch_model(model)
-        assert all(type(layer) is LocallygroupedSelfAttention for layer in model)
-    finally:
-        del _registry[LocallygroupedSelfAttention]
 
 
 def test_a_converters_new_module_takes_the_mode_of_the_one_it_replaces():

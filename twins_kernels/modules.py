@@ -52,7 +52,19 @@ class _FusedModule(nn.Module):
                            "(twins_kernels.unpatch_model(model))")
 
 
-class FusedPEG(_FusedModule):
+class _PositionalEncoding(_FusedModule):
+    """What FusedPEG and mmsegmentation's fused CPE share: the fused PEG at ``stride`` on ``backend``."""
+
+    def positional_encoding(self, conv: nn.Conv2d, x: torch.Tensor, size) -> torch.Tensor:
+        """The fused PEG with ``conv``'s weight and bias: under autocast it runs, and returns, in autocast's
+        dtype, as a conv does."""
+        return peg(_autocast_conv_input(x), conv.weight, conv.bias, size, self.stride, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, backend={self.backend or 'ambient'}"
+
+
+class FusedPEG(_PositionalEncoding):
     """timm ``PosConv(in_chans, embed_dim, stride)``: depthwise 3x3 conv + bias (+ x at stride 1).
 
     Stride 1 with ``in_chans == embed_dim`` (every Twins model) runs the fused kernels; other
@@ -77,18 +89,20 @@ class FusedPEG(_FusedModule):
         return _sharing(cls, module, ("proj",), stride=module.proj[0].stride[0], backend=backend)
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
-        conv = self.proj[0]
-        return peg(_autocast_conv_input(x), conv.weight, conv.bias, size, self.stride, backend=self.backend)
+        return self.positional_encoding(self.proj[0], x, size)
 
     def no_weight_decay(self):
         return ['proj.%d.weight' % i for i in range(4)]
 
-    def extra_repr(self) -> str:
-        return f"stride={self.stride}, backend={self.backend or 'ambient'}"
-
 
 class _FusedAttention(_FusedModule):
-    """What FusedGSA and FusedLSA share: timm's ``fused_attn`` flag, read-only in effect."""
+    """What the fused attention modules share: timm's ``fused_attn`` flag, read-only in effect, and the
+    attention dropout that, in training, routes the attention to the reference."""
+
+    @property
+    def attention_dropout(self) -> float:
+        """The dropout probability of the attention weights (timm's ``attn_drop.p``)."""
+        return self.attn_drop.p
 
     @property
     def fused_attn(self) -> bool:
@@ -104,7 +118,27 @@ class _FusedAttention(_FusedModule):
                              "module: unpatch_model(model), or patch_model without this kind in ops")
 
 
-class FusedGSA(_FusedAttention):
+class _SubsampledAttention(_FusedAttention):
+    """What FusedGSA and mmsegmentation's fused GSA share: the attention of every token to the keys and
+    values of the map sub-sampled by ``sr`` and ``norm`` (None: all tokens), with their own projections."""
+
+    def subsampled_attention(self, x: torch.Tensor, size, project_q, project_kv) -> torch.Tensor:
+        """(B, N, C) attention output, before the output projection, of tokens ``x`` on a map of ``size``;
+        ``project_q``/``project_kv`` map tokens to q (B, N, C) and kv (B, M, 2C) (keys, then values)."""
+        kv_tokens = x
+        if self.sr is not None:
+            kv_tokens = gsa_subsample(x, size, self.sr.weight, self.sr.bias, self.norm.weight, self.norm.bias,
+                                      self.sr_ratio, self.norm.eps, backend=self.backend)
+        q, kv = project_q(x), project_kv(kv_tokens)
+        if self.training and self.attention_dropout > 0:
+            return gsa_attention_reference(q, kv, self.num_heads, self.scale, dropout_p=self.attention_dropout)
+        return gsa_attention(q, kv, self.num_heads, self.scale, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, backend={self.backend or 'ambient'}"
+
+
+class FusedGSA(_SubsampledAttention):
     """timm ``GlobalSubSampleAttn(dim, num_heads, attn_drop, proj_drop, sr_ratio)``: every token attends to
     keys and values of the map sub-sampled by ``LayerNorm(Conv2d(kernel = stride = sr_ratio))``;
     sr_ratio 1 (no ``sr``/``norm``) is global attention over all N tokens.
@@ -146,19 +180,7 @@ class FusedGSA(_FusedAttention):
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
         check_tokens(x, size, channels=self.dim)  # naming x, not the sub-sampling's weight or a Linear's
-        kv_tokens = x
-        if self.sr is not None:
-            kv_tokens = gsa_subsample(x, size, self.sr.weight, self.sr.bias, self.norm.weight, self.norm.bias,
-                                      self.sr_ratio, self.norm.eps, backend=self.backend)
-        q, kv = self.q(x), self.kv(kv_tokens)
-        if self.training and self.attn_drop.p > 0:
-            out = gsa_attention_reference(q, kv, self.num_heads, self.scale, dropout_p=self.attn_drop.p)
-        else:
-            out = gsa_attention(q, kv, self.num_heads, self.scale, backend=self.backend)
-        return self.proj_drop(self.proj(out))
-
-    def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, backend={self.backend or 'ambient'}"
+        return self.proj_drop(self.proj(self.subsampled_attention(x, size, self.q, self.kv)))
 
 
 class FusedLSA(_FusedAttention):
@@ -207,9 +229,9 @@ class FusedLSA(_FusedAttention):
         qkv = self.qkv(x)                         # the reference that attention dropout runs)
         # a Linear without bias maps a padded (zero) token to zero
         bias = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(qkv.shape[-1])
-        if self.training and self.attn_drop.p > 0:
+        if self.training and self.attention_dropout > 0:
             out = lsa_reference(qkv, bias, size, self.num_heads, self.ws, self.scale, self.pad_mode,
-                                dropout_p=self.attn_drop.p)
+                                dropout_p=self.attention_dropout)
         else:
             out = lsa(qkv, bias, size, self.num_heads, self.ws, self.scale, self.pad_mode, backend=self.backend)
         return self.proj_drop(self.proj(out))

@@ -12,13 +12,16 @@ checkpoints load into an unpatched one. Patching works before or after ``.to(dev
 on any module tree: a timm Twins model, a ``features_only`` backbone, a model inside another module
 or inside DistributedDataParallel.
 
-Other Twins implementations plug in with ``register_patch(cls, kind, converter)``: ``converter(module,
-backend)`` returns the fused replacement (or raises ``PatchSkip`` with the reason to leave it alone).
-The README shows a worked example for the original Twins repository's ``PosCNN``.
+mmsegmentation's Twins modules are replaced too, once ``mmseg.models.backbones.twins`` is imported
+(see ``twins_kernels.mmseg``). Other Twins implementations plug in with ``register_patch(cls, kind,
+converter)``: ``converter(module, backend)`` returns the fused replacement (or raises ``PatchSkip``
+with the reason to leave it alone). The README shows a worked example for the original Twins
+repository's ``PosCNN``.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,6 +46,7 @@ class _Registration:
 
 _registry: dict[type, _Registration] = {}
 _builtins_registered = False
+_mmseg_registered = False
 
 
 def register_patch(cls: type, kind: str, converter: Callable[[nn.Module, str | None], nn.Module]) -> None:
@@ -68,13 +72,25 @@ def _convert_posconv(module: nn.Module, backend: str | None) -> nn.Module:
 
 
 def _register_builtins() -> None:
-    """timm's classes, registered on first use so that importing twins_kernels never needs timm; a
-    user's ``register_patch`` of one of them, made before, stays. The flag is set once all are in: a
-    thread that patches meanwhile registers them too (the same entries), never patching with a part."""
-    global _builtins_registered
+    """timm's classes, registered on first use so that importing twins_kernels never needs timm, and
+    mmsegmentation's on the first use after its twins module is imported (never importing it: that pulls
+    in mmcv); a user's ``register_patch`` of one of them, made before, stays. Each flag is set once all its
+    classes are in: a thread that patches meanwhile registers them too (the same entries), never patching
+    with a part."""
+    global _builtins_registered, _mmseg_registered
     if not _builtins_registered:
         _register_timm_classes()
         _builtins_registered = True
+    if not _mmseg_registered:
+        from . import mmseg
+
+        module = sys.modules.get(mmseg.MODULE)
+        if module is not None:
+            for name, (kind, converter) in mmseg.CONVERTERS.items():
+                cls = getattr(module, name, None)
+                if cls is not None:
+                    _registry.setdefault(cls, _Registration(kind, converter))
+            _mmseg_registered = True
 
 
 def _register_timm_classes() -> None:
@@ -201,7 +217,7 @@ def patch_model(model: nn.Module, backend: str | None = None, ops: Iterable[str]
         setattr(parent, name, fused)
         report.replaced[registration.kind] += 1
         report.inserted.append(fused)
-        dropout = getattr(getattr(child, "attn_drop", None), "p", 0.0)
+        dropout = getattr(fused, "attention_dropout", 0.0)
         if dropout > 0:
             report.notes.append(f"{qualified}: attn_drop={dropout} runs the reference path in training mode")
     return report
