@@ -47,8 +47,9 @@ class FusedMmsegGSA(_SubsampledAttention):
     builds mmcv's layers): the same submodules (``attn``, an nn.MultiheadAttention with q, k and v packed in
     ``in_proj_weight`` and ``out_proj``; ``proj_drop``; ``dropout_layer``; ``sr`` and ``norm`` where
     ``sr_ratio`` > 1) and ``forward(x, hw_shape, identity=None)``, which returns ``identity +
-    dropout_layer(proj_drop(attention))`` (identity None: x). In training with attention dropout
-    (``attn.dropout`` > 0) the attention runs the PyTorch reference, as FusedGSA's does."""
+    dropout_layer(proj_drop(attention))`` (identity None: x). ``attn`` holds the parameters but is not
+    called, so hooks on it do not run. In training with attention dropout (``attn.dropout`` > 0) the
+    attention runs the PyTorch reference, as FusedGSA's does."""
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: str | None = None) -> "FusedMmsegGSA":
