@@ -37,6 +37,9 @@ def stage_map(image_size: int, stage: int) -> tuple[int, int]:
 
 
 VARIANTS = ["timm", "timm_compile", "triton", "cuda"]
+# The LSA and GSA module cases also time mmsegmentation's modules (``mmseg``: its code, with timm's
+# weights; benchmarks/mmseg_standins.py), the baseline of a user patching an mmsegmentation backbone
+ATTENTION_VARIANTS = [*VARIANTS, "mmseg"]
 # FLOPs of an attention forward+backward over its forward's: the backward's five matmuls (scores
 # recomputed, dV, dP, dQ, dK) to the forward's two, as FlashAttention counts them
 ATTENTION_FWDBWD_FLOPS = 3.5
@@ -45,7 +48,7 @@ ATTENTION_FWDBWD_FLOPS = 3.5
 # The cases a GPU session times first (`-m headline`): for each speed target of the op and patch issues,
 # the case it names or, where it names a range, its first shape (SVT-S stage 1 at 224, the 512 padding
 # case for LSA, the SVT-S backbone at 512). A session has 15 minutes of device time, and the whole suite
-# (550 cases, 148 of them compiling a baseline anew) takes several times that. Also the sub-sampling
+# (622 cases, 148 of them compiling a baseline anew) takes several times that. Also the sub-sampling
 # comparison the GSA issue asks for (its fused kernel against timm's conv + LayerNorm) at its first shape.
 HEADLINE_PREFIXES = (
     "peg-fwd-svt_s-stage1-224-", "peg-fwdbwd-svt_s-stage1-224-",
@@ -141,14 +144,19 @@ def compiled(fn, **compile_kwargs):
 
 
 def build_variant(variant: str, timm_module, fused_cls):
-    """The module a benchmark variant runs: timm eager, timm under torch.compile, or the fused module
-    (sharing the timm module's parameters) on the named backend; skips a backend that cannot run."""
+    """The module a benchmark variant runs: timm eager, timm under torch.compile, mmsegmentation's
+    counterpart eager (with the timm module's weights), or the fused module (sharing the timm module's
+    parameters) on the named backend; skips a backend that cannot run."""
     import copy
 
     if variant == "timm":
         return timm_module
     if variant == "timm_compile":
         return compiled(copy.deepcopy(timm_module))
+    if variant == "mmseg":
+        from mmseg_standins import from_timm
+
+        return from_timm(timm_module)
     skip_unless_available(variant)
     return fused_cls.from_module(timm_module, backend=variant)
 

@@ -28,7 +28,7 @@
 # again after a fix (`tests -k ...`), more benchmarks (`bench -m headline --skip-timed
 # RUN1/benchmarks.json`, RUN1 copied into the tree so that it travels), or for a case behind its target
 # its kernels under Nsight Compute (`profile CASE_ID`) and the tile sweep of a kernel (`sweep --sweep
-# NAME`). The whole suite (550 cases, 148 compiling a baseline anew) takes several sessions; parts merge
+# NAME`). The whole suite (622 cases, 148 compiling a baseline anew) takes several sessions; parts merge
 # afterwards, here:
 #   python benchmarks/report.py RUN1/benchmarks.json RUN2/... --out DIR [--readme README.md]
 # Before the first call: `make gpu-versions`, then

@@ -1,12 +1,14 @@
 """GSA (timm GlobalSubSampleAttn) at the Twins-SVT-S and Twins-PCPVT-S stage shapes, bf16.
 
-Module level (q, sub-sampling conv + LayerNorm, kv, attention, proj), forward and forward+backward,
-for ``timm`` (eager, SDPA), ``timm_compile``, ``triton`` and ``cuda`` (FusedGSA). The sr = 1
-attention core alone, forward and forward+backward, against PyTorch's flash SDPA on the same
-(B, N, C) / (B, M, 2C) tensors. The key/value sub-sampling alone (stride-sr conv + LayerNorm) at the
-PCPVT-S stages with sr > 1: the fused Triton kernel against timm's conv (cuDNN) and LayerNorm, eager
-and under torch.compile (which fuses the LayerNorm into one kernel after the conv), the comparison
-the GSA issue asks for.
+Module level (q, sub-sampling conv + LayerNorm, kv, attention, proj), forward and forward+backward, for
+``timm`` (eager, SDPA), ``timm_compile``, ``triton`` and ``cuda`` (FusedGSA), and ``mmseg``
+(mmsegmentation's GlobalSubsampledAttention with the same weights, called as its encoder layers call it,
+with ``identity=0.``: nn.MultiheadAttention returning its attention weights, so explicit scores and
+softmax, not SDPA; the zero residual one elementwise op more). The sr = 1 attention core alone, forward
+and forward+backward, against PyTorch's flash SDPA on the same (B, N, C) / (B, M, 2C) tensors. The
+key/value sub-sampling alone (stride-sr conv + LayerNorm) at the PCPVT-S stages with sr > 1: the fused
+Triton kernel against timm's conv (cuDNN) and LayerNorm, eager and under torch.compile (which fuses the
+LayerNorm into one kernel after the conv), the comparison the GSA issue asks for.
 """
 import pytest
 import torch
@@ -17,8 +19,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from twins_kernels import FusedGSA
 from twins_kernels.ops import gsa_attention, gsa_subsample
 
-from conftest import (ATTENTION_FWDBWD_FLOPS, DEVICE, DTYPES, IMAGE_SIZES, PCPVT_S_STAGES, SVT_S_STAGES, VARIANTS,
-                      build_variant, compiled, record, requires_gpu, skip_unless_available, stage_map, timed_pass)
+from conftest import (ATTENTION_FWDBWD_FLOPS, ATTENTION_VARIANTS, DEVICE, DTYPES, IMAGE_SIZES, PCPVT_S_STAGES,
+                      SVT_S_STAGES, build_variant, compiled, record, requires_gpu, skip_unless_available, stage_map,
+                      timed_pass)
 
 SR_RATIOS = (8, 4, 2, 1)
 MODELS = {
@@ -29,7 +32,7 @@ CASES = [
     pytest.param(model, image, stage, pass_, variant,
                  id=f"gsa-{pass_}-{model}-stage{stage + 1}-{image}-bs{IMAGE_SIZES[image]}-bf16-{variant}")
     for model in MODELS for image in IMAGE_SIZES for stage in range(4) for pass_ in ("fwd", "fwdbwd")
-    for variant in VARIANTS
+    for variant in ATTENTION_VARIANTS
 ]
 CORE_CASES = [
     pytest.param(image, pass_, variant,

@@ -1,11 +1,14 @@
 """LSA (timm LocallyGroupedAttn) at the Twins-SVT-S stage shapes, bf16, ws = 7.
 
 Module level (qkv Linear + attention + proj), forward and forward+backward, for ``timm`` (eager: pad,
-window reshapes, 5-D SDPA that falls back to the math path), ``timm_compile``, ``triton`` and
-``cuda`` (FusedLSA). Attention core alone for the kernel backends, forward and forward+backward, with
-the bytes a perfect kernel moves: forward, qkv read once (3C per token) and out written once (C);
-the backward reads qkv and grad_out and writes grad_qkv (7C), after its own forward (delta comes from
-the probabilities, so out is not read).
+window reshapes, 5-D SDPA that falls back to the math path), ``timm_compile``, ``triton`` and ``cuda``
+(FusedLSA), and ``mmseg`` (mmsegmentation's LocallyGroupedSelfAttention with the same weights: the same
+reshapes, an explicit mask added to the scores and softmax; where the map is padded on both sides (at
+512² and 1024², every stage), it masks the padded keys, which FusedLSA's ``pad_mode="mmseg"`` reproduces
+and the cases' FusedLSA, timm's zero padding, does not). Attention core alone for the kernel backends,
+forward and forward+backward, with the bytes a perfect kernel moves: forward, qkv read once (3C per
+token) and out written once (C); the backward reads qkv and grad_out and writes grad_qkv (7C), after its
+own forward (delta comes from the probabilities, so out is not read).
 """
 import pytest
 import torch
@@ -14,14 +17,14 @@ from timm.models.twins import LocallyGroupedAttn
 from twins_kernels import FusedLSA
 from twins_kernels.ops import lsa
 
-from conftest import (ATTENTION_FWDBWD_FLOPS, DEVICE, DTYPES, IMAGE_SIZES, SVT_S_STAGES, VARIANTS, build_variant,
-                      record, requires_gpu, skip_unless_available, stage_map, timed_pass)
+from conftest import (ATTENTION_FWDBWD_FLOPS, ATTENTION_VARIANTS, DEVICE, DTYPES, IMAGE_SIZES, SVT_S_STAGES,
+                      build_variant, record, requires_gpu, skip_unless_available, stage_map, timed_pass)
 
 WS = 7
 CASES = [
     pytest.param(image, stage, pass_, variant,
                  id=f"lsa-{pass_}-svt_s-stage{stage + 1}-{image}-bs{IMAGE_SIZES[image]}-bf16-{variant}")
-    for image in IMAGE_SIZES for stage in range(4) for pass_ in ("fwd", "fwdbwd") for variant in VARIANTS
+    for image in IMAGE_SIZES for stage in range(4) for pass_ in ("fwd", "fwdbwd") for variant in ATTENTION_VARIANTS
 ]
 CORE_CASES = [
     pytest.param(image, stage, pass_, backend,

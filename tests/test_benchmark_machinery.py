@@ -11,10 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from twins_kernels import FusedLSA
+
 from conftest import HAS_GPU, ROOT, load_benchmarks_module
+from parity import DTYPE_IDS, assert_rel_close, make_tokens
 
 
 class Scaled(torch.nn.Module):
@@ -67,6 +71,7 @@ def benchmarks_on_cpu(monkeypatch):
         pytest.skip("a GPU is present: `pytest benchmarks/` runs the cases themselves")
     bench = load_benchmarks_module("conftest.py")
     monkeypatch.setitem(sys.modules, "conftest", bench)  # what the benchmark modules import by that name
+    monkeypatch.setitem(sys.modules, "mmseg_standins", load_benchmarks_module("mmseg_standins.py"))
     modules = {name: load_benchmarks_module(f"test_bench_{name}.py") for name in ("lsa", "gsa", "peg", "models")}
 
     real_compiled = bench.compiled
@@ -89,6 +94,7 @@ def benchmarks_on_cpu(monkeypatch):
 ROOFLINE = {"copy_gbs": 1.0, "bf16_matmul_tflops": 1.0, "device": "cpu"}
 TARGETS = load_benchmarks_module("report.py").TARGETS  # the speed targets the report judges cases by
 OP_VARIANTS = ("timm", "timm_compile", "triton")  # cuda: the extension runs on the GPU only
+ATTENTION_VARIANTS = (*OP_VARIANTS, "mmseg")
 
 
 def run_case(case, *args) -> dict:
@@ -113,8 +119,9 @@ def test_op_benchmark_cases_run(benchmarks_on_cpu, pass_):
     the sr = 1 stage: the GPU session's first run of them is not where a typo should surface."""
     lsa, gsa, peg = (benchmarks_on_cpu[name] for name in ("lsa", "gsa", "peg"))
     for variant in OP_VARIANTS:
-        run_case(lsa.test_lsa_module, 64, 1, pass_, variant)
         run_case(peg.test_peg, 64, 1, pass_, variant)
+    for variant in ATTENTION_VARIANTS:
+        run_case(lsa.test_lsa_module, 64, 1, pass_, variant)
         for model, stage in itertools.product(gsa.MODELS, (1, 3)):
             info = run_case(gsa.test_gsa_module, model, 64, stage, pass_, variant)
             assert info["variant"] == variant and info["achieved_gbs"] > 0
@@ -125,6 +132,25 @@ def test_op_benchmark_cases_run(benchmarks_on_cpu, pass_):
         for stage in (0, 2):  # sr = 8 on a 16x16 map, sr = 2 at C = 320 on a 4x4 one
             info = run_case(gsa.test_gsa_subsample, 64, stage, pass_, variant)
             assert info["op"] == "gsa-subsample" and info["achieved_gbs"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("height,width", [(14, 14), (14, 10), (9, 13)])  # padded nowhere, at the right, both sides
+def test_the_mmseg_variant_is_the_cases_function_in_mmsegmentations_code(dtype, height, width):
+    """The ``mmseg`` variant carries the case's timm module's weights into mmsegmentation's layout (q and
+    kv packed in one in_proj, proj as out_proj): its GSA computes timm's, at sr 1 and 4, its residual
+    zero; its LSA computes FusedLSA's ``pad_mode="mmseg"`` (timm's own where the map is not padded on
+    both sides). On the modules' dtype, in eval mode as the cases run them."""
+    from_timm = load_benchmarks_module("mmseg_standins.py").from_timm
+    x = make_tokens(2, height, width, 32, dtype, "cpu")
+    lsa = LocallyGroupedAttn(32, 2, ws=7).to(dtype).eval()
+    modules = [(lsa, FusedLSA.from_module(lsa, backend="torch", pad_mode="mmseg"))]
+    modules += [(gsa, gsa) for gsa in (GlobalSubSampleAttn(32, 2, sr_ratio=sr).to(dtype).eval() for sr in (1, 4))]
+    with torch.no_grad():
+        for timm_module, expected in modules:
+            mmseg, size = from_timm(timm_module), (height, width)
+            assert not mmseg.training and {p.dtype for p in mmseg.parameters()} == {dtype}
+            assert_rel_close(mmseg(x, size), expected(x, size), dtype, type(timm_module).__name__)
 
 
 @pytest.mark.parametrize("mode", ["infer", "backbone", "train"])
@@ -277,8 +303,10 @@ def test_headline_cases_cover_each_prefix_and_run_compiles_last(tmp_path):
             assert {"triton", "cuda"} <= set(variants), prefix
         elif "-subsample-" in prefix:
             assert variants == ["timm", "timm_compile", "triton"], prefix
-        else:
+        elif prefix.startswith("peg-"):
             assert variants == ["cuda", "timm", "timm_compile", "triton"], prefix
+        else:  # the LSA and GSA modules
+            assert variants == ["cuda", "mmseg", "timm", "timm_compile", "triton"], prefix
     assert all(case.startswith(bench.HEADLINE_PREFIXES) for case in headline)
     assert {bench.family_of(case) for case in headline} == set(bench.FAMILY_ORDER)  # "lsa-core" too, not "lsa"
     order = [(bench.compiles(case), bench.FAMILY_ORDER.index(bench.family_of(case))) for case in headline]

@@ -11,8 +11,8 @@ import twins_kernels
 from twins_kernels import FusedLSA
 from twins_kernels.ops import lsa, lsa_reference
 
-from conftest import (KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, requires_gpu, skip_unless_available,
-                      skip_cuda_unless_available)
+from conftest import (KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, load_benchmarks_module, requires_gpu,
+                      skip_unless_available, skip_cuda_unless_available)
 from parity import (
     DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity, check_op_against_reference,
     check_trace_runs_other_sizes, make_tokens, rel_err, strided_with_nans,
@@ -22,52 +22,17 @@ lsa_module = importlib.import_module("twins_kernels.ops.lsa")  # the package's `
 
 
 class MmsegMaskedAttn(LocallyGroupedAttn):
-    """mmsegmentation's LSA: timm's commented-out ``forward_mask``, which is mmsegmentation's
-    ``LocallygroupedSelfAttention.forward``, with the window size read as mmsegmentation names it (so that
-    test_mmseg's stand-ins of that class run this forward too). Its mask slices ``-pad_b:`` and ``-pad_r:``
-    cover the whole map when that pad is 0, which disables masking when only one side is padded:
-    pad_mode "mmseg" matches it on every map, "mask" where both sides or none are padded (on one side
-    only it is checked against ``lsa_reference``, which masks exactly the padded positions, in
+    """mmsegmentation's LSA (its forward, the stand-in's: benchmarks/mmseg_standins.py) with timm's
+    constructor. It masks the padded keys where the map is padded on both sides and nothing where on one
+    side only: pad_mode "mmseg" matches it on every map, "mask" where both sides or none are padded (on
+    one side only it is checked against ``lsa_reference``, which masks exactly the padded positions, in
     test_mask_mode_one_sided_padding)."""
 
     @property
     def window_size(self) -> int:
         return self.ws
 
-    def forward(self, x, size):
-        B, N, C = x.shape
-        H, W = size
-        ws = self.window_size
-        x = x.view(B, H, W, C)
-        pad_l = pad_t = 0
-        pad_r = (ws - W % ws) % ws
-        pad_b = (ws - H % ws) % ws
-        x = torch.nn.functional.pad(x, (0, 0, pad_l, pad_r, pad_t, pad_b))
-        _, Hp, Wp, _ = x.shape
-        _h, _w = Hp // ws, Wp // ws
-        mask = torch.zeros((1, Hp, Wp), device=x.device)
-        mask[:, -pad_b:, :].fill_(1)
-        mask[:, :, -pad_r:].fill_(1)
-
-        x = x.reshape(B, _h, ws, _w, ws, C).transpose(2, 3)  # B, _h, _w, ws, ws, C
-        mask = mask.reshape(1, _h, ws, _w, ws).transpose(2, 3).reshape(1, _h * _w, ws * ws)
-        attn_mask = mask.unsqueeze(2) - mask.unsqueeze(3)  # 1, _h*_w, ws*ws, ws*ws
-        attn_mask = attn_mask.masked_fill(attn_mask != 0, float(-1000.0)).masked_fill(attn_mask == 0, float(0.0))
-        qkv = self.qkv(x).reshape(
-            B, _h * _w, ws * ws, 3, self.num_heads, C // self.num_heads).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # B, _h*_w, n_head, ws*ws, dim_head
-        attn = (q @ k.transpose(-2, -1)) * self.scale  # B, _h*_w, n_head, ws*ws, ws*ws
-        attn = attn + attn_mask.unsqueeze(2).to(attn.dtype)
-        attn = attn.softmax(dim=-1)
-        attn = self.attn_drop(attn)
-        attn = (attn @ v).transpose(2, 3).reshape(B, _h, _w, ws, ws, C)
-        x = attn.transpose(2, 3).reshape(B, _h * ws, _w * ws, C)
-        if pad_r > 0 or pad_b > 0:
-            x = x[:, :H, :W, :].contiguous()
-        x = x.reshape(B, N, C)
-        x = self.proj(x)
-        x = self.proj_drop(x)
-        return x
+    forward = load_benchmarks_module("mmseg_standins.py").LocallyGroupedSelfAttention.forward
 
 
 # (B, H, W, dim, heads, ws): Twins-SVT-S's four stages (head_dim 32) on small maps, maps that ws does

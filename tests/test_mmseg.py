@@ -1,13 +1,12 @@
 """patch_model on mmsegmentation's Twins modules (twins_kernels.mmseg), against faithful stand-ins of its
-0.x and 1.x classes: what is replaced and when, parity of outputs and every gradient, checkpoints,
-attention dropout, torch.compile, and what is left alone."""
+0.x and 1.x classes (benchmarks/mmseg_standins.py): what is replaced and when, parity of outputs and every
+gradient, checkpoints, attention dropout, torch.compile, and what is left alone."""
 import copy
 import sys
 import types
 
 import pytest
 import torch
-from timm.layers import DropPath
 from torch import nn
 
 import twins_kernels.patch
@@ -15,134 +14,18 @@ from twins_kernels import FusedLSA, patch_model, unpatch_model
 from twins_kernels.mmseg import FusedMmsegCPE, FusedMmsegGSA
 from twins_kernels.testing import ieee_fp32
 
-from conftest import KERNEL_DEVICE, KERNEL_DTYPES, skip_cuda_unless_available
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, load_benchmarks_module, skip_cuda_unless_available
 from parity import DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity, make_tokens
-from test_lsa import MmsegMaskedAttn
 
-
-# --- stand-ins: mmsegmentation's classes (mmseg/models/backbones/twins.py and mit.py), their constructors,
-# attribute names and forwards, with mmcv's builders replaced by the torch modules they build ---
-def nlc_to_nchw(x, hw_shape):
-    H, W = hw_shape
-    B, L, C = x.shape
-    assert L == H * W, 'The seq_len does not match H, W'
-    return x.transpose(1, 2).reshape(B, C, H, W).contiguous()
-
-
-def nchw_to_nlc(x):
-    return x.flatten(2).transpose(1, 2).contiguous()
-
-
-class LocallyGroupedSelfAttention(nn.Module):
-    """1.x's name (0.x: LocallygroupedSelfAttention, below); the forward is test_lsa's verbatim one."""
-
-    def __init__(self, embed_dims, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop_rate=0., proj_drop_rate=0.,
-                 window_size=1):
-        super().__init__()
-        self.embed_dims = embed_dims
-        self.num_heads = num_heads
-        self.scale = qk_scale or (embed_dims // num_heads) ** -0.5
-        self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop_rate)
-        self.proj = nn.Linear(embed_dims, embed_dims)
-        self.proj_drop = nn.Dropout(proj_drop_rate)
-        self.window_size = window_size
-
-    forward = MmsegMaskedAttn.forward
-
-
-class LocallygroupedSelfAttention(LocallyGroupedSelfAttention):
-    pass
-
-
-class MultiheadAttention(nn.Module):
-    """mmcv.cnn.bricks.transformer.MultiheadAttention's constructor (its forward is not used by these)."""
-
-    def __init__(self, embed_dims, num_heads, attn_drop=0., proj_drop=0., dropout_layer=None, batch_first=False,
-                 **kwargs):
-        super().__init__()
-        self.embed_dims = embed_dims
-        self.num_heads = num_heads
-        self.batch_first = batch_first
-        self.attn = nn.MultiheadAttention(embed_dims, num_heads, attn_drop, **kwargs)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.dropout_layer = DropPath(dropout_layer["drop_prob"]) if dropout_layer else nn.Identity()
-
-
-class GlobalSubsampledAttention(MultiheadAttention):
-    """GlobalSubsampledAttention = EfficientMultiheadAttention (mit.py) with Twins' defaults."""
-
-    def __init__(self, embed_dims, num_heads, attn_drop=0., proj_drop=0., dropout_layer=None, batch_first=True,
-                 qkv_bias=True, sr_ratio=1):
-        super().__init__(embed_dims, num_heads, attn_drop, proj_drop, dropout_layer=dropout_layer,
-                         batch_first=batch_first, bias=qkv_bias)
-        self.sr_ratio = sr_ratio
-        if sr_ratio > 1:
-            self.sr = nn.Conv2d(embed_dims, embed_dims, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(embed_dims)  # build_norm_layer(dict(type='LN')): eps 1e-5
-
-    def forward(self, x, hw_shape, identity=None):
-        x_q = x
-        if self.sr_ratio > 1:
-            x_kv = nlc_to_nchw(x, hw_shape)
-            x_kv = self.sr(x_kv)
-            x_kv = nchw_to_nlc(x_kv)
-            x_kv = self.norm(x_kv)
-        else:
-            x_kv = x
-
-        if identity is None:
-            identity = x_q
-
-        if self.batch_first:
-            x_q = x_q.transpose(0, 1)
-            x_kv = x_kv.transpose(0, 1)
-
-        out = self.attn(query=x_q, key=x_kv, value=x_kv)[0]
-
-        if self.batch_first:
-            out = out.transpose(0, 1)
-
-        return identity + self.dropout_layer(self.proj_drop(out))
-
-
-class ConditionalPositionEncoding(nn.Module):
-    """1.x's: forward(x, hw_shape)."""
-
-    def __init__(self, in_channels, embed_dims=768, stride=1):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, embed_dims, kernel_size=3, stride=stride, padding=1, bias=True,
-                              groups=embed_dims)
-        self.stride = stride
-
-    def forward(self, x, hw_shape):
-        b, n, c = x.shape
-        h, w = hw_shape
-        feat_token = x
-        cnn_feat = feat_token.transpose(1, 2).view(b, c, h, w)
-        if self.stride == 1:
-            x = self.proj(cnn_feat) + cnn_feat
-        else:
-            x = self.proj(cnn_feat)
-        x = x.flatten(2).transpose(1, 2)
-        return x
-
-
-class ConditionalPositionEncoding0x(ConditionalPositionEncoding):
-    """0.x's: forward(x, H, W)."""
-
-    def forward(self, x, H, W):
-        return super().forward(x, (H, W))
-
-
+standins = load_benchmarks_module("mmseg_standins.py")  # mmsegmentation's classes
 # an mmsegmentation version: its twins module's classes, as patch_model finds them there
 VERSIONS = {
-    "1.x": {"LocallyGroupedSelfAttention": LocallyGroupedSelfAttention,
-            "GlobalSubsampledAttention": GlobalSubsampledAttention,
-            "ConditionalPositionEncoding": ConditionalPositionEncoding},
-    "0.x": {"LocallygroupedSelfAttention": LocallygroupedSelfAttention,
-            "GlobalSubsampledAttention": GlobalSubsampledAttention,
-            "ConditionalPositionEncoding": ConditionalPositionEncoding0x},
+    "1.x": {"LocallyGroupedSelfAttention": standins.LocallyGroupedSelfAttention,
+            "GlobalSubsampledAttention": standins.GlobalSubsampledAttention,
+            "ConditionalPositionEncoding": standins.ConditionalPositionEncoding},
+    "0.x": {"LocallygroupedSelfAttention": standins.LocallygroupedSelfAttention,
+            "GlobalSubsampledAttention": standins.GlobalSubsampledAttention,
+            "ConditionalPositionEncoding": standins.ConditionalPositionEncoding0x},
 }
 
 
@@ -173,7 +56,7 @@ class Stage(nn.Module):
         self.cpe = mmseg.ConditionalPositionEncoding(dim, dim)
         self.gsa = mmseg.GlobalSubsampledAttention(dim, heads, dropout_layer=dict(type="DropPath", drop_prob=0.1),
                                                    qkv_bias=qkv_bias, sr_ratio=sr_ratio)
-        self.cpe_takes_h_and_w = mmseg.ConditionalPositionEncoding is ConditionalPositionEncoding0x
+        self.cpe_takes_h_and_w = mmseg.ConditionalPositionEncoding is standins.ConditionalPositionEncoding0x
 
     def forward(self, x, hw_shape):
         x = x + self.lsa(x, hw_shape)
@@ -228,12 +111,13 @@ def test_patching_keeps_the_state_dict_and_unpatching_restores(mmseg):
 
 def test_nothing_of_mmseg_is_patched_before_its_twins_module_is_imported(monkeypatch, fresh_registry):
     monkeypatch.delitem(sys.modules, "mmseg.models.backbones.twins", raising=False)
-    model = nn.ModuleList([GlobalSubsampledAttention(32, 2, sr_ratio=2), ConditionalPositionEncoding(32, 32)])
+    model = nn.ModuleList([standins.GlobalSubsampledAttention(32, 2, sr_ratio=2),
+                           standins.ConditionalPositionEncoding(32, 32)])
     assert patch_model(model).replaced == {}
     assert "mmseg.models.backbones.twins" not in sys.modules, "patch_model must not import mmsegmentation"
     module = types.ModuleType("mmseg.models.backbones.twins")
-    module.GlobalSubsampledAttention = GlobalSubsampledAttention
-    module.ConditionalPositionEncoding = ConditionalPositionEncoding
+    module.GlobalSubsampledAttention = standins.GlobalSubsampledAttention
+    module.ConditionalPositionEncoding = standins.ConditionalPositionEncoding
     monkeypatch.setitem(sys.modules, "mmseg.models.backbones.twins", module)
     assert dict(patch_model(model).replaced) == {"gsa": 1, "peg": 1}
 
