@@ -12,7 +12,8 @@ runs. Files from different devices are refused.
 
 Each benchmark's ``extra_info`` carries its op, pass, variant, case and the CUDA-event median
 (see benchmarks/conftest.py). Rows are cases, with each variant's median time and its speedup over
-timm eager and over timm + torch.compile, plus achieved GB/s and % of the measured copy bandwidth.
+timm eager, over timm + torch.compile and (LSA, GSA) over mmsegmentation's module, plus achieved GB/s
+and % of the measured copy bandwidth.
 Only measured numbers: the table is written from the JSON and nothing else. Below it, the issues'
 speed targets (TARGETS): per target and variant, met, missed (with the worst case) or not measured.
 With ``--readme``, the README's summary (between its two README_MARKERS) is rewritten from the same
@@ -30,7 +31,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
-BASELINES = ("timm", "timm_compile")
+# what the fused variants are compared with: timm eager, timm + torch.compile and, in the LSA and GSA
+# module cases, mmsegmentation's modules (the baseline of a user patching an mmsegmentation backbone)
+BASELINES = ("timm", "timm_compile", "mmseg")
 FUSED = ("triton", "cuda")
 README_MARKERS = ("<!-- benchmark summary: written by benchmarks/report.py --readme -->",
                   "<!-- end of benchmark summary -->")
@@ -202,23 +205,28 @@ def bandwidth_cells(info: dict) -> str:
     return f"{info.get('achieved_gbs', 0):.0f} | {info.get('pct_copy_bandwidth', 0):.0f}%"
 
 
+def baselines_first(variant: str) -> tuple[int, str]:
+    """A case's rows in order: the baselines, in BASELINES' order, then the other variants by name."""
+    return (BASELINES.index(variant) if variant in BASELINES else len(BASELINES), variant)
+
+
 def markdown_table(cases, header) -> str:
     lines = [
         f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}, "
         f"python {header['python']}; run {header['date']}. Medians of CUDA-event timings. {ROOFLINE_MEANING}.",
         "",
-        "| case | variant | median ms | vs timm eager | vs timm + compile | GB/s | % of copy BW | % of roofline |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | variant | median ms | vs timm eager | vs timm + compile | vs mmseg | GB/s | % of copy BW | "
+        "% of roofline |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label in sorted(cases):
         variants = cases[label]
         shown = f"{label} †" if spans_runs(variants) else label
-        for variant in sorted(variants, key=lambda v: (v not in BASELINES, v)):
+        for variant in sorted(variants, key=baselines_first):
             info = variants[variant]
-            lines.append(
-                f"| {shown} | {variant} | {info['median_ms']:.3f} | {speedup(variants, 'timm', variant)} | "
-                f"{speedup(variants, 'timm_compile', variant)} | {bandwidth_cells(info)} | {roofline_cell(info)} |"
-            )
+            speedups = " | ".join(speedup(variants, baseline, variant) for baseline in BASELINES)
+            lines.append(f"| {shown} | {variant} | {info['median_ms']:.3f} | {speedups} | {bandwidth_cells(info)} | "
+                         f"{roofline_cell(info)} |")
     if any(spans_runs(variants) for variants in cases.values()):
         lines += ["", "† the case's variants were timed in more than one run (a device call cut off at its "
                       "deadline and continued): its ratios compare timings from different calls."]
@@ -274,8 +282,9 @@ def geometric_mean(values: list[float]) -> float:
 
 def summary_table(cases, header) -> str:
     """Per op (chart panel) and variant: cases, geometric mean and range of the speedup over timm
-    eager, geometric mean over timm + torch.compile, and the median % of the roofline. Rows with none
-    of the three (a variant that is itself the baseline, cases that count no bytes) are left out."""
+    eager, geometric means over timm + torch.compile and over mmsegmentation's module, and the median %
+    of the roofline. Rows with none of these (a variant that is itself the baseline, cases that count no
+    bytes) are left out."""
     rows: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for label, variants in cases.items():
         for variant, info in variants.items():
@@ -292,18 +301,19 @@ def summary_table(cases, header) -> str:
         f"{header['date']}. Speedups of median CUDA-event timings, geometric mean over the cases (range); "
         f"{ROOFLINE_MEANING} (the median over the cases).",
         "",
-        "| op | variant | cases | vs timm eager | vs timm + compile | % of roofline |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| op | variant | cases | vs timm eager | vs timm + compile | vs mmseg | % of roofline |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (panel, variant), row in sorted(rows.items()):
-        eager, compiled, roofline = row.get("timm", []), row.get("timm_compile", []), row.get("roofline", [])
-        if not eager and not compiled and not roofline:
+        eager, roofline = row.get("timm", []), row.get("roofline", [])
+        if not any(row.values()):
             continue
         vs_eager = (f"{geometric_mean(eager):.2f}× ({min(eager):.2f}–{max(eager):.2f})" if eager else "–")
-        vs_compile = f"{geometric_mean(compiled):.2f}×" if compiled else "–"
+        vs_others = " | ".join(f"{geometric_mean(row[baseline]):.2f}×" if row.get(baseline) else "–"
+                               for baseline in BASELINES[1:])
         of_roofline = f"{statistics.median(roofline):.0f}%" if roofline else "–"
-        lines.append(f"| {panel} | {variant} | {max(len(eager), len(compiled), len(roofline))} | {vs_eager} | "
-                     f"{vs_compile} | {of_roofline} |")
+        lines.append(f"| {panel} | {variant} | {max(map(len, row.values()))} | {vs_eager} | {vs_others} | "
+                     f"{of_roofline} |")
     return "\n".join(lines) + "\n"
 
 

@@ -30,9 +30,10 @@ def test_report_table_and_chart(tmp_path):
     assert report.main([str(path), "--out", str(tmp_path)]) == 0
     table = (tmp_path / "report.md").read_text()
     assert "Test GPU" in table and "torch 2.x" in table
-    assert "| peg-fwd-a | triton | 0.500 | 4.00× | 2.00× | 200 | 6% | 40% (memory) |" in table
-    assert "| peg-fwd-a | timm | 2.000 | 1.00× | 0.50× | 50 | 2% | – |" in table  # no roofline recorded
-    assert "| peg-fwd-a | timm_compile | 1.000 | 2.00× | 1.00× | – | – | – |" in table  # no bytes counted
+    assert "| peg-fwd-a | triton | 0.500 | 4.00× | 2.00× | – | 200 | 6% | 40% (memory) |" in table
+    assert "| peg-fwd-a | timm | 2.000 | 1.00× | 0.50× | – | 50 | 2% | – |" in table  # no roofline recorded
+    # no bytes counted
+    assert "| peg-fwd-a | timm_compile | 1.000 | 2.00× | 1.00× | – | – | – | – |" in table
     assert (tmp_path / "speedups.png").stat().st_size > 1000
     rows = [line for line in table.splitlines() if line.startswith("| peg-fwd-a |")]
     assert [row.split(" | ")[1] for row in rows] == ["timm", "timm_compile", "triton"], "the baselines first"
@@ -70,6 +71,32 @@ def write_run(path, date, benchmarks, device="Test GPU"):
     path.write_text(json.dumps({"machine_info": {"torch_version": "2.x", "triton_version": "3.x"},
                                 "datetime": date, "benchmarks": benchmarks}))
     return str(path)
+
+
+def test_attention_cases_are_also_compared_with_mmsegmentations_modules(tmp_path):
+    """The LSA and GSA module cases' ``mmseg`` variant is a baseline: its row follows timm's two, the
+    fused rows show their speedup over it, and the summary its geometric mean per op."""
+    pytest.importorskip("matplotlib")
+    report = load_benchmarks_module("report.py")
+    run = write_run(tmp_path / "run.json", "2026-12-07T10:00:00", [
+        bench("gsa-fwd-a", "timm", 2.0), bench("gsa-fwd-a", "timm_compile", 1.5), bench("gsa-fwd-a", "mmseg", 3.0),
+        bench("gsa-fwd-a", "triton", 1.0), bench("gsa-fwd-b", "timm", 1.0), bench("gsa-fwd-b", "mmseg", 4.0),
+        bench("gsa-fwd-b", "triton", 0.5), bench("peg-fwd-c", "timm", 1.0), bench("peg-fwd-c", "triton", 0.5)])
+    readme = tmp_path / "README.md"
+    readme.write_text("\n".join(report.README_MARKERS) + "\n")
+    assert report.main([run, "--out", str(tmp_path), "--readme", str(readme)]) == 0
+    rows = [line.split(" | ")[1:6] for line in (tmp_path / "report.md").read_text().splitlines()
+            if line.startswith("| gsa-fwd-a |")]
+    assert rows == [["timm", "2.000", "1.00×", "0.75×", "1.50×"],
+                    ["timm_compile", "1.500", "1.33×", "1.00×", "2.00×"],
+                    ["mmseg", "3.000", "0.67×", "0.50×", "1.00×"],
+                    ["triton", "1.000", "2.00×", "1.50×", "3.00×"]]
+    summary = readme.read_text()
+    # gsa triton: 2x and 2x over timm eager, 1.5x over timm + compile (one case), 3x and 8x over mmseg
+    assert "| gsa | triton | 2 | 2.00× (2.00–2.00) | 1.50× | 4.90× | – |" in summary
+    assert "| gsa | mmseg | 2 | 0.41× (0.25–0.67) | 0.50× | – | – |" in summary  # not over itself
+    assert "| gsa | timm_compile | 1 | 1.33× (1.33–1.33) | – | 2.00× | – |" in summary
+    assert "| peg | triton | 1 | 2.00× (2.00–2.00) | – | – | – |" in summary
 
 
 def test_report_merges_runs_variant_by_variant(tmp_path):
@@ -155,8 +182,8 @@ def test_readme_summary_is_written_between_the_markers(tmp_path):
     assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{end}\nafter\n")
     assert "old numbers" not in text and "Test GPU" in text
     # peg triton: 4x and 1x over timm eager (geometric mean 2x), 2x over timm + compile (one case)
-    assert "| peg | triton | 2 | 2.00× (1.00–4.00) | 2.00× | – |" in text
-    assert "| peg | timm_compile | 1 | 2.00× (2.00–2.00) | – | – |" in text
+    assert "| peg | triton | 2 | 2.00× (1.00–4.00) | 2.00× | – | – |" in text
+    assert "| peg | timm_compile | 1 | 2.00× (2.00–2.00) | – | – | – |" in text
     assert "| peg | timm |" not in text, "timm eager is the baseline, not a variant of its own"
     assert "](results/speedups.png)" in text and "| gsa-core |" not in text  # no baseline, no roofline
     # with a roofline %, the cores (no timm baseline) get a row: the median over their cases
@@ -166,7 +193,7 @@ def test_readme_summary_is_written_between_the_markers(tmp_path):
         entry["extra_info"].update(pct_roofline=pct, bound="compute")
     write_run(run, "2026-11-25T10:00:00", cores)
     assert report.main([str(run), "--out", str(out), "--readme", str(readme)]) == 0
-    assert "| gsa-core | triton | 3 | – | – | 40% |" in readme.read_text()
+    assert "| gsa-core | triton | 3 | – | – | – | 40% |" in readme.read_text()
     readme.write_text("no markers\n")
     assert report.main([str(run), "--out", str(out), "--readme", str(readme)]) == 2
 
