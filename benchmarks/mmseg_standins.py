@@ -162,16 +162,12 @@ class ConditionalPositionEncoding0x(ConditionalPositionEncoding):
         return super().forward(x, (H, W))
 
 
-class GSAAsEncoderLayerCalls(nn.Module):
+class GSAAsEncoderLayerCalls(GlobalSubsampledAttention):
     """A GlobalSubsampledAttention called as mmsegmentation's GSAEncoderLayer calls it: ``attn(x,
     hw_shape, identity=0.)``, its residual added by the layer (so one more elementwise op than timm's)."""
 
-    def __init__(self, gsa: GlobalSubsampledAttention):
-        super().__init__()
-        self.gsa = gsa
-
     def forward(self, x, hw_shape):
-        return self.gsa(x, hw_shape, identity=0.)
+        return super().forward(x, hw_shape, identity=0.)
 
 
 def from_timm(module: nn.Module) -> nn.Module:
@@ -184,7 +180,7 @@ def from_timm(module: nn.Module) -> nn.Module:
     if isinstance(module, LocallyGroupedAttn):
         mmseg = LocallyGroupedSelfAttention(module.dim, module.num_heads, qkv_bias=True, window_size=module.ws)
     elif isinstance(module, GlobalSubSampleAttn):
-        mmseg = GlobalSubsampledAttention(module.dim, module.num_heads, qkv_bias=True, sr_ratio=module.sr_ratio)
+        mmseg = GSAAsEncoderLayerCalls(module.dim, module.num_heads, qkv_bias=True, sr_ratio=module.sr_ratio)
         # nn.MultiheadAttention packs q, k and v in one in_proj: q's rows, then kv's (keys, then values;
         # each head's in order, as timm splits them)
         for name in ("weight", "bias"):
@@ -194,6 +190,4 @@ def from_timm(module: nn.Module) -> nn.Module:
         raise TypeError("from_timm takes timm's LocallyGroupedAttn or GlobalSubSampleAttn, "
                         f"not {type(module).__name__}")
     mmseg.load_state_dict(state)
-    if isinstance(mmseg, GlobalSubsampledAttention):
-        mmseg = GSAAsEncoderLayerCalls(mmseg)
     return mmseg.to(weight.device, weight.dtype).train(module.training)
