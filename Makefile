@@ -49,7 +49,9 @@ kernel-report: $(VENV)/.extension
 # Triton kernel must compile with that Triton (triton_aot.py --quick, sm_90), or a GPU session loses its
 # device time to a build error. Built and tested in a copy of the tree, with arch 9.0 only (the H100),
 # so the .venv build stays as it is.
-GPU_VERSIONS_SPEC ?= torch==2.11.0 torchvision==0.26.0
+# The GPU machine's timm version is not recorded: this leg takes the oldest timm 1.0 release (setup.py's
+# floor, as torch 2.11 is), the main suite the newest.
+GPU_VERSIONS_SPEC ?= torch==2.11.0 torchvision==0.26.0 timm==1.0.3
 # (a pyenv shim for 3.12 may be on PATH without being active, hence the fallbacks)
 GPU_VERSIONS_PYTHON ?= $(shell (python3.12 -c 'import sys; print(sys.executable)' || ls $(HOME)/.pyenv/versions/3.12*/bin/python3.12 || echo python3) 2>/dev/null | head -1)
 GPU_VERSIONS_VENV ?= .venv-gpu-versions
@@ -59,11 +61,16 @@ GPU_VERSIONS_TREE := build/gpu-versions
 # torch.compile, each kernel launched at all (the rest of those files and the main job's parity table).
 GPU_VERSIONS_SWEEPS := test_lsa.py::test_triton_matches_timm test_lsa.py::test_triton_mask_mode_matches_mmseg \
 	test_gsa.py::test_triton_matches_timm test_peg.py::test_triton_matches_timm
+# Patching meets timm's API (its classes, FX tracing, features_only, forward_intermediates) on these; the
+# model parity tests in the Triton interpreter stay in the main suite.
+GPU_VERSIONS_PATCH_TESTS := test_replaces_every_module_and_keeps_the_state_dict test_checkpoints_load_both_ways \
+	test_model_parity_every_variant_reference_backend test_features_only_backbone_and_wrappers \
+	test_fx_feature_extraction_of_a_patched_model test_fused_modules_have_every_attribute_of_timms
 
 $(GPU_VERSIONS_VENV)/.installed: Makefile
 	$(GPU_VERSIONS_PYTHON) -m venv $(GPU_VERSIONS_VENV)
 	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet $(GPU_VERSIONS_SPEC) wheel ninja timm pytest pytest-xdist hypothesis
+	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet $(GPU_VERSIONS_SPEC) wheel ninja pytest pytest-xdist hypothesis
 	touch $@
 
 gpu-versions: $(GPU_VERSIONS_VENV)/.installed
@@ -74,7 +81,8 @@ gpu-versions: $(GPU_VERSIONS_VENV)/.installed
 	cd $(GPU_VERSIONS_TREE) && bash benchmarks/run_gpu.sh sources-hash > twins_kernels/_C.sources.sha256
 	cd $(GPU_VERSIONS_TREE) && TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) \
 		$(abspath $(GPU_VERSIONS_VENV))/bin/python -m pytest tests/test_backend.py tests/test_lsa.py tests/test_gsa.py \
-		tests/test_peg.py $(GPU_VERSIONS_SWEEPS:%=--deselect tests/%) -q -n $(TEST_WORKERS) -p no:cacheprovider
+		tests/test_peg.py $(GPU_VERSIONS_PATCH_TESTS:%=tests/test_patch.py::%) $(GPU_VERSIONS_SWEEPS:%=--deselect tests/%) \
+		-q -n $(TEST_WORKERS) -p no:cacheprovider
 	cd $(GPU_VERSIONS_TREE) && env -u TRITON_INTERPRET $(abspath $(GPU_VERSIONS_VENV))/bin/python tests/triton_aot.py \
 		--quick --arch 90
 

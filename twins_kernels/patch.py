@@ -98,7 +98,7 @@ def _register_timm_classes() -> None:
         from timm.models import twins
     except ImportError:
         return
-    from timm.layers import register_notrace_module
+    from timm.models import register_notrace_module  # timm.layers has it only from 1.0.17 on
 
     from .modules import FusedGSA, FusedLSA, FusedPEG
 
