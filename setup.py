@@ -71,11 +71,12 @@ setup(
     version="0.1.0",
     description="Fused Triton and CUDA kernels for the Twins vision transformers (LSA, GSA, PEG)",
     packages=find_packages(include=["twins_kernels", "twins_kernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    # the oldest versions CI tests (make gpu-versions); torch 2.11 needs Python 3.10
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
     extras_require={
-        "test": ["timm>=1.0", "pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"],
-        "bench": ["timm>=1.0", "pytest", "pytest-benchmark", "matplotlib"],
+        "test": ["timm>=1.0.3", "pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"],
+        "bench": ["timm>=1.0.3", "pytest", "pytest-benchmark", "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
