@@ -324,4 +324,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["triton_version"] = triton.__version__
     except ImportError:
         machine_info["triton_version"] = "not installed"
+    import timm  # every case's baseline is timm's module, whose code varies by release
+
+    machine_info["timm_version"] = timm.__version__
     machine_info["gpu"] = torch.cuda.get_device_name() if HAS_GPU else "none"

@@ -37,7 +37,7 @@ BASELINES = ("timm", "timm_compile", "mmseg")
 FUSED = ("triton", "cuda")
 README_MARKERS = ("<!-- benchmark summary: written by benchmarks/report.py --readme -->",
                   "<!-- end of benchmark summary -->")
-HEADER_FIELDS = ("device", "date", "torch", "triton", "python")
+HEADER_FIELDS = ("device", "date", "torch", "triton", "timm", "python")
 ROOFLINE_MEANING = ("% of roofline: the fewest ms a case's bytes (at the measured copy bandwidth) or FLOPs (at the "
                     "measured bf16 matmul rate) allow, over its median time, and which of the two bounds it")
 
@@ -150,6 +150,7 @@ def load_run(path: str):
         "date": data.get("datetime", ""),
         "torch": machine.get("torch_version", ""),
         "triton": machine.get("triton_version", ""),
+        "timm": machine.get("timm_version", ""),
         "python": machine.get("python_version", ""),
     }
     return dict(cases), header
@@ -213,7 +214,8 @@ def baselines_first(variant: str) -> tuple[int, str]:
 def markdown_table(cases, header) -> str:
     lines = [
         f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}, "
-        f"python {header['python']}; run {header['date']}. Medians of CUDA-event timings. {ROOFLINE_MEANING}.",
+        f"timm {header['timm'] or 'unknown'}, python {header['python']}; run {header['date']}. Medians of "
+        f"CUDA-event timings. {ROOFLINE_MEANING}.",
         "",
         "| case | variant | median ms | vs timm eager | vs timm + compile | vs mmseg | GB/s | % of copy BW | "
         "% of roofline |",
@@ -297,7 +299,8 @@ def summary_table(cases, header) -> str:
             if "pct_roofline" in info:
                 row["roofline"].append(info["pct_roofline"])
     lines = [
-        f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}; run "
+        f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}, "
+        f"timm {header['timm'] or 'unknown'}; run "
         f"{header['date']}. Speedups of median CUDA-event timings, geometric mean over the cases (range); "
         f"{ROOFLINE_MEANING} (the median over the cases).",
         "",

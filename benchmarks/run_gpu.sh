@@ -79,7 +79,7 @@ until_deadline() {
 }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  $PY -c "import torch, triton, timm; print(*(f'{m.__name__} {m.__version__}' for m in (torch, triton, timm)))"
   date -u
 } > "$OUT/env.txt" 2>&1
 # The device machine starts bare whenever it has been idle for 30 s, and building the extension there

@@ -52,6 +52,21 @@ def test_compiled_baselines_never_run_eager_past_the_recompile_limit():
     torch._dynamo.reset()
 
 
+def test_a_runs_json_names_the_versions_its_report_shows(tmp_path):
+    """The benchmark session writes torch's, Triton's and timm's versions (every baseline is timm's module,
+    whose code varies by release) into the JSON, where the report reads its header from."""
+    import timm
+    import triton
+
+    machine_info = {}
+    load_benchmarks_module("conftest.py").pytest_benchmark_update_machine_info(None, machine_info)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"machine_info": machine_info, "benchmarks": []}))
+    _, header = load_benchmarks_module("report.py").load_run(str(path))
+    assert (header["torch"], header["triton"], header["timm"]) == (torch.__version__, triton.__version__,
+                                                                   timm.__version__)
+
+
 class BenchmarkFixture:
     """pytest-benchmark's ``benchmark`` as the cases use it: a group, extra_info, and pedantic runs."""
 

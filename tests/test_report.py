@@ -18,7 +18,8 @@ def test_report_table_and_chart(tmp_path):
     pytest.importorskip("matplotlib")
     report = load_benchmarks_module("report.py")
     data = {
-        "machine_info": {"torch_version": "2.x", "triton_version": "3.x", "python_version": "3.11"},
+        "machine_info": {"torch_version": "2.x", "triton_version": "3.x", "timm_version": "1.0.x",
+                         "python_version": "3.11"},
         "datetime": "2026-11-24T10:00:00",
         "benchmarks": [bench("peg-fwd-a", "timm", 2.0), bench("peg-fwd-a", "timm_compile", 1.0),
                        bench("peg-fwd-a", "triton", 0.5), {"group": "skipped", "extra_info": {}}],
@@ -29,7 +30,7 @@ def test_report_table_and_chart(tmp_path):
     path.write_text(json.dumps(data))
     assert report.main([str(path), "--out", str(tmp_path)]) == 0
     table = (tmp_path / "report.md").read_text()
-    assert "Test GPU" in table and "torch 2.x" in table
+    assert "Test GPU" in table and "torch 2.x, triton 3.x, timm 1.0.x, python 3.11" in table
     assert "| peg-fwd-a | triton | 0.500 | 4.00× | 2.00× | – | 200 | 6% | 40% (memory) |" in table
     assert "| peg-fwd-a | timm | 2.000 | 1.00× | 0.50× | – | 50 | 2% | – |" in table  # no roofline recorded
     # no bytes counted
@@ -68,8 +69,8 @@ def test_report_refuses_an_all_skipped_run(tmp_path):
 def write_run(path, date, benchmarks, device="Test GPU"):
     for entry in benchmarks:
         entry["extra_info"]["device"] = device
-    path.write_text(json.dumps({"machine_info": {"torch_version": "2.x", "triton_version": "3.x"},
-                                "datetime": date, "benchmarks": benchmarks}))
+    machine = {"torch_version": "2.x", "triton_version": "3.x", "timm_version": "1.0.x"}
+    path.write_text(json.dumps({"machine_info": machine, "datetime": date, "benchmarks": benchmarks}))
     return str(path)
 
 
@@ -180,7 +181,7 @@ def test_readme_summary_is_written_between_the_markers(tmp_path):
     assert report.main([str(run), "--out", str(out), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{end}\nafter\n")
-    assert "old numbers" not in text and "Test GPU" in text
+    assert "old numbers" not in text and "Test GPU; torch 2.x, triton 3.x, timm 1.0.x; run" in text
     # peg triton: 4x and 1x over timm eager (geometric mean 2x), 2x over timm + compile (one case)
     assert "| peg | triton | 2 | 2.00× (1.00–4.00) | 2.00× | – | – |" in text
     assert "| peg | timm_compile | 1 | 2.00× (2.00–2.00) | – | – | – |" in text
