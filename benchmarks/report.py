@@ -211,11 +211,15 @@ def baselines_first(variant: str) -> tuple[int, str]:
     return (BASELINES.index(variant) if variant in BASELINES else len(BASELINES), variant)
 
 
+def versions(header) -> str:
+    """The software a run measured with, as both headers name it (timm's version: every baseline is its module)."""
+    return f"torch {header['torch']}, triton {header['triton']}, timm {header['timm'] or 'unknown'}"
+
+
 def markdown_table(cases, header) -> str:
     lines = [
-        f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}, "
-        f"timm {header['timm'] or 'unknown'}, python {header['python']}; run {header['date']}. Medians of "
-        f"CUDA-event timings. {ROOFLINE_MEANING}.",
+        f"Device: {header['device'] or 'unknown'}; {versions(header)}, python {header['python']}; "
+        f"run {header['date']}. Medians of CUDA-event timings. {ROOFLINE_MEANING}.",
         "",
         "| case | variant | median ms | vs timm eager | vs timm + compile | vs mmseg | GB/s | % of copy BW | "
         "% of roofline |",
@@ -299,9 +303,8 @@ def summary_table(cases, header) -> str:
             if "pct_roofline" in info:
                 row["roofline"].append(info["pct_roofline"])
     lines = [
-        f"Device: {header['device'] or 'unknown'}; torch {header['torch']}, triton {header['triton']}, "
-        f"timm {header['timm'] or 'unknown'}; run "
-        f"{header['date']}. Speedups of median CUDA-event timings, geometric mean over the cases (range); "
+        f"Device: {header['device'] or 'unknown'}; {versions(header)}; run {header['date']}. Speedups of "
+        "median CUDA-event timings, geometric mean over the cases (range); "
         f"{ROOFLINE_MEANING} (the median over the cases).",
         "",
         "| op | variant | cases | vs timm eager | vs timm + compile | vs mmseg | % of roofline |",
