@@ -10,6 +10,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import timm
 import torch
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -17,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from twins_kernels import FusedLSA
 
-from conftest import HAS_GPU, ROOT, load_benchmarks_module
+from conftest import HAS_GPU, ROOT, SHALLOW, load_benchmarks_module
 from parity import DTYPE_IDS, assert_rel_close, make_tokens
 
 
@@ -55,7 +56,6 @@ def test_compiled_baselines_never_run_eager_past_the_recompile_limit():
 def test_a_runs_json_names_the_versions_its_report_shows(tmp_path):
     """The benchmark session writes torch's, Triton's and timm's versions (every baseline is timm's module,
     whose code varies by release) into the JSON, where the report reads its header from."""
-    import timm
     import triton
 
     machine_info = {}
@@ -80,7 +80,8 @@ class BenchmarkFixture:
 @pytest.fixture
 def benchmarks_on_cpu(monkeypatch):
     """The benchmark modules, their cases' bodies made runnable on the CPU: tensors on the CPU and a
-    64-pixel image at batch 1, the GPU timers and memory counters stubbed (each runs the case once),
+    64-pixel image at batch 1, the models with two blocks a stage (each kind of block, at less than half
+    of Dynamo's tracing time), the GPU timers and memory counters stubbed (each runs the case once),
     torch.compile on Dynamo's eager backend, the triton backend in the interpreter."""
     if HAS_GPU:
         pytest.skip("a GPU is present: `pytest benchmarks/` runs the cases themselves")
@@ -98,6 +99,9 @@ def benchmarks_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    shallow_timm = SimpleNamespace(create_model=lambda name, **kwargs: timm.create_model(name, depths=SHALLOW,
+                                                                                         **kwargs))
+    monkeypatch.setattr(modules["models"], "timm", shallow_timm)
     for module in (bench, *modules.values()):
         for name, value in (("DEVICE", "cpu"), ("IMAGE_SIZES", {64: 1}), ("compiled", compiled),
                             ("skip_unless_available", lambda backend: None)):
