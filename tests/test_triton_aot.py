@@ -11,30 +11,33 @@ import sys
 
 import pytest
 
-from conftest import HAS_GPU, ROOT
+from conftest import HAS_GPU, ROOT, held_across_workers, shared_tmp_dir
 ARCHS = (90, 80)  # TORCH_CUDA_ARCH_LIST's default: H100 and A100
 
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
+    """Every launch case compiled for each of ARCHS, once a pytest run: the first pytest-xdist worker that
+    needs the builds compiles them (minutes of every core), and another reads its reports rather than
+    compiling them all again."""
     if HAS_GPU:
         pytest.skip("a GPU is present: the GPU tests compile and launch every kernel for real")
     pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas ships with it)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    folder = tmp_path_factory.mktemp("aot")
-    runs = {}
-    for arch in ARCHS:
-        report = folder / f"sm_{arch}.json"
-        command = [sys.executable, os.path.join(ROOT, "tests", "triton_aot.py"), "--quick", "--arch", str(arch),
-                   "--json", str(report)]
-        runs[arch] = (report, subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                               stderr=subprocess.STDOUT, text=True))
-    results = []
-    for arch, (report, process) in runs.items():
-        output, _ = process.communicate(timeout=1800)
-        assert report.exists(), f"sm_{arch}: the compile check produced no report:\n{output[-4000:]}"
-        results.extend(json.loads(report.read_text())["builds"])
-    return results
+    folder = shared_tmp_dir(tmp_path_factory)
+    reports = {arch: folder / f"aot-sm_{arch}.json" for arch in ARCHS}
+    with held_across_workers(tmp_path_factory, "aot"):
+        runs = {}
+        for arch, report in reports.items():
+            if not report.exists():  # a failed compile check writes none: the next worker runs it again
+                command = [sys.executable, os.path.join(ROOT, "tests", "triton_aot.py"), "--quick", "--arch",
+                           str(arch), "--json", str(report)]
+                runs[arch] = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True)
+        for arch, process in runs.items():
+            output, _ = process.communicate(timeout=1800)
+            assert reports[arch].exists(), f"sm_{arch}: the compile check produced no report:\n{output[-4000:]}"
+    return [build for report in reports.values() for build in json.loads(report.read_text())["builds"]]
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
