@@ -1,11 +1,15 @@
-"""twins_kernels.ops._triton's mend of the Triton interpreter's launches: the language is patched once per
-launch rather than at every call of a @triton.jit helper, and the kernels compute what they did."""
+"""twins_kernels.ops._triton's mends of the Triton interpreter's launches: the language is patched once per
+launch rather than at every call of a @triton.jit helper, no overflow check is built that nothing asserts,
+and the kernels compute what they did."""
+import dataclasses
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from twins_kernels import FusedLSA
+from twins_kernels import FusedGSA, FusedLSA, FusedPEG
+from twins_kernels.ops._triton import _skip_unasserted_overflow_checks
 
 from parity import make_tokens
 
@@ -47,3 +51,41 @@ def test_the_kernels_compute_what_they_compute_with_the_interpreters_own_launch(
     monkeypatch.setattr(interpreter.GridExecutor, "__call__", interpreter.GridExecutor.__call__.__wrapped__)
     own = forward_and_backward(module, x, (9, 10))
     assert all(torch.equal(a, b) for a, b in zip(mended, own))
+
+
+def ops_forward_and_backward():
+    """Each op's kernels, forward and backward, in fp32 and fp16 (16-bit index arithmetic is the same)."""
+    results = []
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(0)
+        for module in (FusedLSA(32, 2, ws=7, backend="triton"), FusedGSA(32, 2, sr_ratio=2, backend="triton"),
+                       FusedPEG(32, 32, backend="triton")):
+            results += forward_and_backward(module.to(dtype), make_tokens(2, 9, 10, 32, dtype, "cpu"), (9, 10))
+    return results
+
+
+def test_no_overflow_check_is_built_and_the_kernels_compute_what_they_did_with_them(monkeypatch):
+    """The interpreter hands its overflow checks to device_assert, which drops them without ``debug``: with
+    the mend none reaches it, and the kernels' outputs and gradients are bitwise those computed with the
+    checks built."""
+    from triton.language.semantic import TritonSemantic
+    from triton.runtime import interpreter
+
+    asserted = []  # the messages of what reaches device_assert (self, cond, msg, mask)
+    device_assert = TritonSemantic.device_assert
+    monkeypatch.setattr(TritonSemantic, "device_assert",
+                        lambda *args: (asserted.append(args[2]), device_assert(*args))[1])
+    mended = ops_forward_and_backward()
+    assert not asserted, asserted[:3]
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, sanitize_overflow=True))
+    checked = ops_forward_and_backward()
+    assert any("overflow" in message for message in asserted), "the checks were not built: is the spy stale?"
+    assert all(torch.equal(a, b) for a, b in zip(mended, checked, strict=True))
+
+
+def test_overflow_checks_stay_where_debug_asserts_them():
+    options = SimpleNamespace(debug=True, sanitize_overflow=True)
+    interpreter = SimpleNamespace(interpreter_builder=SimpleNamespace(options=options))
+    _skip_unasserted_overflow_checks(interpreter)
+    assert interpreter.interpreter_builder.options is options

@@ -2,13 +2,15 @@
 
 Under ``TRITON_INTERPRET=1`` the interpreter is first taught bf16 arithmetic (``interpreter_bf16``), so
 bf16 kernels give on CPU the values they give on a GPU; on Triton 3.6 it is also mended to loop over
-bounds passed at launch (``_index_scalar_arguments``), and it patches the language once per launch
-rather than at every helper call (``_patch_language_once_per_launch``).
+bounds passed at launch (``_index_scalar_arguments``); it patches the language once per launch rather
+than at every helper call (``_patch_language_once_per_launch``), and computes no overflow check that
+nothing asserts (``_skip_unasserted_overflow_checks``).
 
 Without Triton, ``triton.jit`` becomes a no-op decorator and ``tl.constexpr`` a plain marker:
 the kernel functions still exist as Python functions, but the backend selection
 (``twins_kernels.backend``) refuses the ``triton`` backend with the import error, so they never run.
 """
+import dataclasses
 import functools
 from types import SimpleNamespace
 
@@ -66,6 +68,20 @@ def _patch_language_once_per_launch(interpreter, tl) -> None:
     interpreter.GridExecutor.__call__ = launch_patching_once
 
 
+def _skip_unasserted_overflow_checks(interpreter) -> None:
+    """Triton's interpreter (3.6-3.8) builds an overflow check for every add, sub and mul of 32-bit
+    integers (the operands widened to int64, the result compared with the int32 range) and hands it to
+    ``device_assert``, which drops it unless the builder's options have ``debug`` on, and the
+    interpreter's never do: the kernels' index arithmetic spent about a third of their interpreter time
+    on checks nothing asserted. With ``debug`` off, the interpreter's builder now skips them, as a GPU
+    compile without ``debug`` drops them."""
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if options is None or options.debug or not getattr(options, "sanitize_overflow", False):
+        return
+    builder.options = dataclasses.replace(options, sanitize_overflow=False)
+
+
 try:
     import triton
     import triton.language as tl
@@ -78,6 +94,7 @@ try:
         interpreter_bf16.enable()
         _index_scalar_arguments(interpreter)
         _patch_language_once_per_launch(interpreter, tl)
+        _skip_unasserted_overflow_checks(interpreter)
     TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
     @triton.jit
