@@ -1,6 +1,6 @@
 """twins_kernels.ops._triton's mends of the Triton interpreter's launches: the language is patched once per
 launch rather than at every call of a @triton.jit helper, no overflow check is built that nothing asserts,
-and the kernels compute what they did."""
+NumPy dtypes are looked up once a type, and the kernels compute what they did."""
 import dataclasses
 import os
 from types import SimpleNamespace
@@ -89,3 +89,22 @@ def test_overflow_checks_stay_where_debug_asserts_them():
     interpreter = SimpleNamespace(interpreter_builder=SimpleNamespace(options=options))
     _skip_unasserted_overflow_checks(interpreter)
     assert interpreter.interpreter_builder.options is options
+
+
+def test_numpy_dtypes_looked_up_once_are_the_tables(monkeypatch):
+    """Each Triton type's NumPy dtype, kept by the type's name, is the one the interpreter's table gives:
+    element types, pointers, blocks of each (equal names, equal dtypes); and the kernels compute what they
+    compute with the table built at every look-up."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    kept = interpreter._get_np_dtype
+    table = kept.__wrapped__
+    scalars = [tl.int1, tl.int32, tl.int64, tl.float16, tl.bfloat16, tl.float32, tl.float64]
+    types = scalars + [tl.pointer_type(t) for t in scalars]
+    types += [tl.block_type(t, [4, 2]) for t in types]
+    assert [kept(t) for t in types] == [table(t) for t in types] == [kept(t) for t in types]
+    cached = ops_forward_and_backward()
+    monkeypatch.setattr(interpreter, "_get_np_dtype", table)
+    rebuilt = ops_forward_and_backward()
+    assert all(torch.equal(a, b) for a, b in zip(cached, rebuilt, strict=True))

@@ -3,8 +3,9 @@
 Under ``TRITON_INTERPRET=1`` the interpreter is first taught bf16 arithmetic (``interpreter_bf16``), so
 bf16 kernels give on CPU the values they give on a GPU; on Triton 3.6 it is also mended to loop over
 bounds passed at launch (``_index_scalar_arguments``); it patches the language once per launch rather
-than at every helper call (``_patch_language_once_per_launch``), and computes no overflow check that
-nothing asserts (``_skip_unasserted_overflow_checks``).
+than at every helper call (``_patch_language_once_per_launch``), computes no overflow check that
+nothing asserts (``_skip_unasserted_overflow_checks``) and keeps the NumPy dtype of each Triton type
+(``_cache_numpy_dtypes``).
 
 Without Triton, ``triton.jit`` becomes a no-op decorator and ``tl.constexpr`` a plain marker:
 the kernel functions still exist as Python functions, but the backend selection
@@ -82,6 +83,26 @@ def _skip_unasserted_overflow_checks(interpreter) -> None:
     builder.options = dataclasses.replace(options, sanitize_overflow=False)
 
 
+def _cache_numpy_dtypes(interpreter) -> None:
+    """Triton's interpreter (3.6-3.8) finds a value's NumPy dtype in a table of 19 ``np.dtype`` it builds
+    anew at every look-up, a tenth of the kernels' interpreter time; each Triton type's is now looked up
+    once, by its name (which names the element type, and a pointer as one)."""
+    original = getattr(interpreter, "_get_np_dtype", None)
+    if original is None or getattr(original, "_twins_kernels_cached", False):
+        return
+    found = {}
+
+    def numpy_dtype(triton_type):
+        name = triton_type.name
+        if name not in found:
+            found[name] = original(triton_type)
+        return found[name]
+
+    numpy_dtype._twins_kernels_cached = True
+    numpy_dtype.__wrapped__ = original
+    interpreter._get_np_dtype = numpy_dtype
+
+
 try:
     import triton
     import triton.language as tl
@@ -95,6 +116,7 @@ try:
         _index_scalar_arguments(interpreter)
         _patch_language_once_per_launch(interpreter, tl)
         _skip_unasserted_overflow_checks(interpreter)
+        _cache_numpy_dtypes(interpreter)
     TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
     @triton.jit
