@@ -294,7 +294,10 @@ def backward_twice(module, x, size):
     return grads
 
 
+@requires_gpu
 def test_backward_is_bitwise_reproducible():
+    """On a GPU, whose programs run concurrently (the interpreter runs them in turn: test_triton_aot.py's
+    test_no_kernel_uses_atomics checks the kernels on a CPU)."""
     module = FusedGSA(32, num_heads=2, sr_ratio=2, backend="triton").to(KERNEL_DEVICE)
     x = make_tokens(2, 6, 10, 32, torch.float32, KERNEL_DEVICE).requires_grad_()
     first, second = backward_twice(module, x, (6, 10))

@@ -124,7 +124,10 @@ def test_gradcheck_float64(backend):
                                     fast_mode=True)
 
 
+@requires_gpu
 def test_weight_grad_is_bitwise_reproducible():
+    """On a GPU, whose programs run concurrently (the interpreter runs them in turn: test_triton_aot.py's
+    test_no_kernel_uses_atomics checks the kernels on a CPU)."""
     x = make_tokens(3, 11, 13, 40, torch.float32, KERNEL_DEVICE).requires_grad_()
     module = FusedPEG(40, 40, backend="triton").to(KERNEL_DEVICE)
     grads = []

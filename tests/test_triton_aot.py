@@ -70,6 +70,36 @@ def test_16bit_dots_run_on_tensor_cores(builds, arch):
         assert not no_wgmma, "Twins' tiles without wgmma on sm_90:\n" + "\n".join(no_wgmma)
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+def test_no_kernel_uses_atomics(builds, arch):
+    """No atomics anywhere (fixed partitions, partial sums added in a fixed order): a float atomic's order,
+    and with it the sum's rounding, varies from run to run on a GPU, so a backward with one would not be
+    bitwise reproducible; the interpreter runs the programs one after another and cannot show that."""
+    with_atomics = [f"{b['kernel']} ({b['case']}): {b['atomics']}"
+                    for b in builds if b["arch"] == arch and b["atomics"]]
+    assert not with_atomics, "atomics in the PTX:\n" + "\n".join(with_atomics)
+
+
+ATOMIC_KERNEL = """
+import sys, torch, triton, triton.language as tl
+sys.path.insert(0, "tests")
+from triton_aot import LaunchCase, compile_all
+
+@triton.jit
+def sum_with_atomics_kernel(a_ptr, total_ptr):
+    tl.atomic_add(total_ptr, tl.load(a_ptr + tl.program_id(0)))
+
+launch = lambda: sum_with_atomics_kernel[(4,)](torch.randn(4), torch.zeros(1))
+print("ATOMICS:", [b.atomics for b in compile_all([90], [LaunchCase("atomic-sum", launch)])])
+"""
+
+
+def test_compile_check_finds_an_atomic_add(tmp_path):
+    result = run_compile_script(tmp_path, "atomic_kernel.py", ATOMIC_KERNEL)
+    assert "ATOMICS: [" in result.stdout, result.stdout + result.stderr
+    assert ".add.f32" in result.stdout.split("ATOMICS:", 1)[1], result.stdout
+
+
 # A kernel the interpreter runs happily and the GPU compiler rejects: a loop unrolled at compile time
 # (tl.static_range) over a bound known only at run time.
 BROKEN_KERNEL = """
@@ -93,12 +123,18 @@ print("PROBLEMS:", [p for b in builds for p in b.problems])
 """
 
 
+def run_compile_script(tmp_path, name: str, source: str) -> subprocess.CompletedProcess:
+    """Run ``source`` as tmp_path/``name`` (Triton reads a kernel's source from its file) in a process without
+    TRITON_INTERPRET, importing this tree's twins_kernels."""
+    script = tmp_path / name
+    script.write_text(source)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+
+
 def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):
-    script = tmp_path / "broken_kernel.py"  # Triton reads a kernel's source from its file
-    script.write_text(BROKEN_KERNEL)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+    result = run_compile_script(tmp_path, "broken_kernel.py", BROKEN_KERNEL)
     assert "PROBLEMS: [" in result.stdout, result.stdout + result.stderr
     problems = result.stdout.split("PROBLEMS:", 1)[1]
     assert "CompilationError" in problems and "static_range" in problems, problems
@@ -150,11 +186,7 @@ def test_other_image_sizes_reuse_the_compiled_kernels(tmp_path):
     if HAS_GPU:
         pytest.skip("a GPU is present: the compile-only driver is for machines without one")
     pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas ships with it)")
-    script = tmp_path / "image_sizes.py"
-    script.write_text(OTHER_IMAGE_SIZES)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": ROOT}  # this tree's
-    result = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=900)
+    result = run_compile_script(tmp_path, "image_sizes.py", OTHER_IMAGE_SIZES)
     builds = [line.split(" ", 2)[1:] for line in result.stdout.splitlines() if line.startswith("BUILD ")]
     assert builds, result.stdout[-3000:] + result.stderr[-3000:]
     assert all(rest.endswith(" []") for _, rest in builds), builds  # compiled, no problems

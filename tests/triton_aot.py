@@ -85,6 +85,7 @@ class KernelBuild:
     stack: int = 0  # stack-frame bytes per thread: spilled registers
     seconds: float = 0.0  # compile time, through ptxas
     tensor_cores: str = ""  # the MMA instructions in the PTX: "wgmma" (sm_90), "mma" or "" (FMA only)
+    atomics: str = ""  # the atomic instructions in the PTX (atom.*, red.*), "" for none
     constexprs: dict = field(default_factory=dict)
     error: str = ""
 
@@ -161,6 +162,12 @@ def mma_instructions(ptx: str) -> str:
     return "mma" if re.search(r"\bmma\.sync", ptx) else ""
 
 
+def atomic_instructions(ptx: str) -> str:
+    """The atomic read-modify-write instructions a kernel's PTX issues (``atom.global.add.f32``, say),
+    comma-separated, or "" for none."""
+    return ", ".join(sorted(set(re.findall(r"^\s*(?:@!?%\w+\s+)?((?:atom|red)\.[\w.]+)", ptx, re.MULTILINE))))
+
+
 class CompileRecorder:
     """Replaces JITFunction.run: compile (``warmup=True``: no launch) and record each new kernel."""
 
@@ -219,7 +226,7 @@ class CompileRecorder:
             self.builds[key] = KernelBuild(self.arch, fn.__name__, self.case, kernel.metadata.num_warps,
                                            kernel.metadata.num_stages, kernel.metadata.shared, registers, stack,
                                            time.perf_counter() - start, mma_instructions(kernel.asm["ptx"]),
-                                           constexprs)
+                                           constexprs=constexprs, atomics=atomic_instructions(kernel.asm["ptx"]))
         self.uses.append(key)
         return kernel
 
