@@ -14,7 +14,7 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST
 # A machine with a toolkit must build the extension: its registration test fails instead of skipping.
 REQUIRE_EXTENSION := $(if $(CUDA_HOME),1,0)
 
-.PHONY: demo test bench kernel-report sweep-report extension gpu-versions clean
+.PHONY: demo test bench kernel-report sweep-report extension gpu-versions gpu-versions-venv clean
 
 $(VENV)/.installed: Makefile
 	python3 -m venv $(VENV)
@@ -72,6 +72,9 @@ $(GPU_VERSIONS_VENV)/.installed: Makefile
 	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet $(GPU_VERSIONS_SPEC) wheel ninja pytest pytest-xdist hypothesis
 	touch $@
+
+# the environment alone (.ci/run installs it while `make test` runs)
+gpu-versions-venv: $(GPU_VERSIONS_VENV)/.installed
 
 gpu-versions: $(GPU_VERSIONS_VENV)/.installed
 	rm -rf $(GPU_VERSIONS_TREE) && mkdir -p $(GPU_VERSIONS_TREE)
