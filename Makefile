@@ -46,8 +46,8 @@ kernel-report: $(VENV)/.extension
 
 # The GPU machine's versions (the device tool's KINDS.md: Python 3.12, torch 2.11.0+cu130, triton 3.6.0):
 # the extension must compile against that torch's headers, the package must work with it and every
-# Triton kernel must compile with that Triton (triton_aot.py --quick, sm_90), or a GPU session loses its
-# device time to a build error. Built and tested in a copy of the tree, with arch 9.0 only (the H100),
+# Triton kernel must compile with that Triton (triton_aot.py --quick, sm_90; a process per dtype, minutes
+# of a core each with a cold cache), or a GPU session loses its device time to a build error. Built and tested in a copy of the tree, with arch 9.0 only (the H100),
 # so the .venv build stays as it is.
 # The GPU machine's timm version is not recorded: this leg takes the oldest timm 1.0 release (setup.py's
 # floor, as torch 2.11 is), the main suite the newest.
@@ -87,7 +87,7 @@ gpu-versions: $(GPU_VERSIONS_VENV)/.installed
 		tests/test_peg.py $(GPU_VERSIONS_PATCH_TESTS:%=tests/test_patch.py::%) $(GPU_VERSIONS_SWEEPS:%=--deselect tests/%) \
 		-q -n $(TEST_WORKERS) -p no:cacheprovider
 	cd $(GPU_VERSIONS_TREE) && env -u TRITON_INTERPRET $(abspath $(GPU_VERSIONS_VENV))/bin/python tests/triton_aot.py \
-		--quick --arch 90
+		--quick --arch 90 --jobs 3
 
 # The tile sweep's candidates (benchmarks/sweep_tiles.py) compiled for sm_90 with the GPU machine's Triton
 # (registers, spills, shared memory): the GPU sweep skips those that spill (run_gpu.sh sweep)

@@ -200,6 +200,26 @@ def test_other_image_sizes_reuse_the_compiled_kernels(tmp_path):
     assert not repeated, "compiled again for another image size:\n" + "\n".join(repeated)
 
 
+def test_processes_that_share_out_the_dtypes_compile_the_builds_of_one(tmp_path):
+    if HAS_GPU:
+        pytest.skip("a GPU is present: the compile-only driver is for machines without one")
+    pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas ships with it)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    reports = {}
+    for jobs in (1, 2):
+        reports[jobs] = tmp_path / f"jobs{jobs}.json"
+        subprocess.run([sys.executable, os.path.join(ROOT, "tests", "triton_aot.py"), "--arch", "90", "--dtype",
+                        "fp32", "--dtype", "bf16", "-k", "peg-", "--jobs", str(jobs), "--json", str(reports[jobs])],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)
+    one, shared = (json.loads(reports[jobs].read_text()) for jobs in (1, 2))
+    assert one["header"] == shared["header"]
+
+    def described(report):
+        return sorted(json.dumps({k: v for k, v in b.items() if k != "seconds"}, sort_keys=True)
+                      for b in report["builds"])
+    assert len(one["builds"]) >= 4 and described(one) == described(shared)
+
+
 def test_shared_memory_beyond_the_architecture_is_a_problem():
     from triton_aot import SHARED_MEMORY_LIMIT, KernelBuild
 

@@ -462,6 +462,48 @@ def markdown(builds: list[KernelBuild], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def case_dtype(case: LaunchCase) -> str:
+    """The dtype a case launches its kernels in: its name's second field (``lsa-fp32-hd32-ws7-zero``)."""
+    return case.name.split("-")[1]
+
+
+def load_builds(path: str) -> tuple[str, list[KernelBuild]]:
+    """The header and builds of a --json report."""
+    with open(path) as f:
+        saved = json.load(f)
+    fields = {f.name for f in dataclasses.fields(KernelBuild)}
+    return saved["header"], [KernelBuild(**{k: v for k, v in b.items() if k in fields}) for b in saved["builds"]]
+
+
+def compile_in_processes(args, archs: list[int], cases: list[LaunchCase],
+                         dtype_names: list[str]) -> list[KernelBuild]:
+    """The builds of ``cases``, from ``args.jobs`` processes of this script that each compile the cases of
+    their share of ``dtype_names``: a kernel compiled in one dtype is no build of another's, so none is
+    compiled twice."""
+    unshared = [c.name for c in cases if case_dtype(c) not in dtype_names]
+    if unshared:
+        raise ValueError(f"cases named with no dtype of {dtype_names}: {unshared}")
+    shares = [dtype_names[i::args.jobs] for i in range(min(args.jobs, len(dtype_names)))]
+    options = [*(f"--arch={a}" for a in archs), *(f"--dtype={d}" for d in dtype_names), "-k", args.select,
+               *(f"--head-dim={h}" for h in args.head_dim or ()), *(f"--ws={w}" for w in args.ws or ()),
+               *(["--quick"] if args.quick else [])]
+    with tempfile.TemporaryDirectory() as folder:
+        runs = []
+        for index, share in enumerate(shares):
+            report = os.path.join(folder, f"{index}.json")
+            command = [sys.executable, os.path.abspath(__file__), *options, "--case-dtypes", ",".join(share),
+                       "--json", report]
+            runs.append((subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                         report))
+        builds = []
+        for process, report in runs:
+            output, _ = process.communicate()
+            if not os.path.exists(report):
+                raise RuntimeError(f"a compile process wrote no report:\n{output[-4000:]}")
+            builds += load_builds(report)[1]
+    return builds
+
+
 def summarize(builds: list[KernelBuild], header: str) -> int:
     """Print the header, every problem and every spill; 1 if any build has a problem."""
     failed = [b for b in builds if b.problems]
@@ -490,17 +532,16 @@ def main(argv=None) -> int:
     parser.add_argument("--sweeps", nargs="*", metavar="NAME",
                         help="instead: compile benchmarks/sweep_tiles.py's candidates (these sweeps; none named: all) "
                              "and write their resources (--json, --markdown)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compile in this many processes, each the cases of its share of the dtypes")
+    parser.add_argument("--case-dtypes", help=argparse.SUPPRESS)  # a --jobs process's share, comma-separated
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.sweeps is not None:
         return sweep_main(args)
 
     if args.from_json:
-        with open(args.from_json) as f:
-            saved = json.load(f)
-        fields = {f.name for f in dataclasses.fields(KernelBuild)}
-        header = saved["header"]
-        builds = [KernelBuild(**{k: v for k, v in b.items() if k in fields}) for b in saved["builds"]]
+        header, builds = load_builds(args.from_json)
     else:
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             parser.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
@@ -513,8 +554,13 @@ def main(argv=None) -> int:
         dtypes = {name: DTYPES[name] for name in args.dtype or (QUICK_DTYPES if args.quick else DTYPES)}
         cases = [c for c in all_cases(dtypes, tuple(args.head_dim or HEAD_DIMS), tuple(args.ws or WINDOW_SIZES),
                                       args.quick) if args.select in c.name]
+        if args.case_dtypes:
+            cases = [c for c in cases if case_dtype(c) in args.case_dtypes.split(",")]
         log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.verbose else None
-        builds = compile_all(archs, cases, log)
+        if args.jobs > 1:
+            builds = compile_in_processes(args, archs, cases, list(dtypes))
+        else:
+            builds = compile_all(archs, cases, log)
         ptxas = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True).stdout
         ptxas_version = re.search(r"release (\S+),", ptxas)
         header = (f"{datetime.date.today()}, compiled on a machine without a GPU (nothing launched): Triton "
