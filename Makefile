@@ -47,8 +47,8 @@ kernel-report: $(VENV)/.extension
 # The GPU machine's versions (the device tool's KINDS.md: Python 3.12, torch 2.11.0+cu130, triton 3.6.0):
 # the extension must compile against that torch's headers, the package must work with it and every
 # Triton kernel must compile with that Triton (triton_aot.py --quick, sm_90; a process per dtype, minutes
-# of a core each with a cold cache), or a GPU session loses its device time to a build error. Built and tested in a copy of the tree, with arch 9.0 only (the H100),
-# so the .venv build stays as it is.
+# of a core each with a cold cache), or a GPU session loses its device time to a build error. Built and
+# tested in a copy of the tree, with arch 9.0 only (the H100), so the .venv build stays as it is.
 # The GPU machine's timm version is not recorded: this leg takes the oldest timm 1.0 release (setup.py's
 # floor, as torch 2.11 is), the main suite the newest.
 GPU_VERSIONS_SPEC ?= torch==2.11.0 torchvision==0.26.0 timm==1.0.3
