@@ -8,8 +8,10 @@ PYTHON      := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.14.1
 CUDA_HOME   ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
-# pytest-xdist workers: the Triton interpreter runs a test on one core, so two workers use CI's two
+# pytest-xdist workers: the Triton interpreter runs a test on one core, so two workers use CI's two; a worker
+# that runs out of tests takes some of the other's (worksteal), rather than idling while it ends its share
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist worksteal
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 # A machine with a toolkit must build the extension: its registration test fails instead of skipping.
 REQUIRE_EXTENSION := $(if $(CUDA_HOME),1,0)
@@ -34,7 +36,7 @@ demo: $(VENV)/.extension
 	$(PYTHON) -m twins_kernels
 
 test: $(VENV)/.extension
-	TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PYTHON) -m pytest tests/ -q -n $(TEST_WORKERS)
+	TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PYTHON) -m pytest tests/ -q $(XDIST)
 
 bench: $(VENV)/.extension
 	$(PYTHON) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json
@@ -85,7 +87,7 @@ gpu-versions: $(GPU_VERSIONS_VENV)/.installed
 	cd $(GPU_VERSIONS_TREE) && TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) \
 		$(abspath $(GPU_VERSIONS_VENV))/bin/python -m pytest tests/test_backend.py tests/test_lsa.py tests/test_gsa.py \
 		tests/test_peg.py $(GPU_VERSIONS_PATCH_TESTS:%=tests/test_patch.py::%) $(GPU_VERSIONS_SWEEPS:%=--deselect tests/%) \
-		-q -n $(TEST_WORKERS) -p no:cacheprovider
+		-q $(XDIST) -p no:cacheprovider
 	cd $(GPU_VERSIONS_TREE) && env -u TRITON_INTERPRET $(abspath $(GPU_VERSIONS_VENV))/bin/python tests/triton_aot.py \
 		--quick --arch 90 --jobs 3
 
