@@ -28,6 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 HAS_GPU = torch.cuda.is_available()
 GPU_REASON = "needs a CUDA GPU (none visible to PyTorch)"
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=GPU_REASON)
+# Bitwise reproducibility of the Triton kernels: it can fail only where programs run concurrently (the
+# interpreter runs them in turn); on a CPU, test_triton_aot.py's test_no_kernel_uses_atomics checks the kernels.
+requires_concurrent_programs = pytest.mark.skipif(
+    not HAS_GPU, reason="programs run concurrently on a GPU only (on a CPU: test_no_kernel_uses_atomics)")
 
 
 def shared_tmp_dir(tmp_path_factory) -> pathlib.Path:

@@ -19,7 +19,8 @@ from twins_kernels.ops.gsa import (
 )
 from twins_kernels.testing import module_parity_errors
 
-from conftest import KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_cuda_unless_available, skip_unless_available
+from conftest import (KERNEL_DEVICE, KERNEL_DTYPES, requires_concurrent_programs, requires_gpu,
+                      skip_cuda_unless_available, skip_unless_available)
 from parity import (
     DTYPE_IDS, TOLERANCE, assert_rel_close, check_compiled_matches_eager, check_module_parity,
     check_op_against_reference, check_trace_runs_other_sizes, make_tokens, strided_with_nans,
@@ -294,10 +295,8 @@ def backward_twice(module, x, size):
     return grads
 
 
-@requires_gpu
+@requires_concurrent_programs
 def test_backward_is_bitwise_reproducible():
-    """On a GPU, whose programs run concurrently (the interpreter runs them in turn: test_triton_aot.py's
-    test_no_kernel_uses_atomics checks the kernels on a CPU)."""
     module = FusedGSA(32, num_heads=2, sr_ratio=2, backend="triton").to(KERNEL_DEVICE)
     x = make_tokens(2, 6, 10, 32, torch.float32, KERNEL_DEVICE).requires_grad_()
     first, second = backward_twice(module, x, (6, 10))

@@ -27,7 +27,8 @@ from twins_kernels.ops.lsa import PAD_MODES
 from twins_kernels.testing import ieee_fp32, module_parity_errors
 
 from conftest import (HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, SHALLOW, SMALL_FUSED_KINDS, large_gpu_memory,
-                      requires_gpu, skip_cuda_unless_available, skip_unless_available, small_fused_module)
+                      requires_concurrent_programs, requires_gpu, skip_cuda_unless_available, skip_unless_available,
+                      small_fused_module)
 from parity import TOLERANCE, check_op_against_reference, make_tokens, outermost_past_int32, rel_err
 
 # CPU examples run in the Triton interpreter: keep the budget to seconds per property
@@ -383,11 +384,9 @@ def test_views_with_offsets_past_2_to_the_31(dim, op, backend):
 
 
 @pytest.mark.usefixtures("deterministic_torch_convs")
-@requires_gpu
+@requires_concurrent_programs
 def test_patched_model_backward_is_bitwise_reproducible():
-    """No float atomics anywhere: two backward passes of a patched model give identical gradients. On a GPU,
-    whose programs run concurrently (the interpreter runs them in turn: test_triton_aot.py's
-    test_no_kernel_uses_atomics checks the kernels on a CPU)."""
+    """No float atomics anywhere: two backward passes of a patched model give identical gradients."""
     import timm
 
     torch.manual_seed(0)

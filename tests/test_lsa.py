@@ -11,8 +11,8 @@ import twins_kernels
 from twins_kernels import FusedLSA
 from twins_kernels.ops import lsa, lsa_reference
 
-from conftest import (KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, load_benchmarks_module, requires_gpu,
-                      skip_unless_available, skip_cuda_unless_available)
+from conftest import (KERNEL_DEVICE, KERNEL_DTYPES, cuda_backend_reason, load_benchmarks_module,
+                      requires_concurrent_programs, requires_gpu, skip_unless_available, skip_cuda_unless_available)
 from parity import (
     DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity, check_op_against_reference,
     check_trace_runs_other_sizes, make_tokens, rel_err, strided_with_nans,
@@ -271,10 +271,8 @@ def test_tiles_tile_every_window(dtype, backward):
                     assert block <= FMA_MAX_ROWS and block * tiles.block_d <= FMA_MAX_TILE_ELEMENTS, (ws, head_dim, tiles)
 
 
-@requires_gpu
+@requires_concurrent_programs
 def test_padded_bias_gradient_is_bitwise_reproducible():
-    """On a GPU, whose programs run concurrently (the interpreter runs them in turn: test_triton_aot.py's
-    test_no_kernel_uses_atomics checks the kernels on a CPU)."""
     module = FusedLSA(64, 2, ws=7, backend="triton").to(KERNEL_DEVICE)
     x = make_tokens(2, 11, 13, 64, torch.float32, KERNEL_DEVICE).requires_grad_()
     grads = []

@@ -9,8 +9,8 @@ import twins_kernels
 from twins_kernels import FusedPEG
 from twins_kernels.ops import peg, peg_reference
 
-from conftest import (HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, requires_gpu, skip_cuda_unless_available,
-                      skip_unless_available)
+from conftest import (HAS_GPU, KERNEL_DEVICE, KERNEL_DTYPES, requires_concurrent_programs, requires_gpu,
+                      skip_cuda_unless_available, skip_unless_available)
 from parity import (DTYPE_IDS, assert_rel_close, check_compiled_matches_eager, check_module_parity,
                     check_op_against_reference, make_tokens)
 
@@ -124,10 +124,8 @@ def test_gradcheck_float64(backend):
                                     fast_mode=True)
 
 
-@requires_gpu
+@requires_concurrent_programs
 def test_weight_grad_is_bitwise_reproducible():
-    """On a GPU, whose programs run concurrently (the interpreter runs them in turn: test_triton_aot.py's
-    test_no_kernel_uses_atomics checks the kernels on a CPU)."""
     x = make_tokens(3, 11, 13, 40, torch.float32, KERNEL_DEVICE).requires_grad_()
     module = FusedPEG(40, 40, backend="triton").to(KERNEL_DEVICE)
     grads = []

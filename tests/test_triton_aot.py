@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from conftest import HAS_GPU, ROOT, held_across_workers, shared_tmp_dir
+
 ARCHS = (90, 80)  # TORCH_CUDA_ARCH_LIST's default: H100 and A100
 # sm_90 (the H100s the GPU sessions run on) compiles every quick case; sm_80 the bf16 ones, whose tensor-core
 # lowering (mma.sync there, wgmma on sm_90) and shared memory (up to 96 KiB) are what differ by architecture.
@@ -19,6 +20,21 @@ ARCHS = (90, 80)  # TORCH_CUDA_ARCH_LIST's default: H100 and A100
 # (at most 42 and 85 KiB): compiled, they took a core 3-4 minutes of CI for no other check;
 # `make kernel-report` compiles the whole matrix for both.
 ARCH_DTYPES = {90: (), 80: ("bf16",)}
+
+
+TRITON_AOT = os.path.join(ROOT, "tests", "triton_aot.py")
+
+
+def compiling_env() -> dict[str, str]:
+    """This process's environment without TRITON_INTERPRET: a process started with it defines the kernels as
+    JIT functions, which compile."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def run_triton_aot(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """``tests/triton_aot.py args`` in a process with compiling_env()."""
+    return subprocess.run([sys.executable, TRITON_AOT, *args], env=compiling_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +45,15 @@ def builds(tmp_path_factory):
     if HAS_GPU:
         pytest.skip("a GPU is present: the GPU tests compile and launch every kernel for real")
     pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas ships with it)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     folder = shared_tmp_dir(tmp_path_factory)
     reports = {arch: folder / f"aot-sm_{arch}.json" for arch in ARCHS}
     with held_across_workers(tmp_path_factory, "aot"):
         runs = {}
         for arch, report in reports.items():
             if not report.exists():  # a failed compile check writes none: the next worker runs it again
-                command = [sys.executable, os.path.join(ROOT, "tests", "triton_aot.py"), "--quick", "--arch",
-                           str(arch), *(f"--dtype={dtype}" for dtype in ARCH_DTYPES[arch]), "--json", str(report)]
-                runs[arch] = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                command = [sys.executable, TRITON_AOT, "--quick", "--arch", str(arch),
+                           *(f"--dtype={dtype}" for dtype in ARCH_DTYPES[arch]), "--json", str(report)]
+                runs[arch] = subprocess.Popen(command, env=compiling_env(), cwd=ROOT, stdout=subprocess.PIPE,
                                               stderr=subprocess.STDOUT, text=True)
         for arch, process in runs.items():
             output, _ = process.communicate(timeout=1800)
@@ -134,9 +149,8 @@ def run_compile_script(tmp_path, name: str, source: str) -> subprocess.Completed
     TRITON_INTERPRET, importing this tree's twins_kernels."""
     script = tmp_path / name
     script.write_text(source)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run([sys.executable, str(script)], env=compiling_env() | {"PYTHONPATH": ROOT}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
 
 
 def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):
@@ -145,6 +159,14 @@ def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):
     problems = result.stdout.split("PROBLEMS:", 1)[1]
     assert "CompilationError" in problems and "static_range" in problems, problems
     assert problems.count("CompilationError") == 2, problems
+
+
+@pytest.mark.parametrize("args", [["--quick"], ["--sweeps", "lsa-fwd"]], ids=["launch-cases", "sweeps"])
+def test_the_compile_check_refuses_the_interpreter(args):
+    """Under TRITON_INTERPRET the kernels are interpreted functions, which have nothing to compile."""
+    result = subprocess.run([sys.executable, TRITON_AOT, *args], env=compiling_env() | {"TRITON_INTERPRET": "1"},
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unset TRITON_INTERPRET" in result.stderr, result.stdout + result.stderr
 
 
 # Each op launched on three maps of other sizes (a multiple of 16 among them) with the same model shapes,
@@ -210,13 +232,11 @@ def test_processes_that_share_out_the_dtypes_compile_the_builds_of_one(tmp_path)
     if HAS_GPU:
         pytest.skip("a GPU is present: the compile-only driver is for machines without one")
     pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas ships with it)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     reports = {}
     for jobs in (1, 2):
         reports[jobs] = tmp_path / f"jobs{jobs}.json"
-        subprocess.run([sys.executable, os.path.join(ROOT, "tests", "triton_aot.py"), "--arch", "90", "--dtype",
-                        "fp32", "--dtype", "bf16", "-k", "peg-", "--jobs", str(jobs), "--json", str(reports[jobs])],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)
+        run_triton_aot("--arch", "90", "--dtype", "fp32", "--dtype", "bf16", "-k", "peg-", "--jobs", str(jobs),
+                       "--json", str(reports[jobs]), check=True)
     one, shared = (json.loads(reports[jobs].read_text()) for jobs in (1, 2))
     assert one["header"] == shared["header"]
 
@@ -261,10 +281,7 @@ def test_sweep_candidates_compile_with_their_own_tiles(tmp_path):
         pytest.skip("a GPU is present: the sweep itself runs there")
     pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas ships with it)")
     report = tmp_path / "sweep.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "triton_aot.py"), "--sweeps", "lsa-fwd",
-                             "--arch", "90", "--json", str(report)], env=env, cwd=ROOT, capture_output=True,
-                            text=True, timeout=900)
+    result = run_triton_aot("--sweeps", "lsa-fwd", "--arch", "90", "--json", str(report))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(report.read_text())["rows"]
     assert rows[0]["default"] and "block_q=64" in rows[0]["tiles"] and "num_warps=4" in rows[0]["tiles"]

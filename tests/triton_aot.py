@@ -223,10 +223,11 @@ class CompileRecorder:
         key = (self.arch, fn.__name__, kernel.metadata.hash)
         if key not in self.builds:
             registers, stack = resource_usage(kernel.asm["cubin"])
+            ptx = kernel.asm["ptx"]
             self.builds[key] = KernelBuild(self.arch, fn.__name__, self.case, kernel.metadata.num_warps,
                                            kernel.metadata.num_stages, kernel.metadata.shared, registers, stack,
-                                           time.perf_counter() - start, mma_instructions(kernel.asm["ptx"]),
-                                           constexprs=constexprs, atomics=atomic_instructions(kernel.asm["ptx"]))
+                                           time.perf_counter() - start, mma_instructions(ptx),
+                                           constexprs=constexprs, atomics=atomic_instructions(ptx))
         self.uses.append(key)
         return kernel
 
@@ -537,14 +538,14 @@ def main(argv=None) -> int:
     parser.add_argument("--case-dtypes", help=argparse.SUPPRESS)  # a --jobs process's share, comma-separated
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if not args.from_json and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     if args.sweeps is not None:
         return sweep_main(args)
 
     if args.from_json:
         header, builds = load_builds(args.from_json)
     else:
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-            parser.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
         import triton
         from triton import knobs
 
@@ -579,8 +580,6 @@ def main(argv=None) -> int:
 
 
 def sweep_main(args) -> int:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     import triton
 
     import twins_kernels  # noqa: F401  (defines the kernels as JIT functions)
