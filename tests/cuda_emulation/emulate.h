@@ -322,12 +322,16 @@ inline void emulated_run_block(std::vector<EmulatedThread>& threads, const std::
 }
 #endif
 
+// Whether the GPU refuses a launch of ``grid`` blocks of ``block`` threads (cudaErrorInvalidConfiguration)
+inline bool emulated_launch_refused(EmulatedDim3 grid, EmulatedDim3 block) {
+  return grid.x < 1 || grid.x > 2147483647u || grid.y < 1 || grid.y > 65535 || block.x < 1 || block.y < 1 ||
+         block.x * block.y > 1024;
+}
+
 // kernel<<<grid, block>>>(args...) as emulated_launch(grid, block, [&] { kernel(args...); }), 2-D at most
 template <typename Kernel>
 void emulated_launch(EmulatedDim3 grid, EmulatedDim3 block, Kernel kernel) {
-  // the launch configurations the GPU refuses (cudaErrorInvalidConfiguration)
-  if (grid.x < 1 || grid.x > 2147483647u || grid.y < 1 || grid.y > 65535 || block.x < 1 || block.y < 1 ||
-      block.x * block.y > 1024) {
+  if (emulated_launch_refused(grid, block)) {
     fprintf(stderr, "invalid launch configuration: grid (%u, %u), block (%u, %u)\n", grid.x, grid.y, block.x,
             block.y);
     std::abort();
