@@ -9,6 +9,7 @@ import importlib.util
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import zlib
@@ -166,10 +167,49 @@ def skip_unless_available(backend: str):
 
 
 def skip_cuda_unless_available(backend: str):
-    """For the cuda backend: skip_unless_available. Other backends run (triton on the CPU through the
-    interpreter)."""
-    if backend == "cuda":
-        skip_unless_available(backend)
+    """For the cuda backend: skip the calling test, with the reason, unless it can run on KERNEL_DEVICE's
+    tensors (without a GPU: emulated, see _cuda_backend_on_the_cpu). Other backends run (triton on the CPU
+    through the interpreter)."""
+    from twins_kernels.backend import backend_status
+
+    if backend == "cuda" and not (status := backend_status(backend, KERNEL_DEVICE)).available:
+        pytest.skip(status.reason)
+
+
+@pytest.fixture(scope="session")
+def emulated_cuda_ops(tmp_path_factory):
+    """torch.ops.twins_kernels_emulated (cuda_host_emulation.py): built once a pytest run, by the first
+    pytest-xdist worker that needs it, and loaded in each."""
+    from cuda_host_emulation import build_library
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("needs g++ (C++20) to build the CUDA extension's host code for CPU tensors")
+    library = shared_tmp_dir(tmp_path_factory) / "host_emulation.so"
+    with held_across_workers(tmp_path_factory, library.name):
+        if not library.exists():
+            partial = library.with_suffix(".partial")  # a failed build leaves no library for the next worker
+            build_library(compiler, tmp_path_factory.mktemp("emulated_csrc"), partial)
+            partial.rename(library)
+    torch.ops.load_library(str(library))
+    return torch.ops.twins_kernels_emulated
+
+
+@pytest.fixture
+def emulated_cuda_backend(emulated_cuda_ops, monkeypatch):
+    """The package's cuda backend on CPU tensors: csrc/'s host code, its kernels emulated."""
+    from cuda_host_emulation import use_emulated_cuda_backend
+
+    use_emulated_cuda_backend(monkeypatch, emulated_cuda_ops)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend_on_the_cpu(request):
+    """Without a GPU, a test parametrized with backend "cuda" runs it on CPU tensors, emulated: its
+    skip_cuda_unless_available then finds it available."""
+    callspec = getattr(request.node, "callspec", None)
+    if not HAS_GPU and callspec is not None and callspec.params.get("backend") == "cuda":
+        request.getfixturevalue("emulated_cuda_backend")
 
 
 def require_cuda_extension():

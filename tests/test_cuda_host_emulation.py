@@ -1,96 +1,27 @@
-"""The CUDA extension's host code runs on CPU tensors: csrc/'s ops (argument checks, outputs, dtype dispatch,
-the kernels' geometry from the tensors' sizes and strides, launch configurations, the reductions after the
-kernels) built with g++ as torch.ops.twins_kernels_emulated, CPU ops whose launches run the kernels under
-tests/cuda_emulation/emulate.h (see tests/cuda_emulation/host_emulation.cpp), and the package's `cuda` backend
-on top of them: FusedLSA, FusedGSA and FusedPEG with backend="cuda" against timm's modules.
+"""The CUDA extension's host code on CPU tensors (cuda_host_emulation.py), beyond the cuda backend's own tests
+(which run that way without a GPU): FusedLSA, FusedGSA and FusedPEG with backend="cuda" against timm's modules
+on both kernel families, strided inputs, GSA's split of its dk/dv queries by the GPU's size, and the
+extension's ops called directly: an empty batch, bad input.
 
 test_cuda_emulation.py checks the kernels with host code of its own (its harnesses set up the kernels'
 arguments as csrc/ does); here the arguments come from csrc/ itself, as on a GPU, where the cuda backend's
-own tests run all of this for real.
+tests run all of this for real.
 """
-import importlib
-import os
 import re
-import shutil
-import subprocess
-import sysconfig
 
 import pytest
 import torch
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, PosConv
 
-from twins_kernels import FusedGSA, FusedLSA, FusedPEG, backend
+from twins_kernels import FusedGSA, FusedLSA, FusedPEG
 from twins_kernels.ops import gsa_attention, gsa_attention_reference, lsa, lsa_reference, peg, peg_reference
 
-from conftest import HAS_GPU, ROOT, held_across_workers, shared_tmp_dir
+from conftest import HAS_GPU
+from cuda_host_emulation import DEVICE_CODE
 from parity import DTYPE_IDS, check_module_parity, check_op_against_reference, make_tokens, strided_with_nans
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="a GPU is present: the cuda backend's tests run the extension")
 
-# kernel<<<config>>>(args), the launch syntax g++ cannot read; the kernel may be a template's instance
-LAUNCH = re.compile(r"([\w:]+(?:<[\w:, ]*>)?)<<<(.*?)>>>\(")
-# The edits that make csrc/ a library of CPU ops, each with how often it must apply: CPU tensors stand in for
-# the GPU's, and the ops are registered for them under a namespace of their own
-REGISTRATION = {
-    "TORCH_LIBRARY(twins_kernels_cuda,": "TORCH_LIBRARY(twins_kernels_emulated,",
-    "TORCH_LIBRARY_IMPL(twins_kernels_cuda, CUDA,": "TORCH_LIBRARY_IMPL(twins_kernels_emulated, CPU,",
-}
-
-
-def write_emulated_csrc(folder):
-    """csrc/ copied into ``folder`` with each launch written emulated_chevron(kernel, config)(args), each
-    is_cuda() check is_cpu(), and the ops registered as twins_kernels_emulated for CPU tensors."""
-    launches = checks = 0
-    registrations = dict.fromkeys(REGISTRATION, 0)
-    for name in os.listdir(os.path.join(ROOT, "csrc")):
-        with open(os.path.join(ROOT, "csrc", name)) as f:
-            text = f.read()
-        text, count = LAUNCH.subn(r"emulated_chevron(\1, \2)(", text)
-        launches += count
-        checks += text.count(".is_cuda()")
-        text = text.replace(".is_cuda()", ".is_cpu()")
-        for old, new in REGISTRATION.items():
-            registrations[old] += text.count(old)
-            text = text.replace(old, new)
-        assert "<<<" not in text, f"csrc/{name}: a launch that {LAUNCH.pattern} does not read"
-        with open(os.path.join(folder, name), "w") as f:
-            f.write(text)
-    assert launches >= 6 and checks >= 3 and all(n == 1 for n in registrations.values()), (launches, checks,
-                                                                                            registrations)
-
-
-@pytest.fixture(scope="module")
-def emulated_ops(tmp_path_factory):
-    """torch.ops.twins_kernels_emulated, built once a pytest run (about 30 s of g++) and loaded in each worker."""
-    from torch.utils.cpp_extension import include_paths, library_paths
-
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("needs g++ (C++20) to build the extension's host code")
-    library = shared_tmp_dir(tmp_path_factory) / "host_emulation.so"
-    with held_across_workers(tmp_path_factory, library.name):
-        if not library.exists():
-            csrc = tmp_path_factory.mktemp("emulated_csrc")
-            write_emulated_csrc(csrc)
-            emulation = os.path.join(ROOT, "tests", "cuda_emulation")
-            # host/ first: its CUDA runtime and c10 CUDA headers stand in for the real ones
-            folders = [os.path.join(emulation, "host"), csrc, emulation, *include_paths(),
-                       sysconfig.get_paths()["include"]]
-            partial = library.with_suffix(".partial")  # a failed build leaves no library for the next worker
-            subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
-                            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-                            *(flag for folder in folders for flag in ("-I", str(folder))),
-                            os.path.join(emulation, "host_emulation.cpp"), "-o", str(partial),
-                            *(f"-L{folder}" for folder in library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"],
-                           check=True)
-            partial.rename(library)
-    torch.ops.load_library(str(library))
-    return torch.ops.twins_kernels_emulated
-
-
-# the device's code version as the extension reads it: 90 runs fp16 and bf16 on the tensor-core kernels, 75
-# (code for a GPU before them) on the scalar ones, fp32's only kernels
-KERNEL_CODE = {"mma": "90", "scalar": "75"}
 KERNELS_AND_DTYPES = pytest.mark.parametrize("kernels,dtype", [
     pytest.param(kernels, dtype, id=f"{kernels}-{DTYPE_IDS[dtype]}")
     for kernels, dtype in [("scalar", torch.float32), ("scalar", torch.float16), ("scalar", torch.bfloat16),
@@ -98,25 +29,9 @@ KERNELS_AND_DTYPES = pytest.mark.parametrize("kernels,dtype", [
 
 
 @pytest.fixture
-def cuda_backend(emulated_ops, monkeypatch, kernels):
-    """The package's cuda backend on CPU tensors, its ops the emulated ones, on ``kernels``' code version."""
-    from twins_kernels.ops import common
-
-    real_status = backend.backend_status
-
-    def status(name, device=None):
-        if name == "cuda" and device is not None and torch.device(device).type == "cpu":
-            return backend.BackendStatus(name, True, "the CUDA extension's host code, its kernels emulated")
-        return real_status(name, device)
-
-    def cuda_ops():
-        emulated_ops.set_poison_outputs(common._poison_outputs)
-        return emulated_ops
-
-    monkeypatch.setattr(backend, "backend_status", status)
-    for op in ("lsa", "gsa", "peg"):
-        monkeypatch.setattr(importlib.import_module(f"twins_kernels.ops.{op}"), "cuda_ops", cuda_ops)
-    monkeypatch.setenv("TWINS_KERNELS_EMULATION_DEVICE_CODE", KERNEL_CODE[kernels])
+def cuda_backend(emulated_cuda_backend, monkeypatch, kernels):
+    """The package's cuda backend on CPU tensors (conftest.py), on ``kernels``' code version."""
+    monkeypatch.setenv("TWINS_KERNELS_EMULATION_DEVICE_CODE", DEVICE_CODE[kernels])
 
 
 def fused(cls):
@@ -169,20 +84,20 @@ def test_gsa_backward_splits_its_queries_by_the_gpus_size(kernels, dtype, sms, m
                                lambda q, kv: gsa_attention_reference(q, kv, 2), [q, kv], dtype)
 
 
-def test_an_empty_batch_launches_nothing(emulated_ops):
+def test_an_empty_batch_launches_nothing(emulated_cuda_ops):
     """A launch of no blocks is one the GPU refuses: the ops return empty outputs (and zero sums) instead."""
     qkv, bias = torch.randn(0, 12, 96), torch.randn(96)
-    out, lse = emulated_ops.lsa_forward(qkv, bias, 3, 4, 7, 2, 0.25, False)
+    out, lse = emulated_cuda_ops.lsa_forward(qkv, bias, 3, 4, 7, 2, 0.25, False)
     assert out.shape == (0, 12, 32) and lse.shape == (0, 2, 12)
-    grad_qkv, grad_bias = emulated_ops.lsa_backward(out, qkv, bias, out, lse, 3, 4, 7, 2, 0.25, False)
+    grad_qkv, grad_bias = emulated_cuda_ops.lsa_backward(out, qkv, bias, out, lse, 3, 4, 7, 2, 0.25, False)
     assert grad_qkv.shape == qkv.shape and torch.equal(grad_bias, torch.zeros(96))
     q, kv = torch.randn(0, 12, 32), torch.randn(0, 5, 64)
-    out, lse = emulated_ops.gsa_attention_forward(q, kv, 2, 0.25)
-    grad_q, grad_kv = emulated_ops.gsa_attention_backward(out, q, kv, out, lse, 2, 0.25)
+    out, lse = emulated_cuda_ops.gsa_attention_forward(q, kv, 2, 0.25)
+    grad_q, grad_kv = emulated_cuda_ops.gsa_attention_backward(out, q, kv, out, lse, 2, 0.25)
     assert grad_q.shape == q.shape and torch.equal(grad_kv, torch.zeros_like(kv))
     x = torch.randn(0, 12, 32)
-    assert emulated_ops.peg_conv3x3(x, torch.randn(32, 1, 3, 3), None, 3, 4, False).shape == x.shape
-    assert torch.equal(emulated_ops.peg_weight_grad(x, x, 3, 4), torch.zeros(10, 32))
+    assert emulated_cuda_ops.peg_conv3x3(x, torch.randn(32, 1, 3, 3), None, 3, 4, False).shape == x.shape
+    assert torch.equal(emulated_cuda_ops.peg_weight_grad(x, x, 3, 4), torch.zeros(10, 32))
 
 
 BAD_CALLS = {
@@ -203,6 +118,6 @@ BAD_CALLS = {
 
 
 @pytest.mark.parametrize("call,message", list(BAD_CALLS.values()), ids=list(BAD_CALLS))
-def test_the_extension_rejects_bad_input_naming_it(emulated_ops, call, message):
+def test_the_extension_rejects_bad_input_naming_it(emulated_cuda_ops, call, message):
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        call(emulated_ops)
+        call(emulated_cuda_ops)

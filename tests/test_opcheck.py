@@ -22,14 +22,9 @@ from twins_kernels.ops.peg import peg_backward_op, peg_forward_op
 
 from twins_kernels.testing import make_tokens
 
-from conftest import KERNEL_DEVICE, SMALL_FUSED_KINDS, skip_unless_available, small_fused_module
+from conftest import KERNEL_DEVICE, SMALL_FUSED_KINDS, skip_cuda_unless_available, small_fused_module
 
 BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-
-
-def skip_unless_runs(backend):
-    if backend == "cuda":  # torch runs everywhere, triton on CPU through its interpreter
-        skip_unless_available("cuda")
 
 
 def randn(*shape, requires_grad=False):
@@ -47,7 +42,7 @@ def check_forward_and_backward(forward_op, forward_args, backward_op, backward_a
 
 @BACKENDS
 def test_peg_ops(backend):
-    skip_unless_runs(backend)
+    skip_cuda_unless_available(backend)
     x, weight, bias = randn(2, 35, 24, requires_grad=True), randn(24, 1, 3, 3, requires_grad=True), randn(24)
     check_forward_and_backward(
         peg_forward_op, (x, weight, bias, 5, 7, 1, backend),
@@ -56,7 +51,7 @@ def test_peg_ops(backend):
 
 @BACKENDS
 def test_lsa_ops(backend):
-    skip_unless_runs(backend)
+    skip_cuda_unless_available(backend)
     qkv, bias = randn(2, 5 * 6, 96, requires_grad=True), randn(96, requires_grad=True)  # C 32, 2 heads
     for pad_mode in ("zero", "mask", "mmseg"):
         shape = (5, 6, 4, 2, 0.25, pad_mode, backend)
@@ -68,7 +63,7 @@ def test_lsa_ops(backend):
 
 @BACKENDS
 def test_gsa_attention_ops(backend):
-    skip_unless_runs(backend)
+    skip_cuda_unless_available(backend)
     q, kv = randn(2, 7, 32, requires_grad=True), randn(2, 3, 64, requires_grad=True)
     check_forward_and_backward(
         gsa_attention_forward_op, (q, kv, 2, 0.25, backend),
@@ -78,7 +73,7 @@ def test_gsa_attention_ops(backend):
 
 @BACKENDS
 def test_gsa_subsample_ops(backend):
-    skip_unless_runs(backend)
+    skip_cuda_unless_available(backend)
     x, sr_weight = randn(1, 15, 16, requires_grad=True), randn(16, 16, 2, 2, requires_grad=True)
     norm_weight = randn(16, requires_grad=True)
     args = (x, sr_weight, randn(16, requires_grad=True), norm_weight, randn(16, requires_grad=True), 3, 5, 2, 1e-5,
@@ -94,7 +89,7 @@ def test_forward_ops_run_on_the_map_size_a_trace_hands_them_and_check_the_tokens
     """A torch.jit.trace hands the forward ops the map size as a tensor (common.traced_map_size) besides the
     ints recorded at the traced size: they run on the tensor's. Whoever calls them, tokens that do not
     fill the map they run on raise, naming both: the kernels would index past them."""
-    skip_unless_runs(backend)
+    skip_cuda_unless_available(backend)
     x, qkv = randn(2, 35, 24), randn(2, 35, 96)  # a 5x7 map; LSA at C 32, 2 heads
     peg_args, lsa_args = (randn(24, 1, 3, 3), randn(24)), (randn(96),)
     subsample_args = (randn(24, 24, 2, 2), randn(24), randn(24), randn(24))
