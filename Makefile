@@ -46,11 +46,12 @@ kernel-report: $(VENV)/.extension
 	env -u TRITON_INTERPRET $(PYTHON) tests/triton_aot.py --arch 90 --arch 80 \
 		--json benchmarks/results/triton_kernels.json --markdown benchmarks/results/triton_kernels.md
 
-# The GPU machine's versions (the device tool's KINDS.md: Python 3.12, torch 2.11.0+cu130, triton 3.6.0):
-# the extension must compile against that torch's headers, the package must work with it and every
-# Triton kernel must compile with that Triton (triton_aot.py --quick, sm_90; a process per dtype, minutes
-# of a core each with a cold cache), or a GPU session loses its device time to a build error. Built and
-# tested in a copy of the tree, with arch 9.0 only (the H100), so the .venv build stays as it is.
+# The GPU machine's versions (the device tool's KINDS.md: Python 3.12, torch 2.11.0+cu130, triton 3.6.0): the
+# extension must compile against that torch's headers (its sm_90 kernels must fit their launches:
+# test_cuda_resources.py), the package must work with it and every Triton kernel must compile with that Triton
+# (triton_aot.py --quick, sm_90; a process per dtype, minutes of a core each with a cold cache), or a GPU
+# session loses its device time to a build error. Built and tested in a copy of the tree, with arch 9.0 only
+# (the H100), so the .venv build stays as it is.
 # The GPU machine's timm version is not recorded: this leg takes the oldest timm 1.0 release (setup.py's
 # floor, as torch 2.11 is), the main suite the newest.
 GPU_VERSIONS_SPEC ?= torch==2.11.0 torchvision==0.26.0 timm==1.0.3
@@ -86,7 +87,8 @@ gpu-versions: $(GPU_VERSIONS_VENV)/.installed
 	cd $(GPU_VERSIONS_TREE) && bash benchmarks/run_gpu.sh sources-hash > twins_kernels/_C.sources.sha256
 	cd $(GPU_VERSIONS_TREE) && TWINS_KERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) \
 		$(abspath $(GPU_VERSIONS_VENV))/bin/python -m pytest tests/test_backend.py tests/test_lsa.py tests/test_gsa.py \
-		tests/test_peg.py $(GPU_VERSIONS_PATCH_TESTS:%=tests/test_patch.py::%) $(GPU_VERSIONS_SWEEPS:%=--deselect tests/%) \
+		tests/test_peg.py tests/test_cuda_resources.py $(GPU_VERSIONS_PATCH_TESTS:%=tests/test_patch.py::%) \
+		$(GPU_VERSIONS_SWEEPS:%=--deselect tests/%) \
 		-q $(XDIST) -p no:cacheprovider
 	cd $(GPU_VERSIONS_TREE) && env -u TRITON_INTERPRET $(abspath $(GPU_VERSIONS_VENV))/bin/python tests/triton_aot.py \
 		--quick --arch 90 --jobs 3
