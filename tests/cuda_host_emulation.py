@@ -5,6 +5,9 @@ how), and the package's `cuda` backend on CPU tensors running them (conftest.py'
 Without a GPU, a test parametrized with backend "cuda" runs that way (conftest.py), so the cuda backend's
 tests check csrc/'s host code (argument checks, outputs, dtype dispatch, the kernels' geometry from the tensors'
 sizes and strides, launch configurations, the reductions after the kernels) and its kernels on every machine.
+They run in the test's process: a fault the emulation stops at, or a stray access, ends it, as it would end the
+CUDA context on a GPU (pytest-xdist reports the test as crashed); test_cuda_emulation.py runs the kernels in
+harness processes of their own, under sanitizers too.
 """
 import importlib
 import os

@@ -54,20 +54,20 @@ def test_modules_on_the_cuda_backend_match_timm(kernels, dtype):
 @pytest.mark.usefixtures("cuda_backend")
 def test_ops_on_the_cuda_backend_read_strided_inputs(kernels, dtype):
     """qkv, q, kv and x with strided channels, LSA's bias in fp32 with 16-bit qkv (what autocast hands), a
-    stride between its elements and NaN between them; LSA in mask mode on a map padded on one side."""
-    tokens = 9 * 11
+    stride between its elements and NaN between them; LSA in mask mode on a map padded on the right only."""
+    tokens = 14 * 11
     qkv = torch.randn(2, 6 * 64, tokens).to(dtype).transpose(1, 2)[..., ::2]
     bias = strided_with_nans(torch.randn(3 * 64).to(dtype).float())  # values the kernels' dtype holds
-    check_op_against_reference(lambda q, b: lsa(q, b, (9, 11), 2, 7, pad_mode="mask", backend="cuda"),
-                               lambda q, b: lsa_reference(q, b, (9, 11), 2, 7, pad_mode="mask"), [qkv, bias], dtype)
+    check_op_against_reference(lambda q, b: lsa(q, b, (14, 11), 2, 7, pad_mode="mask", backend="cuda"),
+                               lambda q, b: lsa_reference(q, b, (14, 11), 2, 7, pad_mode="mask"), [qkv, bias], dtype)
     q = torch.randn(2, 2 * 64, tokens).to(dtype).transpose(1, 2)[..., ::2]
     kv = torch.randn(2, 4 * 64, 12).to(dtype).transpose(1, 2)[..., 1::2]
     check_op_against_reference(lambda q, kv: gsa_attention(q, kv, 2, backend="cuda"),
                                lambda q, kv: gsa_attention_reference(q, kv, 2), [q, kv], dtype)
-    x = make_tokens(2, 9, 11, 40, dtype, "cpu", contiguous=False)
+    x = make_tokens(2, 14, 11, 40, dtype, "cpu", contiguous=False)
     weight, conv_bias = torch.randn(40, 1, 3, 3).to(dtype), torch.randn(40).to(dtype)
-    check_op_against_reference(lambda x, w, b: peg(x, w, b, (9, 11), backend="cuda"),
-                               lambda x, w, b: peg_reference(x, w, b, (9, 11)), [x, weight, conv_bias], dtype)
+    check_op_against_reference(lambda x, w, b: peg(x, w, b, (14, 11), backend="cuda"),
+                               lambda x, w, b: peg_reference(x, w, b, (14, 11)), [x, weight, conv_bias], dtype)
 
 
 @pytest.mark.parametrize("sms", [1, 132])
