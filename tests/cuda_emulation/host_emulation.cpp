@@ -2,8 +2,8 @@
 // outputs, dtype dispatch, the kernels' geometry from the tensors' sizes and strides, launch
 // configurations, and the reductions after the kernels) built with g++ as a library of CPU ops,
 // torch.ops.twins_kernels_emulated, whose launches run the kernels under emulate.h. The extension's GPU code
-// runs only on a GPU; this runs the same host code, on every path it takes, on machines without one.
-// tests/test_cuda_emulation.py builds it from a copy of csrc/ in which each kernel<<<...>>>(args) launch
+// runs only on a GPU; this runs the same host code on machines without one.
+// tests/cuda_host_emulation.py builds it from a copy of csrc/ in which each kernel<<<...>>>(args) launch
 // reads emulated_chevron(kernel, ...)(args), each is_cuda() check is_cpu() (CPU tensors stand in for the
 // GPU's), and the ops are registered as twins_kernels_emulated for CPU tensors. host/ stands in for the CUDA
 // runtime and c10's CUDA headers; the device's code version is TWINS_KERNELS_EMULATION_DEVICE_CODE (default
