@@ -8,6 +8,7 @@ import gc
 import importlib.util
 import os
 import pathlib
+import platform
 import re
 import shutil
 import subprocess
@@ -176,15 +177,25 @@ def skip_cuda_unless_available(backend: str):
         pytest.skip(status.reason)
 
 
+def emulation_compiler(fibers: bool = True) -> str:
+    """g++, to build code under tests/cuda_emulation/emulate.h; skips the calling test where there is none, or,
+    for a build whose blocks' threads are fibers (all but the sanitized builds), on a machine other than x86-64,
+    the only one emulate.h switches fibers on."""
+    path = shutil.which("g++")
+    if path is None:
+        pytest.skip("needs g++ (C++20) to build the emulated kernels")
+    if fibers and platform.machine() != "x86_64":
+        pytest.skip(f"emulate.h switches its fibers in x86-64 code, and this machine is {platform.machine()}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def emulated_cuda_ops(tmp_path_factory):
     """torch.ops.twins_kernels_emulated (cuda_host_emulation.py): built once a pytest run, by the first
     pytest-xdist worker that needs it, and loaded in each."""
     from cuda_host_emulation import build_library
 
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("needs g++ (C++20) to build the CUDA extension's host code for CPU tensors")
+    compiler = emulation_compiler()
     library = shared_tmp_dir(tmp_path_factory) / "host_emulation.so"
     with held_across_workers(tmp_path_factory, library.name):
         if not library.exists():

@@ -23,7 +23,6 @@ write the same element, or read what another block writes, race on the GPU, wher
 order.
 """
 import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -33,7 +32,7 @@ import torch
 from twins_kernels.ops import gsa_attention_reference, lsa_reference, peg_reference
 from twins_kernels.ops.lsa import _reference_forward as _lsa_reference_forward
 
-from conftest import HAS_GPU, ROOT, held_across_workers, shared_tmp_dir
+from conftest import HAS_GPU, ROOT, emulation_compiler, held_across_workers, shared_tmp_dir
 from parity import DTYPE_IDS, TOLERANCE, rel_err
 
 # Where there is a GPU the cuda backend's tests run the kernels themselves, and the emulation (which CI
@@ -57,18 +56,11 @@ SANITIZERS = {
 }
 
 
-def compiler():
-    path = shutil.which("g++")
-    if path is None:
-        pytest.skip("needs g++ (C++20) to build the emulated kernels")
-    return path
-
-
 def sanitizer_reason(tmp_path_factory, sanitizer):
     """Why this g++ cannot build and run a program under ``sanitizer`` here, or None when it can."""
     directory = tmp_path_factory.mktemp(f"{sanitizer}_probe")
     (directory / "probe.cpp").write_text("#include <thread>\nint main() { std::thread([] {}).join(); }\n")
-    built = subprocess.run([compiler(), "-std=c++20", *SANITIZERS[sanitizer], "-pthread", "-o",
+    built = subprocess.run([emulation_compiler(fibers=False), "-std=c++20", *SANITIZERS[sanitizer], "-pthread", "-o",
                             str(directory / "probe"), str(directory / "probe.cpp")], capture_output=True, text=True)
     if built.returncode != 0:
         return f"g++ cannot build with {SANITIZERS[sanitizer][0]} (runtime library missing?): {built.stderr[-300:]}"
@@ -87,7 +79,8 @@ def compile_emulated(source, binary, sanitizer: str | None = None):
     includes = [flag for path in folders for flag in ("-I", path)]
     # -g1: the line tables a sanitizer's report needs, at 40 s for the attention harness where -g takes 55
     optimization = ["-O1", "-g1", *SANITIZERS[sanitizer]] if sanitizer else ["-O2"]
-    subprocess.run([compiler(), "-std=c++20", *optimization, "-pthread", *includes, "-o", str(binary), str(source)],
+    compiler = emulation_compiler(fibers=sanitizer is None)
+    subprocess.run([compiler, "-std=c++20", *optimization, "-pthread", *includes, "-o", str(binary), str(source)],
                    check=True)
 
 

@@ -12,9 +12,12 @@
 // It checks the kernels' index arithmetic, masking, staging, fragment layouts and math, not GPU-only
 // behaviour (timing, bank conflicts, the tensor cores' internal summation order).
 //
-// A block's threads are fibers (ucontext) that one OS thread runs in turn, each until it waits at a
-// barrier: an mma.sync is two warp barriers, and as OS threads meeting at std::barrier the futex
-// wake-ups of 32-256 threads on a few cores took 2-3x the kernels' own time in the kernel (system time).
+// A block's threads are fibers that one OS thread runs in turn, each until it waits at a barrier: an
+// mma.sync is two warp barriers, and as OS threads meeting at std::barrier the futex wake-ups of 32-256
+// threads on a few cores took 2-3x the kernels' own time in the kernel (system time). A fiber switch is
+// a few register moves (emulated_switch, x86-64): glibc's swapcontext, which the fibers first used, saves
+// the x87 environment and makes a signal-mask system call at every switch, ~70% of the tensor-core
+// kernels' emulated time.
 // The sanitized builds run them as OS threads instead: ThreadSanitizer sees races between threads (a
 // shared-memory access that no barrier orders), and AddressSanitizer knows an OS thread's stack.
 #pragma once
@@ -37,10 +40,11 @@
 #define TWINS_KERNELS_EMULATION_SANITIZED 1
 #include <barrier>
 #include <thread>
-#else
+#elif defined(__x86_64__)
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
+#else
+#error "emulate.h switches fibers in x86-64 code (emulated_switch); its sanitized builds, on OS threads, run anywhere"
 #endif
 
 #define TWINS_KERNELS_CUDA_EMULATION 1
@@ -71,9 +75,32 @@ class EmulatedBarrier {
   std::barrier<> barrier_;
 };
 #else
-// The fibers that may run (in turn, first in first out), and the context that runs them.
+// Saves the running fiber's callee-saved registers on its stack and its stack pointer in *save, then loads
+// the stack pointer `load` and the registers saved there, and returns to where that fiber switched away
+// (or, on a new fiber's stack, to its entry). The x87 control word and MXCSR, callee-saved too, are left
+// alone: nothing here changes rounding modes, so every fiber runs with the same ones.
+[[gnu::naked, gnu::noinline]] inline void emulated_switch(void** /*save*/, void* /*load*/) {
+  __asm__(
+      "pushq %rbp\n\t"
+      "pushq %rbx\n\t"
+      "pushq %r12\n\t"
+      "pushq %r13\n\t"
+      "pushq %r14\n\t"
+      "pushq %r15\n\t"
+      "movq %rsp, (%rdi)\n\t"
+      "movq %rsi, %rsp\n\t"
+      "popq %r15\n\t"
+      "popq %r14\n\t"
+      "popq %r13\n\t"
+      "popq %r12\n\t"
+      "popq %rbx\n\t"
+      "popq %rbp\n\t"
+      "ret\n\t");
+}
+
+// The fibers that may run (in turn, first in first out), and the stack pointer of the scheduler that runs them.
 inline std::deque<EmulatedThread*> emulated_runnable;
-inline ucontext_t emulated_scheduler;
+inline void* emulated_scheduler = nullptr;
 
 // The last thread to arrive wakes the others and goes on; the others give up the OS thread until then.
 class EmulatedBarrier {
@@ -134,7 +161,7 @@ struct EmulatedThread {
   std::deque<std::vector<EmulatedAsyncCopy>> async_groups;
   std::vector<EmulatedAsyncCopy> async_copies;  // not committed yet
 #if !defined(TWINS_KERNELS_EMULATION_SANITIZED)
-  ucontext_t context;
+  void* stack_pointer = nullptr;  // where emulated_switch saved the fiber
   bool finished = false;
 #endif
 };
@@ -220,17 +247,15 @@ void emulated_mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t
   std::copy(a, a + 4, warp.a[lane]);
   std::copy(b, b + 2, warp.b[lane]);
   emulated_warp_arrive(warp, lane, "mma.sync.aligned.m16n8k16", 0xffffffffu);
-  for (int m = 0; m < 16; ++m) {
-    for (int n = 0; n < 8; ++n) {
-      if (4 * (m % 8) + n / 2 != lane) continue;
-      float sum = 0.f;
-      for (int k = 0; k < 16; ++k) {
-        const uint32_t a_reg = warp.a[4 * (m % 8) + (k % 8) / 2][m / 8 + 2 * (k / 8)];
-        const uint32_t b_reg = warp.b[4 * n + (k % 8) / 2][k / 8];
-        sum += emulated_fragment_value<scalar_t>(a_reg, k % 2) * emulated_fragment_value<scalar_t>(b_reg, k % 2);
-      }
-      d[2 * (m / 8) + n % 2] += sum;
+  for (int value = 0; value < 4; ++value) {  // this lane's elements of D, by the layout above
+    const int m = lane / 4 + 8 * (value / 2), n = 2 * (lane % 4) + value % 2;
+    float sum = 0.f;
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t a_reg = warp.a[4 * (m % 8) + (k % 8) / 2][m / 8 + 2 * (k / 8)];
+      const uint32_t b_reg = warp.b[4 * n + (k % 8) / 2][k / 8];
+      sum += emulated_fragment_value<scalar_t>(a_reg, k % 2) * emulated_fragment_value<scalar_t>(b_reg, k % 2);
     }
+    d[value] += sum;
   }
   warp.barrier.arrive_and_wait();
 }
@@ -279,10 +304,13 @@ inline char* emulated_fiber_stack(size_t index) {
 
 inline const std::function<void()>* emulated_fiber_body = nullptr;
 
-inline void emulated_fiber_entry() {
+// Where a new fiber starts, switched to with nothing below its frame: it switches away at its end, for good.
+[[noreturn]] inline void emulated_fiber_entry() {
   (*emulated_fiber_body)();
   emulated_thread->finished = true;
-}  // and on to the context's uc_link: the scheduler
+  emulated_switch(&emulated_thread->stack_pointer, emulated_scheduler);
+  __builtin_unreachable();
+}
 
 inline void EmulatedBarrier::arrive_and_wait() {
   if (waiting_.size() + 1 == participants_) {
@@ -291,25 +319,32 @@ inline void EmulatedBarrier::arrive_and_wait() {
     return;
   }
   waiting_.push_back(emulated_thread);
-  swapcontext(&emulated_thread->context, &emulated_scheduler);
+  emulated_switch(&emulated_thread->stack_pointer, emulated_scheduler);
+}
+
+// A new fiber's stack, laid out as emulated_switch leaves a fiber's: six registers (zero) under the return
+// address, here the fiber's entry. Its slot is 16-byte aligned, so that the entry starts with the stack
+// pointer a call would leave (8 below a multiple of 16); above it, a null return address it never takes.
+inline void* emulated_fiber_start(char* stack) {
+  auto* top = reinterpret_cast<uintptr_t*>(stack + kEmulatedStackBytes);
+  uintptr_t* entry = top - 2;
+  entry[1] = 0;
+  entry[0] = reinterpret_cast<uintptr_t>(&emulated_fiber_entry);
+  std::fill(entry - 6, entry, uintptr_t{0});
+  return entry - 6;
 }
 
 // One block: each thread runs ``body`` as a fiber, and the fibers take turns until every one has ended.
 inline void emulated_run_block(std::vector<EmulatedThread>& threads, const std::function<void()>& body) {
   emulated_fiber_body = &body;
   for (size_t t = 0; t < threads.size(); ++t) {
-    ucontext_t& context = threads[t].context;
-    getcontext(&context);
-    context.uc_stack.ss_sp = emulated_fiber_stack(t);
-    context.uc_stack.ss_size = kEmulatedStackBytes;
-    context.uc_link = &emulated_scheduler;
-    makecontext(&context, emulated_fiber_entry, 0);
+    threads[t].stack_pointer = emulated_fiber_start(emulated_fiber_stack(t));
     emulated_runnable.push_back(&threads[t]);
   }
   while (!emulated_runnable.empty()) {
     emulated_thread = emulated_runnable.front();
     emulated_runnable.pop_front();
-    swapcontext(&emulated_scheduler, &emulated_thread->context);
+    emulated_switch(&emulated_scheduler, emulated_thread->stack_pointer);
   }
   emulated_thread = nullptr;
   for (const EmulatedThread& thread : threads) {
