@@ -14,12 +14,15 @@ import pytest
 from conftest import HAS_GPU, ROOT, held_across_workers, shared_tmp_dir
 
 ARCHS = (90, 80)  # TORCH_CUDA_ARCH_LIST's default: H100 and A100
-# sm_90 (the H100s the GPU sessions run on) compiles every quick case; sm_80 the bf16 ones, whose tensor-core
-# lowering (mma.sync there, wgmma on sm_90) and shared memory (up to 96 KiB) are what differ by architecture.
-# Its fp32 and fp64 kernels run their dots on the FMA units as sm_90's do, their tiles far inside its 163 KiB
-# (at most 42 and 85 KiB): compiled, they took a core 3-4 minutes of CI for no other check;
-# `make kernel-report` compiles the whole matrix for both.
-ARCH_DTYPES = {90: (), 80: ("bf16",)}
+# sm_90 (the H100s the GPU sessions run on) compiles the quick cases users run, fp32 and bf16 (fp16 takes
+# bf16's tiles); fp64, a test dtype (gradcheck), is compiled for sm_90 by `make gpu-versions` with the GPU
+# machine's Triton, whose builds are the ones GPU sessions launch (here, 1.5 minutes of a core for no
+# other check). sm_80 compiles the bf16 ones, whose tensor-core lowering (mma.sync there, wgmma on sm_90)
+# and shared memory (up to 96 KiB) are what differ by architecture. Its fp32 and fp64 kernels run their
+# dots on the FMA units as sm_90's do, their tiles far inside its 163 KiB (at most 42 and 85 KiB):
+# compiled, they took a core 3-4 minutes of CI for no other check; `make kernel-report` compiles the
+# whole matrix for both.
+ARCH_DTYPES = {90: ("fp32", "bf16"), 80: ("bf16",)}
 
 
 TRITON_AOT = os.path.join(ROOT, "tests", "triton_aot.py")
