@@ -17,7 +17,8 @@ import sysconfig
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+
 EMULATION = os.path.join(ROOT, "tests", "cuda_emulation")
 
 # kernel<<<config>>>(args), the launch syntax g++ cannot read; the kernel may be a template's instance
