@@ -158,11 +158,11 @@ def cuda_backend_reason():
     return None if status.available else status.reason
 
 
-def skip_unless_available(backend: str):
-    """Skip the calling test, with the reason, unless ``backend`` can run on CUDA tensors here."""
+def skip_unless_available(backend: str, device: str = "cuda"):
+    """Skip the calling test, with the reason, unless ``backend`` can run on ``device``'s tensors here."""
     from twins_kernels.backend import backend_status
 
-    status = backend_status(backend, "cuda")
+    status = backend_status(backend, device)
     if not status.available:
         pytest.skip(status.reason)
 
@@ -171,10 +171,8 @@ def skip_cuda_unless_available(backend: str):
     """For the cuda backend: skip the calling test, with the reason, unless it can run on KERNEL_DEVICE's
     tensors (without a GPU: emulated, see _cuda_backend_on_the_cpu). Other backends run (triton on the CPU
     through the interpreter)."""
-    from twins_kernels.backend import backend_status
-
-    if backend == "cuda" and not (status := backend_status(backend, KERNEL_DEVICE)).available:
-        pytest.skip(status.reason)
+    if backend == "cuda":
+        skip_unless_available(backend, KERNEL_DEVICE)
 
 
 def emulation_compiler(fibers: bool = True) -> str:

@@ -15,9 +15,11 @@ import re
 import subprocess
 import sysconfig
 
+import pytest
 import torch
 
 from conftest import ROOT
+from parity import DTYPE_IDS
 
 EMULATION = os.path.join(ROOT, "tests", "cuda_emulation")
 
@@ -31,6 +33,12 @@ REGISTRATION = {
 # the device's code version as the extension reads it (host_emulation.cpp): 90 runs fp16 and bf16 on the
 # tensor-core kernels, 75 (code for a GPU before them) on the scalar ones, fp32's only kernels
 DEVICE_CODE = {"mma": "90", "scalar": "75"}
+# the attention kernels the extension runs per dtype: scalar for every dtype (fp32's only path), mma for
+# fp16/bf16 where the extension's code for the GPU was compiled for compute capability 8.0+
+KERNELS_AND_DTYPES = pytest.mark.parametrize("kernels,dtype", [
+    pytest.param(kernels, dtype, id=f"{kernels}-{DTYPE_IDS[dtype]}")
+    for kernels, dtype in [("scalar", torch.float32), ("scalar", torch.float16), ("scalar", torch.bfloat16),
+                           ("mma", torch.float16), ("mma", torch.bfloat16)]])
 
 
 def write_emulated_csrc(folder):

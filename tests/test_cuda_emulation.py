@@ -33,18 +33,13 @@ from twins_kernels.ops import gsa_attention_reference, lsa_reference, peg_refere
 from twins_kernels.ops.lsa import _reference_forward as _lsa_reference_forward
 
 from conftest import HAS_GPU, ROOT, emulation_compiler, held_across_workers, shared_tmp_dir
+from cuda_host_emulation import KERNELS_AND_DTYPES
 from parity import DTYPE_IDS, TOLERANCE, rel_err
 
 # Where there is a GPU the cuda backend's tests run the kernels themselves, and the emulation (which CI
 # runs) would only spend a device session's minutes on the CPU.
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="a GPU is present: the cuda backend's tests run the kernels")
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
-# the attention kernels the extension runs per dtype: scalar for every dtype (fp32's only path), mma for
-# fp16/bf16 where the extension's code for the GPU was compiled for compute capability 8.0+
-KERNELS_AND_DTYPES = pytest.mark.parametrize("kernels,dtype", [
-    pytest.param(kernels, dtype, id=f"{kernels}-{DTYPE_IDS[dtype]}")
-    for kernels, dtype in [("scalar", torch.float32), ("scalar", torch.float16), ("scalar", torch.bfloat16),
-                           ("mma", torch.float16), ("mma", torch.bfloat16)]])
 
 
 # g++ flags of the sanitized harness builds: ThreadSanitizer reports accesses of a block's threads that no

@@ -17,15 +17,10 @@ from twins_kernels import FusedGSA, FusedLSA, FusedPEG
 from twins_kernels.ops import gsa_attention, gsa_attention_reference, lsa, lsa_reference, peg, peg_reference
 
 from conftest import HAS_GPU
-from cuda_host_emulation import DEVICE_CODE
-from parity import DTYPE_IDS, check_module_parity, check_op_against_reference, make_tokens, strided_with_nans
+from cuda_host_emulation import DEVICE_CODE, KERNELS_AND_DTYPES
+from parity import check_module_parity, check_op_against_reference, make_tokens, strided_with_nans
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="a GPU is present: the cuda backend's tests run the extension")
-
-KERNELS_AND_DTYPES = pytest.mark.parametrize("kernels,dtype", [
-    pytest.param(kernels, dtype, id=f"{kernels}-{DTYPE_IDS[dtype]}")
-    for kernels, dtype in [("scalar", torch.float32), ("scalar", torch.float16), ("scalar", torch.bfloat16),
-                           ("mma", torch.float16), ("mma", torch.bfloat16)]])
 
 
 @pytest.fixture
